@@ -1,0 +1,45 @@
+"""The host-wide KSM lock.
+
+KSM's counters and knobs are global to the host, so every run, test or pytest-xdist worker that
+drives the real kernel takes this one flock first. A lock file (not a pid file) means a crashed
+holder releases it automatically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+DEFAULT_LOCK = Path(os.environ.get("KSM_HARNESS_LOCK", "/run/lock/ksm-harness.lock"))
+
+
+@contextmanager
+def ksm_lock(path: Path = DEFAULT_LOCK, timeout: float | None = 1800.0) -> Iterator[None]:
+    """Hold the host-wide KSM lock; wait at most `timeout` seconds (None: forever)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise HarnessError(
+                        f"another ksm-harness run holds {path} (waited {timeout:.0f} s)",
+                        hint="wait for it to finish, or find it with: fuser " + str(path),
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

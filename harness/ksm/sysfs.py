@@ -1,0 +1,81 @@
+"""SysfsBackend: the real kernel, through /sys/kernel/mm/ksm and /proc.
+
+Both roots are parameters so unit tests run against fake trees in tests/fixtures, as
+prometheus client_python's ProcessCollector(proc=...) does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from harness.errors import HarnessError, KsmUnavailable
+from harness.ksm.backend import BackendBase, parse_ksm_stat
+from harness.ksm.types import KsmStat
+
+KSM_ROOT = Path("/sys/kernel/mm/ksm")
+PROC_ROOT = Path("/proc")
+
+
+class SysfsBackend(BackendBase):
+    """The running kernel's KSM."""
+
+    source = "kernel"
+
+    def __init__(self, root: Path = KSM_ROOT, proc: Path = PROC_ROOT) -> None:
+        self.root = Path(root)
+        self.proc = Path(proc)
+        if not (self.root / "run").exists():
+            raise KsmUnavailable(
+                f"no KSM at {self.root} (kernel built without CONFIG_KSM?)",
+                hint="use --backend model to predict what KSM would do",
+            )
+        self.page_size = os.sysconf("SC_PAGE_SIZE") if self.root == KSM_ROOT else 4096
+
+    def writable(self) -> bool:
+        """True when this process may write the knobs (root on a read-write sysfs)."""
+        return os.access(self.root / "run", os.W_OK)
+
+    def _read(self, name: str) -> str | None:
+        try:
+            return (self.root / name).read_text()
+        except FileNotFoundError:
+            return None
+
+    def _write(self, name: str, text: str) -> None:
+        path = self.root / name
+        if not path.exists():
+            raise OSError(errno.ENOENT, f"no such KSM file: {name}")
+        # One write() call, as sysfs expects; no trailing newline needed.
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def _mem_available(self) -> int | None:
+        try:
+            for line in (self.proc / "meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def ksm_stat(self, pid: int) -> KsmStat:
+        base = self.proc / str(pid)
+        try:
+            return parse_ksm_stat(pid, (base / "ksm_stat").read_text())
+        except FileNotFoundError:
+            pass
+        try:
+            # 5.19-6.0 kernels have only the merging-pages file.
+            merging = int((base / "ksm_merging_pages").read_text().strip())
+        except FileNotFoundError:
+            if not base.exists():
+                raise HarnessError(f"no process with pid {pid}") from None
+            raise KsmUnavailable(
+                f"this kernel has no per-process KSM stats for pid {pid}"
+            ) from None
+        return KsmStat(pid=pid, merging_pages=merging)

@@ -1,0 +1,76 @@
+"""Probes for what a test or a run needs from the host, each with a precise reason when missing.
+
+Used by the pytest plugin (skip, or fail under KSM_HARNESS_REQUIRE) and by `ksmh` to explain
+why a backend cannot be used.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+KSM_ROOT = Path("/sys/kernel/mm/ksm")
+
+
+def missing_ksm_kernel() -> str | None:
+    if not (KSM_ROOT / "run").exists():
+        return f"no {KSM_ROOT}/run: this kernel has no KSM (CONFIG_KSM=n)"
+    if os.geteuid() != 0:
+        return "real KSM tests need root (they write /sys/kernel/mm/ksm)"
+    if not os.access(KSM_ROOT / "run", os.W_OK):
+        return f"{KSM_ROOT} is read-only here (container without a writable sysfs?)"
+    return None
+
+
+def missing_qemu() -> str | None:
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
+    if not glob.glob("/boot/vmlinuz-*"):
+        return "no guest kernel in /boot (apt-get install linux-image-amd64)"
+    return None
+
+
+def missing_libvirt() -> str | None:
+    if shutil.which("libvirtd") is None:
+        return "libvirtd not found (apt-get install libvirt-daemon-system)"
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "the libvirt Python binding is not importable (pip install libvirt-python)"
+    if os.geteuid() != 0:
+        return "libvirt tests need root (qemu:///system)"
+    return missing_qemu()
+
+
+def missing_ssh() -> str | None:
+    if not Path("/usr/sbin/sshd").exists():
+        return "/usr/sbin/sshd not found (apt-get install openssh-server)"
+    return None
+
+
+def missing_prometheus() -> str | None:
+    for tool in ("prometheus", "promtool"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (apt-get install prometheus)"
+    return None
+
+
+PROBES: dict[str, Callable[[], str | None]] = {
+    "ksm_kernel": missing_ksm_kernel,
+    "qemu": missing_qemu,
+    "libvirt": missing_libvirt,
+    "ssh": missing_ssh,
+    "prometheus": missing_prometheus,
+}
+
+
+def required(env: str | None = None) -> set[str]:
+    """The prerequisites KSM_HARNESS_REQUIRE makes mandatory ('all' or a comma list)."""
+    value = os.environ.get("KSM_HARNESS_REQUIRE", "") if env is None else env
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    if "all" in names:
+        return set(PROBES)
+    return names & set(PROBES)
