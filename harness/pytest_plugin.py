@@ -57,3 +57,7 @@ def ksm() -> Iterator[SysfsBackend]:
     backend = SysfsBackend()
     with ksm_lock(), backend.saved():
         yield backend
+        # Leave no merged pages behind for the next test (their processes are gone, but the
+        # KSM pages stay until ksmd rescans); run=2 drops them, then saved() restores run.
+        if backend.read_counters().pages_shared or backend.read_counters().ksm_zero_pages:
+            backend.write_tunables(run=2, force=True)

@@ -1,7 +1,7 @@
-"""The one subprocess chokepoint: argv lists only, never a shell.
+"""The one subprocess chokepoint: argv lists only, never through a shell.
 
 Everything that starts a process goes through here so that logging, environment and error
-translation are uniform and `shell=True` can be banned by review (and by a grep in the tests).
+translation are uniform and a shell can be banned by review (and by a grep in the tests).
 """
 
 from __future__ import annotations

@@ -47,10 +47,11 @@ class SysfsBackend(BackendBase):
         path = self.root / name
         if not path.exists():
             raise OSError(errno.ENOENT, f"no such KSM file: {name}")
-        # One write() call, as sysfs expects; no trailing newline needed.
-        fd = os.open(path, os.O_WRONLY)
+        # One write() call with a newline, exactly what `echo V > file` does (the kernel's
+        # parsers accept it); O_TRUNC keeps plain-file trees in tests byte-identical too.
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
         try:
-            os.write(fd, text.encode())
+            os.write(fd, (text + "\n").encode())
         finally:
             os.close(fd)
 
