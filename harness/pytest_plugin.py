@@ -1,27 +1,59 @@
-"""pytest plugin (entry point pytest11): markers for host prerequisites and KSM fixtures.
+"""pytest plugin for KSM integration suites (registered through the pytest11 entry point).
 
-Kept cheap to import: anything heavy is imported inside fixtures.
+Markers say what a test needs from the host; a test whose prerequisite is missing is skipped
+with the exact reason, or fails when KSM_HARNESS_REQUIRE names it. Fixtures give a KSM backend
+with the host-wide lock held and every knob restored, a fresh model kernel, and helpers.
+Importing this module stays cheap: anything heavy is imported inside the fixtures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import os
+import re
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from harness import prereqs
 
 if TYPE_CHECKING:
-    from harness.ksm.sysfs import SysfsBackend
+    from harness.ksm.backend import BackendBase
+    from harness.ksm.types import Counters, Sample
 
 MARKERS = {
     "ksm_kernel": "needs the real /sys/kernel/mm/ksm, writable (root)",
+    "kvm": "needs a KVM that runs guests (an accelerator probe boots one)",
     "qemu": "boots real QEMU guests",
     "libvirt": "needs libvirtd and the libvirt Python binding",
+    "fleet": "boots a fleet of guests (QEMU, the guest image)",
     "ssh": "starts real sshd instances on loopback",
     "prometheus": "starts a real Prometheus server",
 }
+
+ARTEFACTS = pytest.StashKey[list[Callable[[Path], None]]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ksm-harness")
+    group.addoption(
+        "--ksm-backend",
+        choices=("auto", "kernel", "model"),
+        default="auto",
+        help="KSM backend of the `ksm` fixture (auto: the kernel when writable, else the model)",
+    )
+    group.addoption(
+        "--ksm-accel",
+        choices=("auto", "kvm", "tcg"),
+        default="auto",
+        help="accelerator for guest_fleet guests (auto: probe KVM, fall back to TCG)",
+    )
+    group.addoption(
+        "--ksm-results",
+        default="results/pytest",
+        help="where failing tests leave console logs, guest definitions and KSM snapshots",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,35 +61,155 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
 
 
+def _missing(name: str) -> str | None:
+    probe = prereqs.PROBES.get(name)
+    return probe() if probe is not None else None
+
+
+def require(name: str, reason: str | None) -> None:
+    """Skip for a missing prerequisite, or fail when KSM_HARNESS_REQUIRE makes it mandatory."""
+    if reason is None:
+        return
+    if name in prereqs.required():
+        pytest.fail(f"KSM_HARNESS_REQUIRE includes {name} but: {reason}", pytrace=False)
+    pytest.skip(f"{name}: {reason}")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Skip a test whose prerequisite is missing, or fail it if KSM_HARNESS_REQUIRE names it."""
-    must = prereqs.required()
-    for name, probe in prereqs.PROBES.items():
-        if item.get_closest_marker(name) is None:
-            continue
-        reason = probe()
-        if reason is None:
-            continue
-        if name in must:
-            pytest.fail(f"KSM_HARNESS_REQUIRE includes {name} but: {reason}", pytrace=False)
-        pytest.skip(f"{name}: {reason}")
+    for name in MARKERS:
+        if item.get_closest_marker(name) is not None:
+            require(name, _missing(name))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On failure, let each fixture that registered a dumper write into the results dir."""
+    report = yield
+    dumpers = item.stash.get(ARTEFACTS, [])
+    if report.failed and dumpers and call.when in ("setup", "call"):
+        where = _results_dir(item)
+        errors = []
+        for dump in dumpers:
+            try:
+                dump(where)
+            except Exception as exc:  # a broken dump must not hide the test's own failure
+                errors.append(f"{type(exc).__name__}: {exc}")
+        text = f"failure artefacts in {where}"
+        if errors:
+            text += " (some could not be written: " + "; ".join(errors) + ")"
+        report.sections.append(("ksm-harness", text))
+    return report
+
+
+def _results_dir(item: pytest.Item) -> Path:
+    base = Path(str(item.config.getoption("--ksm-results")))
+    if not base.is_absolute():
+        base = Path(str(item.config.rootpath)) / base
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid).strip("_")
+    path = base / safe
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def add_failure_artefact(request: pytest.FixtureRequest, dump: Callable[[Path], None]) -> None:
+    """Register dump(dir), called only if the test fails, to save evidence into dir."""
+    request.node.stash.setdefault(ARTEFACTS, []).append(dump)
+
+
+def xdist_worker() -> str:
+    """'gw0', 'gw1', ... under pytest-xdist, '' otherwise (used to keep guest names unique)."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ksm_session_backend(request: pytest.FixtureRequest) -> BackendBase:
+    """The session's KSM backend, chosen once from --ksm-backend."""
+    from harness.errors import KsmUnavailable
+    from harness.ksm.select import open_backend
+
+    choice = str(request.config.getoption("--ksm-backend"))
+    if choice != "model":
+        reason = prereqs.missing_ksm_kernel()
+        if reason is not None and choice == "kernel":
+            require("ksm_kernel", reason)
+        if reason is not None and "ksm_kernel" in prereqs.required():
+            require("ksm_kernel", reason)
+        if reason is not None:
+            choice = "model"
+    try:
+        return open_backend(choice)
+    except KsmUnavailable as exc:
+        pytest.skip(f"ksm: {exc}")
 
 
 @pytest.fixture
-def ksm() -> Iterator[SysfsBackend]:
-    """The real kernel's KSM, with the host-wide lock held and every tunable restored after."""
-    from harness.ksm.lock import ksm_lock
-    from harness.ksm.sysfs import SysfsBackend
+def ksm(request: pytest.FixtureRequest, ksm_session_backend: BackendBase) -> Iterator[BackendBase]:
+    """The session's KsmBackend with the host-wide lock held and every tunable restored after.
 
-    reason = prereqs.missing_ksm_kernel()
-    if reason is not None:
-        if "ksm_kernel" in prereqs.required():
-            pytest.fail(f"KSM_HARNESS_REQUIRE includes ksm_kernel but: {reason}", pytrace=False)
-        pytest.skip(f"ksm_kernel: {reason}")
-    backend = SysfsBackend()
+    The lock serialises real KSM across tests and pytest-xdist workers. After the test,
+    merged pages left by its (now dead) processes are dropped with run=2 so the next test starts
+    clean; then every knob, run included, goes back to what it was.
+    """
+    from harness.ksm.lock import ksm_lock
+
+    backend = ksm_session_backend
+    if backend.source == "model":
+        from harness.ksm.model import ModelBackend
+
+        backend = ModelBackend()  # a fresh model per test: no state leaks between tests
+        yield backend
+        return
+    add_failure_artefact(request, lambda d: _dump_sysfs(backend, d))
     with ksm_lock(), backend.saved():
         yield backend
-        # Leave no merged pages behind for the next test (their processes are gone, but the
-        # KSM pages stay until ksmd rescans); run=2 drops them, then saved() restores run.
-        if backend.read_counters().pages_shared or backend.read_counters().ksm_zero_pages:
+        counters = backend.read_counters()
+        if counters.pages_shared or counters.ksm_zero_pages:
             backend.write_tunables(run=2, force=True)
+
+
+def _dump_sysfs(backend: BackendBase, where: Path) -> None:
+    from harness.cli_ksm import format_status, status_dict
+
+    (where / "ksm-sysfs.txt").write_text(format_status(status_dict(backend)) + "\n")
+
+
+@pytest.fixture
+def ksm_model() -> Any:
+    """A fresh ksm_model.Kernel (default profile) for model-only tests."""
+    from ksm_model import Kernel
+
+    return Kernel()
+
+
+@pytest.fixture
+def wait_full_scans(ksm: BackendBase) -> Callable[..., int]:
+    """wait_full_scans(delta=2, timeout=60) on the `ksm` backend; returns the new full_scans."""
+
+    def wait(delta: int = 2, timeout: float = 60.0) -> int:
+        return ksm.wait_full_scans(delta, timeout)
+
+    return wait
+
+
+def check_counters(actual: Counters | Sample, **expected: int) -> None:
+    """Assert the named counters equal the expected values, listing every mismatch at once."""
+    counters = getattr(actual, "counters", actual)
+    wrong = {
+        name: (getattr(counters, name), want)
+        for name, want in expected.items()
+        if getattr(counters, name) != want
+    }
+    if wrong:
+        lines = [f"  {n}: got {got}, expected {want}" for n, (got, want) in sorted(wrong.items())]
+        raise AssertionError("KSM counters differ:\n" + "\n".join(lines))
+
+
+@pytest.fixture
+def assert_counters() -> Callable[..., None]:
+    """assert_counters(sample_or_counters, pages_sharing=298, pages_shared=2, ...)."""
+    return check_counters

@@ -12,6 +12,9 @@ from harness.ksm.sysfs import SysfsBackend
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# pytester drives the plugin's own tests (tests/integration/test_pytest_plugin.py).
+pytest_plugins = ("pytester",)
+
 
 @pytest.fixture
 def fake_tree(tmp_path: Path) -> Callable[[str], tuple[Path, Path]]:
