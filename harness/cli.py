@@ -15,7 +15,11 @@ from harness import __version__
 from harness.errors import HarnessError
 
 # Modules that contribute subcommands, in --help order.
-COMMAND_MODULES = ("harness.cli_ksm",)
+COMMAND_MODULES = (
+    "harness.cli_ksm",
+    "harness.remote.cli",
+    "harness.monitoring.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

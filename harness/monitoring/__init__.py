@@ -1,0 +1,1 @@
+"""Monitoring for KSM fleets: Prometheus file_sd config, recording and alert rules, dashboard."""

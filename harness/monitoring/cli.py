@@ -1,0 +1,67 @@
+"""`ksmh monitoring config INVENTORY --out DIR`: write the Prometheus/Grafana files for a fleet."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+
+_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+
+
+def _duration(text: str) -> str:
+    if not _DURATION.match(text):
+        raise argparse.ArgumentTypeError(f"not a Prometheus duration: {text!r} (e.g. 30s, 5m)")
+    return text
+
+
+def register(sub: Any) -> None:
+    mon = sub.add_parser("monitoring", help="Prometheus config, alert rules, Grafana dashboard")
+    msub = mon.add_subparsers(dest="monitoring_command", metavar="ACTION")
+    msub.required = True
+    p = msub.add_parser(
+        "config",
+        help="write prometheus.yml, file_sd targets, rules and a dashboard for an inventory",
+    )
+    p.add_argument("inventory", type=Path, help="inventory YAML")
+    p.add_argument("--out", type=Path, required=True, help="directory to write into")
+    p.add_argument("--scrape-interval", type=_duration, default="15s")
+    p.add_argument("--evaluation-interval", type=_duration, default="15s")
+    p.add_argument("--rate-window", type=_duration, default="5m", help="window of rate() rules")
+    p.add_argument(
+        "--stall-window", type=_duration, default="10m", help="flat full_scans this long = stalled"
+    )
+    p.add_argument(
+        "--for", dest="for_", type=_duration, default=None, help="one for-duration for all alerts"
+    )
+    p.add_argument("--waste-ratio", type=float, default=10.0, help="unshared/sharing alert level")
+    p.add_argument("--volatile-share", type=float, default=0.5, help="volatile share alert level")
+    p.add_argument("--model-tolerance", type=int, default=16, help="pages of model delta allowed")
+    p.set_defaults(func=cmd_config)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from harness.monitoring.config import ScrapeSettings, write_config
+    from harness.monitoring.rules import RuleSettings
+    from harness.remote.inventory import load_inventory
+
+    inv = load_inventory(args.inventory)
+    rules = RuleSettings(
+        rate_window=args.rate_window,
+        stall_window=args.stall_window,
+        waste_ratio=args.waste_ratio,
+        volatile_share=args.volatile_share,
+        model_tolerance=args.model_tolerance,
+    ).with_for(args.for_)
+    scrape = ScrapeSettings(args.scrape_interval, args.evaluation_interval)
+    try:
+        paths = write_config(inv, args.out, rules, scrape)
+    except OSError as exc:
+        raise HarnessError(f"cannot write to {args.out}: {exc.strerror}") from None
+    for p in paths:
+        print(p)
+    print(f"ksmh: {len(inv.hosts)} hosts; run: prometheus --config.file={args.out}/prometheus.yml")
+    return 0

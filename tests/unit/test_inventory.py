@@ -1,0 +1,139 @@
+"""Inventory parsing: the shipped example, defaults, and errors that name file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.remote.inventory import (
+    DEFAULT_LISTEN,
+    DEFAULT_PREFIX,
+    Host,
+    InventoryError,
+    load_inventory,
+    parse_inventory,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "playbooks" / "inventory.example.yaml"
+HOME = Path.home()
+
+
+def test_example_inventory_parses_to_exact_hosts() -> None:
+    inv = load_inventory(EXAMPLE)
+    assert inv.known_hosts == HOME / ".ssh" / "known_hosts"
+    assert inv.hosts == (
+        Host(
+            name="kvm-a",
+            address="192.0.2.11",
+            user="ksm",
+            key_file=HOME / ".ssh" / "ksmh_ed25519",
+            port=22,
+            libvirt_uri="qemu+ssh://ksm@192.0.2.11/system",
+            labels={"rack": "r1", "ksm_expected": "true"},
+            trust_on_first_use=False,
+            exporter_listen="192.0.2.11:9712",
+            prefix="/opt/ksm-harness",
+            python="python3",
+        ),
+        Host(
+            name="kvm-b",
+            address="192.0.2.12",
+            user="root",
+            key_file=HOME / ".ssh" / "ksmh_root_ed25519",
+            port=2222,
+            libvirt_uri="qemu+ssh://root@192.0.2.12:2222/system"
+            "?keyfile=/root/.ssh/ksmh_root_ed25519",
+            labels={"rack": "r2", "ksm_expected": "false"},
+            trust_on_first_use=True,
+            exporter_listen="0.0.0.0:9712",
+            prefix="/opt/ksm-harness",
+            python="/usr/bin/python3.11",
+        ),
+    )
+    assert inv.hosts[0].known_hosts_name == "192.0.2.11"
+    assert inv.hosts[1].known_hosts_name == "[192.0.2.12]:2222"
+    assert inv.hosts[1].exporter_target == "192.0.2.12:9712"  # wildcard -> host address
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    text = """
+known_hosts: kh
+defaults: {user: ops, key_file: keys/id}
+hosts:
+  a: {address: 10.1.1.1, port: 2200}
+"""
+    inv = parse_inventory(text, tmp_path / "inv.yaml")
+    (a,) = inv.hosts
+    assert inv.known_hosts == tmp_path / "kh"
+    assert a.key_file == tmp_path / "keys" / "id"
+    assert a.libvirt_uri == "qemu+ssh://ops@10.1.1.1:2200/system"
+    assert a.exporter_listen == DEFAULT_LISTEN and a.exporter_target == "127.0.0.1:9712"
+    assert a.prefix == DEFAULT_PREFIX and a.trust_on_first_use is False and a.labels == {}
+    assert inv.with_prefix("/tmp/x").hosts[0].prefix == "/tmp/x"
+    assert inv.with_prefix(None) is inv
+
+
+BASE = "defaults: {user: ops, key_file: /k}\nhosts:\n"
+H = "  a:\n    address: h\n"  # host a; its next field is on line 5
+
+# (inventory body after BASE, the error it must give after "/x/")
+HOST_ERRORS = [
+    ("  a: {port: 22}\n", "inv.yaml:3: hosts.a.address: missing (set it on the host or in"),
+    (H + "    port: 70000\n", "inv.yaml:5: hosts.a.port: must be an integer 1-65535, got 70000"),
+    (H + "    port: '22'\n", "inv.yaml:5: hosts.a.port: must be an integer 1-65535, got '22'"),
+    (H + "    adress: x\n", "inv.yaml:5: hosts.a.adress: unknown field (known: address, port"),
+    (H + "    password: x\n", "inv.yaml:5: hosts.a.password: passwords are not accepted in"),
+    (H + "    labels: {host: x}\n", "inv.yaml:5: hosts.a.labels.host: reserved: the monitoring"),
+    (H + "    labels: {9bad: x}\n", "inv.yaml:5: hosts.a.labels.9bad: not a Prometheus label"),
+    (H + "    exporter: {listen: 'localhost:9'}\n", "inv.yaml:5: hosts.a.exporter.listen: must be"),
+    (H + "    trust_on_first_use: maybe\n", "inv.yaml:5: hosts.a.trust_on_first_use: must be true"),
+    (H + "    prefix: rel/dir\n", "inv.yaml:5: hosts.a.prefix: must be an absolute directory path"),
+    ("  a: {address: h}\n  b: {address: h}\n", "inv.yaml:3: hosts.b: same address:port as host"),
+    ("  a: {address: h, port: 1}\n  a: {address: i}\n", "inv.yaml:4: hosts.a: given twice"),
+    ("  a b: {address: h}\n", "inv.yaml:3: hosts.a b: host names are letters, digits"),
+    ("  a: [1, 2]\n", "inv.yaml:3: hosts.a: must be a mapping"),
+    ("  a: {address: h, user: 'Bad User'}\n", "inv.yaml:3: hosts.a.user: not a valid user name"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), HOST_ERRORS)
+def test_errors_name_file_line_and_field(body: str, message: str) -> None:
+    with pytest.raises(InventoryError) as exc:
+        parse_inventory(BASE + body, Path("/x/inv.yaml"))
+    assert exc.value.message.startswith("/x/" + message), exc.value.message
+    assert exc.value.hint == "see playbooks/inventory.example.yaml for the format"
+
+
+DOCUMENT_ERRORS = [
+    ("", "/x/inv.yaml: the inventory is empty"),
+    ("hosts: {}\n", "/x/inv.yaml:1: hosts: must be a non-empty mapping of host name to fields"),
+    ("known_hosts: k\n", "/x/inv.yaml:1: hosts: missing: the inventory needs a `hosts:`"),
+    ("hosts:\n  a: {address: [\n", "/x/inv.yaml:3: not valid YAML"),
+    ("defaults: {address: h}\nhosts: {a: {}}\n", "/x/inv.yaml:1: defaults.address: address"),
+    ("hostz: {}\n", "/x/inv.yaml:1: inventory.hostz: unknown field (known: known_hosts, defaults"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), DOCUMENT_ERRORS)
+def test_document_level_errors(text: str, message: str) -> None:
+    with pytest.raises(InventoryError) as exc:
+        parse_inventory(text, Path("/x/inv.yaml"))
+    assert exc.value.message.startswith(message), exc.value.message
+
+
+def test_missing_file_is_an_inventory_error(tmp_path: Path) -> None:
+    with pytest.raises(
+        InventoryError, match=r"cannot read inventory \(No such file or directory\)"
+    ):
+        load_inventory(tmp_path / "nope.yaml")
+
+
+def test_two_exporters_on_one_port_of_one_machine_are_refused() -> None:
+    body = (
+        "  a: {address: h, port: 1, exporter: {listen: '127.0.0.1:9'}}\n"
+        "  b: {address: h, port: 2, exporter: {listen: '127.0.0.1:9'}}\n"
+    )
+    with pytest.raises(InventoryError, match=r"hosts\.b\.exporter\.listen: same as host 'a'"):
+        parse_inventory(BASE + body, Path("/x/inv.yaml"))
