@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "harness.cli_ksm",
     "harness.remote.cli",
     "harness.monitoring.cli",
+    "harness.guests.cli",
 )
 
 

@@ -1,0 +1,98 @@
+"""The interface both guest backends (plain QEMU, libvirt) implement, and shared helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from harness.errors import HarnessError
+from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec
+
+# Runtime state of fleets (sockets, pid files, console logs, run.json), one directory per run.
+RUNTIME_ROOT = Path(os.environ.get("KSM_HARNESS_RUNTIME", "/run/ksm-harness")) / "fleet"
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A guest of ours still running (by name prefix), possibly from a crashed run."""
+
+    name: str
+    pid: int | None
+    backend: str
+
+
+class GuestBackend(Protocol):
+    """Start, watch and stop single guests; Fleet adds parallelism and the agent."""
+
+    name: str
+
+    def start(self, spec: GuestSpec) -> int | None:
+        """Start the guest; return its QEMU PID (None if it cannot be known, e.g. remote)."""
+        ...
+
+    def alive(self, spec: GuestSpec) -> bool: ...
+
+    def exit_reason(self, spec: GuestSpec) -> str:
+        """Why a guest that is no longer alive ended, for error messages."""
+        ...
+
+    def stop(self, spec: GuestSpec, timeout: float = 5.0) -> None:
+        """Stop the guest and remove its host-side sockets; idempotent."""
+        ...
+
+    def leftovers(self) -> list[Leftover]: ...
+
+    def remove_leftover(self, leftover: Leftover) -> None: ...
+
+
+def is_ours(name: str) -> bool:
+    return name.startswith(NAME_PREFIX)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is not a running guest.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def remove_quietly(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def build_image(kind: str) -> GuestImage:
+    """The image of a kind, built (or found current) on demand."""
+    if kind == "busybox":
+        from harness.guests.image import ensure_image
+
+        return ensure_image()
+    if kind == "debian":
+        from harness.guests.debian_image import ensure_debian_image
+
+        return ensure_debian_image()
+    raise HarnessError(f"unknown image kind {kind!r}", hint="use busybox or debian")
+
+
+def make_backend(kind: str, uri: str | None = None) -> GuestBackend:
+    if kind == "qemu":
+        from harness.guests.qemu_backend import QemuBackend
+
+        return QemuBackend()
+    if kind == "libvirt":
+        from harness.guests.libvirt_backend import DEFAULT_URI, LibvirtBackend
+
+        return LibvirtBackend(uri or DEFAULT_URI)
+    raise HarnessError(f"unknown guest backend {kind!r}", hint="use qemu or libvirt")

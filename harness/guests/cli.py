@@ -1,0 +1,255 @@
+"""`ksmh fleet up | list | exec | down`: guest fleets from the shell.
+
+`up` boots, prints the run id and returns with the guests running; `exec` sends agent commands
+to a run's guests; `down` stops a run, or with --all every guest of ours, including leftovers of
+crashed runs (found by name prefix among QEMU processes and libvirt domains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.errors import GuestBootTimeout, GuestError, HarnessError
+from harness.guests.backend import RUNTIME_ROOT, Leftover, is_ours
+from harness.guests.fleet import Fleet, FleetResult, list_runs, sigterm_to_interrupt
+
+
+def register(sub: Any) -> None:
+    fleet = sub.add_parser("fleet", help="boot, drive and remove fleets of guests")
+    fleet.add_argument("--runtime-dir", type=Path, default=RUNTIME_ROOT, help=argparse.SUPPRESS)
+    fsub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fsub.required = True
+
+    p = fsub.add_parser("up", help="boot N guests, print the run id, leave them running")
+    p.add_argument("--count", type=int, required=True, help="number of guests")
+    p.add_argument("--memory", type=int, default=256, metavar="MIB", help="RAM per guest (MiB)")
+    p.add_argument("--backend", choices=("qemu", "libvirt"), default="qemu")
+    p.add_argument("--uri", default=None, help="libvirt URI (default qemu:///system)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument(
+        "--image",
+        choices=("busybox", "debian"),
+        default="busybox",
+        help="busybox (default, ~5 s boot) or debian (mmdebstrap + systemd, built on first use)",
+    )
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument(
+        "--no-mem-merge", action="store_true", help="do not mark guest RAM mergeable for KSM"
+    )
+    p.add_argument("--concurrency", type=int, default=4, help="guests booting at once")
+    p.add_argument("--ready-timeout", type=float, default=180.0, metavar="S")
+    p.set_defaults(func=cmd_up)
+
+    p = fsub.add_parser("list", help="show fleet runs and leftover guests")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = fsub.add_parser("exec", help="run an agent command: ksmh fleet exec -- fill a 32M zero")
+    p.add_argument("--run", default=None, help="run id (default: the only run)")
+    p.add_argument("--guests", default=None, metavar="SEL", help="names or indices: 0,2,5-7")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="agent command and arguments")
+    p.set_defaults(func=cmd_exec)
+
+    p = fsub.add_parser("down", help="stop a run's guests and remove its files")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--run", default=None, help="run id")
+    group.add_argument("--all", action="store_true", help="every run and every leftover guest")
+    p.set_defaults(func=cmd_down)
+
+
+def _print_result(result: FleetResult) -> int:
+    for name, r in result.items():
+        if r.ok:
+            text = r.value.text if r.value is not None else "ok"
+            print(f"{name}  ok     {r.seconds:6.1f}s  {text}")
+        else:
+            print(f"{name}  FAILED {r.seconds:6.1f}s  {r.error}")
+    return 0 if result.ok else 1
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    # SIGTERM like Ctrl-C: tear down what was booted rather than orphan QEMU processes.
+    previous = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
+    try:
+        return _up(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _up(args: argparse.Namespace) -> int:
+    fleet = Fleet(
+        args.count,
+        args.memory,
+        backend=args.backend,
+        uri=args.uri,
+        accel=args.accel,
+        image_kind=args.image,
+        mem_merge=not args.no_mem_merge,
+        vcpus=args.vcpus,
+        runtime_root=args.runtime_dir,
+        concurrency=args.concurrency,
+        ready_timeout=args.ready_timeout,
+    )
+    try:
+        result = fleet.up()
+    except BaseException:
+        fleet.down()
+        raise
+    if not result.succeeded:
+        fleet.down(keep_logs=True)  # the console logs say why; `fleet down --run` clears them
+        first = result.failed[0].error
+        cls = GuestBootTimeout if isinstance(first, GuestBootTimeout) else GuestError
+        raise cls(
+            f"no guest of {args.count} came up; first error: {first}",
+            hint="see the console logs under " + str(fleet.run_dir),
+        )
+    fleet.detach()
+    accel = fleet.accel
+    print(f"run {fleet.run_id}: {len(result.succeeded)}/{len(result)} guests ready "
+          f"({fleet.backend.name}, accel {accel.accel if accel else '?'})")  # fmt: skip
+    status = _print_result(result)
+    if accel is not None:
+        print(f"accel: {accel.accel} ({accel.reason})")
+    print(f"run id: {fleet.run_id}")
+    return status
+
+
+def _leftovers(runtime_root: Path) -> list[Leftover]:
+    """Our guests that no run directory accounts for (crashed runs)."""
+    from harness.guests.libvirt_backend import LIBVIRT_RUN, _socket_answers
+    from harness.guests.qemu_backend import QemuBackend
+
+    found = QemuBackend().leftovers()
+    if _socket_answers(LIBVIRT_RUN / "libvirt-sock"):
+        try:
+            from harness.guests.libvirt_backend import LibvirtBackend
+
+            backend = LibvirtBackend(start_daemons=False)
+            found += backend.leftovers()
+            backend.close()
+        except HarnessError:
+            pass
+    known = {g["name"] for r in list_runs(runtime_root) for g in r.get("guests", [])}
+    return [lo for lo in found if lo.name not in known]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    runs: list[dict[str, Any]] = []
+    for data in list_runs(args.runtime_dir):
+        try:
+            fleet = Fleet.attach(data["run_id"], args.runtime_dir)
+        except HarnessError as exc:
+            runs.append({"run_id": data.get("run_id"), "error": str(exc)})
+            continue
+        pids = fleet.pids()
+        runs.append({
+            "run_id": fleet.run_id,
+            "backend": data.get("backend"),
+            "accel": data.get("accel"),
+            "memory_mib": data.get("memory_mib"),
+            "guests": [
+                {"name": g.spec.name, "state": g.state, "pid": pids.get(g.spec.name)}
+                for g in fleet.guests
+            ],
+        })  # fmt: skip
+    leftovers = [lo.__dict__ for lo in _leftovers(args.runtime_dir)]
+    if args.json:
+        print(json.dumps({"runs": runs, "leftovers": leftovers}, indent=2))
+        return 0
+    if not runs and not leftovers:
+        print("no fleets")
+    for run in runs:
+        if "error" in run:
+            print(f"run {run['run_id']}: {run['error']}")
+            continue
+        up = sum(g["state"] == "ready" for g in run["guests"])
+        print(f"run {run['run_id']}  {run['backend']}  accel {run['accel']}  "
+              f"{run['memory_mib']} MiB  {up}/{len(run['guests'])} running")  # fmt: skip
+        for g in run["guests"]:
+            print(f"  {g['name']}  {g['state']:<8} pid {g['pid'] or '-'}")
+    for lo in leftovers:
+        print(f"leftover {lo['name']} ({lo['backend']}, pid {lo['pid'] or '-'}): "
+              "remove with `ksmh fleet down --all`")  # fmt: skip
+    return 0
+
+
+def _only_run(runtime_root: Path) -> str:
+    runs = [r["run_id"] for r in list_runs(runtime_root)]
+    if len(runs) == 1:
+        return str(runs[0])
+    if not runs:
+        raise HarnessError("no fleet is running", hint="start one with `ksmh fleet up --count N`")
+    raise HarnessError(
+        f"{len(runs)} fleet runs exist ({', '.join(runs)})", hint="choose one with --run ID"
+    )
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    words = list(args.command)
+    if words and words[0] == "--":
+        words = words[1:]
+    if not words:
+        raise HarnessError("no agent command given", hint="e.g. ksmh fleet exec -- ping")
+    fleet = Fleet.attach(args.run or _only_run(args.runtime_dir), args.runtime_dir)
+    try:
+        result = fleet.run(words[0], *words[1:], guests=args.guests, timeout=args.timeout)
+    finally:
+        fleet.detach()
+    return _print_result(result)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    if not args.all:
+        fleet = Fleet.attach(args.run, args.runtime_dir)
+        result = fleet.down()
+        print(f"run {fleet.run_id}: {len(result)} guests stopped")
+        return _print_result(result) if not result.ok else 0
+    status = 0
+    for data in list_runs(args.runtime_dir):
+        try:
+            fleet = Fleet.attach(data["run_id"], args.runtime_dir)
+            result = fleet.down()
+            print(f"run {fleet.run_id}: {len(result)} guests stopped")
+            status |= 0 if result.ok else _print_result(result)
+        except HarnessError as exc:
+            print(f"run {data.get('run_id')}: {exc}")
+            status = 1
+    # Directories without a readable run.json (a crash mid-write) go too.
+    if args.runtime_dir.exists():
+        for d in args.runtime_dir.iterdir():
+            # Skip very recent ones: a probe or a fleet of another process may be starting.
+            fresh = time.time() - d.stat().st_mtime < 120
+            if d.is_dir() and not fresh and not (d / "run.json").exists():
+                shutil.rmtree(d, ignore_errors=True)
+    for lo in _leftovers(args.runtime_dir):
+        if not is_ours(lo.name):
+            continue
+        try:
+            _remove(lo)
+            print(f"removed leftover {lo.name} ({lo.backend}, pid {lo.pid or '-'})")
+        except HarnessError as exc:
+            print(f"could not remove {lo.name}: {exc}")
+            status = 1
+    return status
+
+
+def _remove(lo: Leftover) -> None:
+    if lo.backend == "libvirt":
+        from harness.guests.libvirt_backend import LibvirtBackend
+
+        backend = LibvirtBackend(start_daemons=False)
+        try:
+            backend.remove_leftover(lo)
+        finally:
+            backend.close()
+    else:
+        from harness.guests.qemu_backend import QemuBackend
+
+        QemuBackend().remove_leftover(lo)

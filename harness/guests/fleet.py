@@ -1,0 +1,531 @@
+"""Fleet: N identical guests booted in parallel, driven through their agents, always torn down.
+
+    with Fleet(count=3, memory_mib=256, backend="qemu") as fleet:
+        fleet.run("fill", "a", "32M", "byte:0x5a").raise_if_failed()
+        pids = fleet.pids()            # guest name -> QEMU PID, for /proc/PID/ksm_stat
+
+Every operation returns a FleetResult with one GuestResult per guest (value or error, and the
+accelerator used): a partial failure is never hidden. A guest that dies is marked failed and
+the others carry on. Teardown runs on normal exit, exceptions, SIGINT and SIGTERM (the context
+manager turns SIGTERM into KeyboardInterrupt), and as an atexit backstop. A fleet can also be
+left running (`detach`) and found again from run.json (`Fleet.attach`), which is what the CLI's
+`fleet up` / `exec` / `down` do.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+from harness.errors import GuestError, HarnessError
+from harness.guests.accel import AccelChoice, resolve_accel
+from harness.guests.agent import (
+    AgentChannelClosed,
+    AgentClient,
+    AgentCommandError,
+    AgentReply,
+    UnixChannel,
+)
+from harness.guests.backend import (
+    RUNTIME_ROOT,
+    GuestBackend,
+    build_image,
+    make_backend,
+    remove_quietly,
+)
+from harness.guests.results import FleetResult, GuestResult, Progress
+from harness.guests.spec import NAME_PREFIX, Accel, GuestImage, GuestSpec
+
+RUN_FILE = "run.json"
+# FleetResult and GuestResult live in harness.guests.results; re-exported for callers.
+__all__ = [
+    "RUN_FILE",
+    "Fleet",
+    "FleetResult",
+    "Guest",
+    "GuestResult",
+    "guest_name",
+    "list_runs",
+    "new_run_id",
+    "sigterm_to_interrupt",
+]
+
+
+@dataclass
+class Guest:
+    """One guest of a fleet and its live state."""
+
+    spec: GuestSpec
+    pid: int | None = None
+    state: str = "new"  # new, booting, ready, failed, stopped
+    error: HarnessError | None = None
+    boot_seconds: float | None = None
+    client: AgentClient | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def new_run_id() -> str:
+    """Short, sortable by time, unique enough: 'r' + seconds since epoch in hex + 4 random hex."""
+    return f"r{int(time.time()):x}{secrets.token_hex(2)}"
+
+
+def guest_name(run_id: str, index: int) -> str:
+    return f"{NAME_PREFIX}{run_id}-g{index:02d}"
+
+
+class Fleet:
+    """N guests of one image, memory size and accelerator, on one backend."""
+
+    # How long a fresh connection to a running guest's agent may take to answer a ping.
+    reconnect_timeout = 10.0
+
+    def __init__(
+        self,
+        count: int,
+        memory_mib: int = 256,
+        *,
+        backend: str | GuestBackend = "qemu",
+        uri: str | None = None,
+        accel: str = "auto",
+        image: GuestImage | None = None,
+        image_kind: str = "busybox",
+        mem_merge: bool = True,
+        vcpus: int = 1,
+        run_id: str | None = None,
+        runtime_root: Path = RUNTIME_ROOT,
+        concurrency: int = 4,
+        ready_timeout: float = 180.0,
+        command_timeout: float = 600.0,
+        progress: bool | None = None,
+        accel_resolver: Callable[[str, GuestImage], AccelChoice] | None = None,
+    ) -> None:
+        if count < 1:
+            raise HarnessError(f"--count {count}: a fleet needs at least one guest")
+        self.count = count
+        self.memory_mib = memory_mib
+        self.backend = make_backend(backend, uri) if isinstance(backend, str) else backend
+        self.uri = uri
+        self.requested_accel = accel
+        self.image = image
+        self.image_kind = image.kind if image is not None else image_kind
+        self.mem_merge = mem_merge
+        self.vcpus = vcpus
+        self.run_id = run_id or new_run_id()
+        self.run_dir = runtime_root / self.run_id
+        self.concurrency = max(1, concurrency)
+        self.ready_timeout = ready_timeout
+        self.command_timeout = command_timeout
+        self.progress = progress
+        self.accel_resolver = accel_resolver or (lambda req, img: resolve_accel(req, img))
+        self.accel: AccelChoice | None = None
+        self.guests: list[Guest] = []
+        self._atexit_registered = False
+        self._old_sigterm: Any = None
+        self._cancel = threading.Event()
+
+    # -- boot -------------------------------------------------------------------------------
+
+    def up(self) -> FleetResult:
+        """Boot every guest (bounded concurrency) and wait for each agent's ready."""
+        if self.image is None:
+            self.image = build_image(self.image_kind)
+        self.accel = self.accel_resolver(self.requested_accel, self.image)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.guests = [
+            Guest(
+                GuestSpec(
+                    name=guest_name(self.run_id, i),
+                    memory_mib=self.memory_mib,
+                    image=self.image,
+                    runtime_dir=self.run_dir,
+                    index=i,
+                    vcpus=self.vcpus,
+                    accel=self.accel.accel,  # type: ignore[arg-type]
+                    mem_merge=self.mem_merge,
+                )
+            )
+            for i in range(self.count)
+        ]
+        if not self._atexit_registered:
+            atexit.register(self.down)
+            self._atexit_registered = True
+        self._save()
+        progress = Progress(self.count, f"booting {self.run_id}", self.progress)
+
+        def boot(guest: Guest) -> GuestResult:
+            result = self._boot_one(guest)
+            progress.step(result.ok)
+            return result
+
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="boot")
+        try:
+            results = list(pool.map(boot, self.guests))
+        except BaseException:
+            # Ctrl-C / SIGTERM while booting: stop what runs so the boot threads see their
+            # guest die at once instead of waiting out the ready deadline, then stop the rest.
+            self._cancel.set()
+            for guest in self.guests:
+                self._stop_quietly(guest)
+            pool.shutdown(wait=True, cancel_futures=True)
+            for guest in self.guests:
+                self._stop_quietly(guest)
+            raise
+        pool.shutdown()
+        self._save()
+        return FleetResult("boot", results)
+
+    def _boot_one(self, guest: Guest) -> GuestResult:
+        spec = guest.spec
+        t0 = time.monotonic()
+        if self._cancel.is_set():
+            guest.state, guest.error = "failed", GuestError(f"{spec.name}: boot cancelled")
+            return GuestResult(spec.name, None, guest.error, 0.0, spec.accel)
+        guest.state = "booting"
+        try:
+            guest.pid = self.backend.start(spec)
+        except HarnessError as exc:
+            guest.state, guest.error = "failed", exc
+            self._stop_quietly(guest)
+            return GuestResult(spec.name, None, exc, time.monotonic() - t0, spec.accel)
+        try:
+            deadline = t0 + self.ready_timeout
+            chan = UnixChannel.connect(
+                spec.agent_socket, deadline, alive=lambda: self.backend.alive(spec)
+            )
+            client = AgentClient(chan, spec.name, self.command_timeout)
+            try:
+                info = client.wait_ready(max(deadline - time.monotonic(), 0.1))
+            except HarnessError:
+                client.close()
+                raise
+            guest.client = client
+            guest.boot_seconds = time.monotonic() - t0
+            guest.state = "ready"
+            reply = AgentReply("ready", " ".join(f"{k}={v}" for k, v in info.items()), info)
+            return GuestResult(spec.name, reply, None, guest.boot_seconds, spec.accel)
+        except HarnessError as exc:
+            error = self._explain(guest, exc)
+            guest.state, guest.error = "failed", error
+            # A guest that did not come up would only burn CPU; stop it now.
+            self._stop_quietly(guest)
+            return GuestResult(spec.name, None, error, time.monotonic() - t0, spec.accel)
+
+    def _explain(self, guest: Guest, exc: HarnessError) -> HarnessError:
+        """Prefer 'the guest died (why)' over the symptom seen on the agent channel."""
+        if isinstance(exc, AgentCommandError):
+            return exc  # the agent answered: the guest is alive
+        # The channel's EOF can arrive a moment before the process has exited: for a closed
+        # channel, give the backend up to 2 s to see the death.
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                alive = self.backend.alive(guest.spec)
+            except HarnessError:
+                alive = True
+            if not alive:
+                break
+            if time.monotonic() >= deadline or not isinstance(exc, AgentChannelClosed):
+                return exc
+            time.sleep(0.05)
+        why = self.backend.exit_reason(guest.spec)
+        return GuestError(
+            f"{guest.spec.name}: guest died: {why}",
+            hint=f"console log: {guest.spec.console_log}",
+        )
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def select(self, selection: str | Sequence[str] | None = None) -> list[Guest]:
+        """Guests by name, by index ('0,2,5-7') or all (None / 'all')."""
+        if selection is None or selection == "all":
+            return list(self.guests)
+        items = selection.split(",") if isinstance(selection, str) else list(selection)
+        by_name = {g.spec.name: g for g in self.guests}
+        chosen: list[Guest] = []
+        for item in (i.strip() for i in items):
+            if item in by_name:
+                chosen.append(by_name[item])
+                continue
+            lo, sep, hi = item.partition("-")
+            try:
+                first, last = int(lo), int(hi) if sep else int(lo)
+            except ValueError:
+                raise HarnessError(
+                    f"no guest {item!r} in run {self.run_id}",
+                    hint="select by name, index or range: 0,2,5-7",
+                ) from None
+            picked = [g for g in self.guests if first <= g.spec.index <= last]
+            if not picked:
+                raise HarnessError(f"no guest with index {item} in run {self.run_id}")
+            chosen.extend(picked)
+        unique: dict[str, Guest] = {g.spec.name: g for g in chosen}
+        return sorted(unique.values(), key=lambda g: g.spec.index)
+
+    def run(
+        self,
+        command: str,
+        *args: str,
+        guests: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> FleetResult:
+        """Send one agent command to the selected guests in parallel; one result each."""
+        chosen = self.select(guests)
+        if not chosen:
+            return FleetResult(command, [])
+        with ThreadPoolExecutor(len(chosen), thread_name_prefix="agent") as pool:
+            results = list(pool.map(lambda g: self._call(g, command, args, timeout), chosen))
+        return FleetResult(command, results)
+
+    def _call(
+        self, guest: Guest, command: str, args: Sequence[str], timeout: float | None
+    ) -> GuestResult:
+        spec = guest.spec
+        t0 = time.monotonic()
+        with guest.lock:
+            if guest.state != "ready":
+                err = guest.error or GuestError(f"{spec.name} is {guest.state}, not running")
+                return GuestResult(spec.name, None, err, 0.0, spec.accel)
+            try:
+                if guest.client is None:
+                    guest.client = self._reconnect(guest)
+                value = guest.client.call(command, *args, timeout=timeout)
+                return GuestResult(spec.name, value, None, time.monotonic() - t0, spec.accel)
+            except HarnessError as exc:
+                error = self._explain(guest, exc)
+                if error is not exc:  # the guest is dead: fail it for good
+                    guest.state, guest.error = "failed", error
+                    if guest.client is not None:
+                        guest.client.close()
+                        guest.client = None
+                return GuestResult(spec.name, None, error, time.monotonic() - t0, spec.accel)
+
+    def _reconnect(self, guest: Guest) -> AgentClient:
+        """A new connection to a running guest's agent (e.g. after attach), checked by a ping.
+
+        QEMU serves one client per socket and queues the rest, so a connection can succeed and
+        still never be answered while another process holds the channel: say so quickly.
+        """
+        spec = guest.spec
+        chan = UnixChannel.connect(spec.agent_socket, time.monotonic() + 10.0)
+        client = AgentClient(chan, spec.name, self.command_timeout)
+        try:
+            client.call("ping", timeout=self.reconnect_timeout)
+        except AgentCommandError:
+            pass  # it answered: the channel is ours
+        except GuestError as exc:
+            client.close()
+            if not self.backend.alive(spec):
+                raise
+            raise GuestError(
+                f"{spec.name}: its agent does not answer a new connection ({exc.message})",
+                hint="another process probably holds the agent channel (one client at a time)",
+            ) from exc
+        return client
+
+    def fill(self, region: str, size: str, pattern: str, **kw: Any) -> FleetResult:
+        return self.run("fill", region, size, pattern, **kw)
+
+    def verify(self, region: str, **kw: Any) -> FleetResult:
+        return self.run("verify", region, **kw)
+
+    def pids(self) -> dict[str, int]:
+        """Guest name -> QEMU PID of every guest that is running."""
+        return {
+            g.spec.name: g.pid
+            for g in self.guests
+            if g.pid is not None and g.state == "ready" and self.backend.alive(g.spec)
+        }
+
+    # -- state on disk ----------------------------------------------------------------------
+
+    def _save(self) -> None:
+        data = {
+            "run_id": self.run_id,
+            "backend": self.backend.name,
+            "uri": self.uri,
+            "accel": self.accel.accel if self.accel else None,
+            "accel_reason": self.accel.reason if self.accel else None,
+            "memory_mib": self.memory_mib,
+            "mem_merge": self.mem_merge,
+            "vcpus": self.vcpus,
+            "image": None
+            if self.image is None
+            else {
+                "kernel": str(self.image.kernel),
+                "initrd": str(self.image.initrd),
+                "kind": self.image.kind,
+                "kernel_release": self.image.kernel_release,
+                "digest": self.image.digest,
+                "disk": str(self.image.disk) if self.image.disk else None,
+                "cmdline": list(self.image.cmdline),
+            },
+            "created": time.time(),
+            "owner_pid": os.getpid(),
+            "guests": [
+                {
+                    "name": g.spec.name,
+                    "index": g.spec.index,
+                    "pid": g.pid,
+                    "state": g.state,
+                    "error": str(g.error) if g.error else None,
+                    "boot_seconds": g.boot_seconds,
+                }
+                for g in self.guests
+            ],
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / RUN_FILE)
+
+    @classmethod
+    def attach(cls, run_id: str, runtime_root: Path = RUNTIME_ROOT, **kw: Any) -> Fleet:
+        """The fleet of an earlier `up` in this or another process, from its run.json."""
+        path = runtime_root / run_id / RUN_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise HarnessError(
+                f"no fleet run {run_id!r} (no {path})", hint="see `ksmh fleet list`"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise HarnessError(
+                f"fleet run {run_id!r} is unreadable ({path}: {exc})",
+                hint="remove it with `ksmh fleet down --all`",
+            ) from exc
+        img = data["image"]
+        image = GuestImage(
+            Path(img["kernel"]), Path(img["initrd"]), img["kind"], img["kernel_release"],
+            img["digest"], Path(img["disk"]) if img.get("disk") else None,
+            tuple(img.get("cmdline") or ()),
+        )  # fmt: skip
+        fleet = cls(
+            len(data["guests"]) or 1,
+            data["memory_mib"],
+            backend=kw.pop("backend", data["backend"]),
+            uri=data.get("uri"),
+            image=image,
+            mem_merge=data["mem_merge"],
+            vcpus=data["vcpus"],
+            run_id=run_id,
+            runtime_root=runtime_root,
+            **kw,
+        )
+        accel: Accel = "kvm" if data.get("accel") == "kvm" else "tcg"
+        fleet.accel = AccelChoice(accel, data.get("accel_reason") or "", True)
+        for g in data["guests"]:
+            spec = GuestSpec(
+                name=g["name"], memory_mib=data["memory_mib"], image=image,
+                runtime_dir=fleet.run_dir, index=g["index"], vcpus=data["vcpus"],
+                accel=accel, mem_merge=data["mem_merge"],
+            )  # fmt: skip
+            guest = Guest(spec, pid=g.get("pid"), boot_seconds=g.get("boot_seconds"))
+            alive = g.get("state") == "ready" and fleet.backend.alive(spec)
+            guest.state = (
+                "ready" if alive else ("failed" if g.get("state") != "stopped" else "stopped")
+            )
+            if not alive and g.get("state") == "ready":
+                guest.error = GuestError(f"{spec.name} is no longer running")
+            elif g.get("error"):
+                guest.error = GuestError(g["error"])
+            fleet.guests.append(guest)
+        return fleet
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def _stop_quietly(self, guest: Guest) -> HarnessError | None:
+        if guest.client is not None:
+            guest.client.close()
+            guest.client = None
+        try:
+            self.backend.stop(guest.spec)
+            return None
+        except HarnessError as exc:
+            return exc
+
+    def down(self, keep_logs: bool = False) -> FleetResult:
+        """Stop every guest and remove the run directory (sockets, pid files, logs)."""
+        if self._atexit_registered:
+            atexit.unregister(self.down)
+            self._atexit_registered = False
+
+        def stop(guest: Guest) -> GuestResult:
+            err = self._stop_quietly(guest)
+            if guest.state != "failed":
+                guest.state = "stopped"
+            return GuestResult(guest.spec.name, None, err, 0.0, guest.spec.accel)
+
+        results: list[GuestResult] = []
+        if self.guests:
+            with ThreadPoolExecutor(min(len(self.guests), 8), thread_name_prefix="stop") as pool:
+                results = list(pool.map(stop, self.guests))
+        if keep_logs:
+            for g in self.guests:
+                remove_quietly(g.spec.qmp_socket, g.spec.agent_socket, g.spec.pid_file)
+            if self.run_dir.exists():
+                self._save()
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return FleetResult("down", results)
+
+    def detach(self) -> None:
+        """Leave the guests running past this process (ksmh fleet up); close our connections."""
+        for g in self.guests:
+            if g.client is not None:
+                g.client.close()
+                g.client = None
+        if self._atexit_registered:
+            atexit.unregister(self.down)
+            self._atexit_registered = False
+        self._save()
+
+    def __enter__(self) -> Fleet:
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
+        try:
+            self.up()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.down()
+        finally:
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+                self._old_sigterm = None
+
+
+def sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def list_runs(runtime_root: Path = RUNTIME_ROOT) -> list[dict[str, Any]]:
+    """The run.json of every fleet run with a runtime directory, oldest first."""
+    runs = []
+    if runtime_root.exists():
+        for path in sorted(runtime_root.glob(f"*/{RUN_FILE}")):
+            try:
+                runs.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+    return sorted(runs, key=lambda r: r.get("created", 0))

@@ -1,0 +1,364 @@
+"""Reproducible build of the busybox guest image, on demand.
+
+Inputs (all from Debian packages): the newest /boot/vmlinuz-*-amd64 and its modules, the static
+busybox, and the agent source in guest-images/agent/. Output in guest-images/build/:
+vmlinuz, initramfs.cpio.gz, ksmh-agent and manifest.json (kernel release, sha256 of every input
+and artifact). The initramfs is written by our own cpio (newc) writer with fixed owners, modes
+and mtimes, and gzip with mtime 0, so the same inputs give the same bytes. A build is skipped
+when the manifest's input digest matches and every artifact still has its recorded hash.
+
+`python -m harness.guests.image [--out DIR] [--force]` is what `make -C guest-images` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import CommandFailed, HarnessError
+from harness.guests.spec import GuestImage
+from harness.run import run
+
+FORMAT = 1
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GUEST_IMAGES = REPO_ROOT / "guest-images"
+DEFAULT_OUT = Path(os.environ.get("KSM_HARNESS_IMAGE_DIR", GUEST_IMAGES / "build"))
+AGENT_SOURCE = GUEST_IMAGES / "agent" / "ksmh-agent.c"
+BUSYBOX = Path("/bin/busybox")
+BOOT = Path("/boot")
+MODULES_ROOT = Path("/lib/modules")
+# The guest needs these (and their dependencies, read from modules.dep) for the agent port.
+WANTED_MODULES = ("virtio_pci", "virtio_console")
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+# ksm-harness guest init: mount the basics, load virtio modules, hand over to the agent.
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s /bin
+for m in $(cat /etc/ksmh-modules); do
+  insmod "/lib/modules/$m" || echo "ksmh-init: insmod $m failed"
+done
+root=$(sed -n 's/.*ksmh\.root=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$root" ]; then
+  # The Debian image kind: its read-only disk under a tmpfs overlay becomes the root, and the
+  # distribution's own init (systemd) starts the agent as a service.
+  n=0
+  while [ ! -b "$root" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+  mkdir -p /lower /rw /newroot
+  mount -t ext4 -o ro "$root" /lower || echo "ksmh-init: cannot mount $root"
+  mount -t tmpfs -o mode=0755 tmpfs /rw
+  mkdir -p /rw/upper /rw/work
+  mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot
+  mount --move /dev /newroot/dev
+  umount /proc /sys
+  echo "ksmh-init: switching to $root"
+  exec switch_root /newroot /sbin/init
+fi
+echo "ksmh-init: modules loaded, starting agent"
+# The agent replaces init: if it dies the kernel panics and (panic=-1, -no-reboot) the VM ends,
+# so a dead agent is always visible from the host as a dead guest.
+exec /sbin/ksmh-agent
+"""
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """Where the build takes its inputs from (parameters so tests can use fake trees)."""
+
+    boot: Path = BOOT
+    modules_root: Path = MODULES_ROOT
+    busybox: Path = BUSYBOX
+    agent_source: Path = AGENT_SOURCE
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version_key(release: str) -> list[int | str]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", release)]
+
+
+def find_kernel(boot: Path = BOOT, modules_root: Path = MODULES_ROOT) -> tuple[Path, str]:
+    """The newest Debian amd64 kernel in boot that also has its modules installed."""
+    found = []
+    for vmlinuz in boot.glob("vmlinuz-*-amd64"):
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        if (modules_root / release / "modules.dep").exists():
+            found.append((release, vmlinuz))
+    if not found:
+        raise HarnessError(
+            f"no guest kernel: no {boot}/vmlinuz-*-amd64 with modules in {modules_root}",
+            hint="apt-get install linux-image-amd64",
+        )
+    release, vmlinuz = max(found, key=lambda rv: _version_key(rv[0]))
+    return vmlinuz, release
+
+
+def module_load_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
+    """Module paths (relative, as in modules.dep) in an order insmod accepts: deps first."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in modules_dep.splitlines():
+        if ":" not in line:
+            continue
+        mod, _, rest = line.partition(":")
+        mod = mod.strip()
+        deps[mod] = rest.split()
+        name = Path(mod).name.split(".ko")[0].replace("-", "_")
+        by_name[name] = mod
+    order: list[str] = []
+
+    def visit(mod: str, stack: tuple[str, ...]) -> None:
+        if mod in order:
+            return
+        if mod in stack:
+            raise HarnessError(f"dependency cycle in modules.dep at {mod}")
+        # modules.dep lists dependencies so that the last one must be loaded first.
+        for dep in reversed(deps.get(mod, [])):
+            visit(dep, (*stack, mod))
+        order.append(mod)
+
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise HarnessError(f"kernel module {name} not in modules.dep")
+        visit(by_name[key], ())
+    return order
+
+
+# -- a reproducible cpio (newc) writer ------------------------------------------------------------
+
+
+class CpioWriter:
+    """Writes a newc archive with owner root, mtime 0 and sequential inode numbers."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 0
+
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
+        self.ino += 1
+        encoded = name.encode() + b"\0"
+        fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0]
+        header = b"070701" + b"".join(f"{v:08X}".encode() for v in fields)
+        self.buf.write(header + encoded)
+        self.buf.write(b"\0" * (-(len(header) + len(encoded)) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % 4))
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def _gzip(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
+        gz.write(data)
+    return out.getvalue()
+
+
+# -- the build -------------------------------------------------------------------------------------
+
+
+def describe_inputs(
+    inputs: ImageInputs, modules: Sequence[str] = WANTED_MODULES
+) -> dict[str, object]:
+    """Everything the image depends on, with hashes; its digest decides whether to rebuild."""
+    vmlinuz, release = find_kernel(inputs.boot, inputs.modules_root)
+    mod_dir = inputs.modules_root / release
+    order = module_load_order((mod_dir / "modules.dep").read_text(), modules)
+    for path in (inputs.busybox, inputs.agent_source):
+        if not path.exists():
+            raise HarnessError(
+                f"guest image input missing: {path}", hint="apt-get install busybox-static"
+            )
+    gcc = shutil.which("gcc")
+    return {
+        "format": FORMAT,
+        "kind": "busybox",
+        "kernel_release": release,
+        "kernel": {"path": str(vmlinuz), "sha256": sha256_file(vmlinuz)},
+        "busybox": {"path": str(inputs.busybox), "sha256": sha256_file(inputs.busybox)},
+        "agent_source": {
+            "path": str(inputs.agent_source),
+            "sha256": sha256_file(inputs.agent_source),
+        },
+        "gcc": {"path": gcc, "sha256": sha256_file(Path(gcc)) if gcc else None},
+        "init_sha256": hashlib.sha256(INIT_SCRIPT.encode()).hexdigest(),
+        "modules": [{"path": m, "sha256": sha256_file(mod_dir / m)} for m in order],
+    }
+
+
+def _digest(desc: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+def compile_agent(source: Path, out: Path) -> None:
+    """gcc -static: the guest has no libc. -ffile-prefix-map keeps the binary path-independent."""
+    try:
+        run(
+            [
+                "gcc", "-static", "-O2", "-s", "-Wall",
+                f"-ffile-prefix-map={source.parent}=.",
+                "-o", str(out), str(source),
+            ],
+            timeout=300,
+        )  # fmt: skip
+    except CommandFailed as exc:
+        raise HarnessError(
+            f"compiling the guest agent failed: {exc.message}",
+            hint="apt-get install gcc libc6-dev (static libc.a is needed)",
+        ) from exc
+
+
+def build_initramfs(desc: dict[str, object], agent: Path, modules_root: Path) -> bytes:
+    release = str(desc["kernel_release"])
+    cpio = CpioWriter()
+    for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sbin", "sys", "tmp"):
+        cpio.directory(d)
+    # The kernel opens /dev/console before init runs; devtmpfs is not mounted yet then.
+    cpio.chardev("dev/console", 5, 1)
+    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    cpio.file("bin/busybox", Path(str(desc["busybox"]["path"])).read_bytes(), 0o755)  # type: ignore[index]
+    cpio.file("sbin/ksmh-agent", agent.read_bytes(), 0o755)
+    names = []
+    for mod in desc["modules"]:  # type: ignore[attr-defined]
+        name = Path(mod["path"]).name
+        names.append(name)
+        cpio.file(f"lib/modules/{name}", (modules_root / release / mod["path"]).read_bytes())
+    cpio.file("etc/ksmh-modules", ("\n".join(names) + "\n").encode())
+    return _gzip(cpio.finish())
+
+
+@contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # concurrent tests/CLI calls build once
+        yield
+    finally:
+        os.close(fd)
+
+
+def _image_from_manifest(out: Path, manifest: dict[str, object]) -> GuestImage:
+    return GuestImage(
+        kernel=out / "vmlinuz",
+        initrd=out / "initramfs.cpio.gz",
+        kind="busybox",
+        kernel_release=str(manifest["kernel_release"]),
+        digest=str(manifest["input_digest"]),
+    )
+
+
+def _up_to_date(out: Path, digest: str) -> dict[str, object] | None:
+    try:
+        manifest: dict[str, object] = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("input_digest") != digest:
+        return None
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, dict):
+        return None
+    for name, sha in artifacts.items():
+        path = out / name
+        if not path.exists() or sha256_file(path) != sha:
+            return None
+    return manifest
+
+
+def ensure_image(
+    out: Path = DEFAULT_OUT, inputs: ImageInputs | None = None, force: bool = False
+) -> GuestImage:
+    """Build the busybox image into `out` unless it is already current; return it."""
+    inputs = inputs or ImageInputs()
+    desc = describe_inputs(inputs)
+    digest = _digest(desc)
+    with _build_lock(out):
+        manifest = None if force else _up_to_date(out, digest)
+        if manifest is not None:
+            return _image_from_manifest(out, manifest)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp_name:
+            tmp = Path(tmp_name)
+            compile_agent(inputs.agent_source, tmp / "ksmh-agent")
+            (tmp / "initramfs.cpio.gz").write_bytes(
+                build_initramfs(desc, tmp / "ksmh-agent", inputs.modules_root)
+            )
+            shutil.copyfile(str(desc["kernel"]["path"]), tmp / "vmlinuz")  # type: ignore[index]
+            artifacts = {
+                n: sha256_file(tmp / n) for n in ("vmlinuz", "initramfs.cpio.gz", "ksmh-agent")
+            }
+            for name in artifacts:
+                os.replace(tmp / name, out / name)
+        manifest = {
+            "format": FORMAT,
+            "kind": "busybox",
+            "kernel_release": desc["kernel_release"],
+            "input_digest": digest,
+            "inputs": desc,
+            "artifacts": artifacts,
+        }
+        tmp_manifest = out / "manifest.json.tmp"
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_manifest, out / "manifest.json")
+        return _image_from_manifest(out, manifest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.guests.image")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--force", action="store_true", help="rebuild even if current")
+    args = parser.parse_args(argv)
+    try:
+        before = (
+            (args.out / "manifest.json").read_bytes()
+            if (args.out / "manifest.json").exists()
+            else b""
+        )
+        image = ensure_image(args.out, force=args.force)
+    except HarnessError as exc:
+        print(f"guest image: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return 2
+    after = (args.out / "manifest.json").read_bytes()
+    state = "up to date" if before == after else "built"
+    print(f"guest image {state}: {image.kernel} {image.initrd} (kernel {image.kernel_release})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

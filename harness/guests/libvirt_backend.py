@@ -1,0 +1,164 @@
+"""libvirt backend (libvirt-python): transient domains, so a destroyed guest leaves no definition.
+
+`qemu:///system` by default; any URI is accepted. These machines have no systemd, so when the
+URI is the local system daemon, we are root and it is not running, we start `virtlogd -d` and
+`libvirtd -d` ourselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.errors import GuestError, HarnessError
+from harness.guests.backend import Leftover, is_ours, remove_quietly
+from harness.guests.libvirt_xml import libvirt_xml
+from harness.guests.spec import GuestSpec
+from harness.run import run
+
+DEFAULT_URI = "qemu:///system"
+LIBVIRT_RUN = Path("/run/libvirt")
+
+
+def _socket_answers(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def ensure_daemons(run_dir: Path = LIBVIRT_RUN, timeout: float = 15.0) -> list[str]:
+    """Start virtlogd and libvirtd when they are not answering; return what was started."""
+    started: list[str] = []
+    if os.geteuid() != 0:
+        return started
+    for daemon, sock in (("virtlogd", "virtlogd-sock"), ("libvirtd", "libvirt-sock")):
+        if _socket_answers(run_dir / sock):
+            continue
+        run([daemon, "-d"], timeout=30)
+        started.append(daemon)
+        deadline = time.monotonic() + timeout
+        while not _socket_answers(run_dir / sock):
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"{daemon} started but {run_dir / sock} does not answer",
+                    hint=f"run `{daemon} -v` in a terminal to see why",
+                )
+            time.sleep(0.1)
+    return started
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt
+    except ImportError as exc:
+        raise HarnessError(
+            "the libvirt Python binding is not importable",
+            hint="pip install libvirt-python (it is in pyproject.toml)",
+        ) from exc
+    return libvirt
+
+
+class LibvirtBackend:
+    """Guests as transient libvirt domains."""
+
+    name = "libvirt"
+
+    def __init__(self, uri: str = DEFAULT_URI, start_daemons: bool = True) -> None:
+        self.uri = uri
+        self.libvirt = _libvirt()
+        if start_daemons and uri in ("qemu:///system", "qemu+unix:///system"):
+            ensure_daemons()
+        try:
+            self.conn = self.libvirt.open(uri)
+        except self.libvirt.libvirtError as exc:
+            raise HarnessError(
+                f"cannot connect to libvirt at {uri}: {exc}",
+                hint="is libvirtd running? (no systemd here: `libvirtd -d` as root)",
+            ) from exc
+        self._reasons: dict[str, str] = {}
+
+    def _local(self) -> bool:
+        return "://" in self.uri and self.uri.split("://", 1)[1].startswith("/")
+
+    def _domain(self, name: str) -> Any | None:
+        try:
+            return self.conn.lookupByName(name)
+        except self.libvirt.libvirtError:
+            return None
+
+    def start(self, spec: GuestSpec) -> int | None:
+        spec.runtime_dir.mkdir(parents=True, exist_ok=True)
+        remove_quietly(spec.agent_socket)
+        try:
+            self.conn.createXML(libvirt_xml(spec), 0)
+        except self.libvirt.libvirtError as exc:
+            raise GuestError(f"libvirt refused to start {spec.name}: {exc}") from exc
+        return self.pid(spec)
+
+    def pid(self, spec: GuestSpec) -> int | None:
+        if not self._local():
+            return None
+        try:
+            return int((LIBVIRT_RUN / "qemu" / f"{spec.name}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def alive(self, spec: GuestSpec) -> bool:
+        dom = self._domain(spec.name)
+        try:
+            return bool(dom is not None and dom.isActive())
+        except self.libvirt.libvirtError:
+            return False
+
+    def exit_reason(self, spec: GuestSpec) -> str:
+        return f"libvirt domain {spec.name} is no longer running (destroyed, crashed or killed)"
+
+    def stop(self, spec: GuestSpec, timeout: float = 5.0) -> None:
+        dom = self._domain(spec.name)
+        if dom is not None:
+            try:
+                dom.destroy()
+            except self.libvirt.libvirtError as exc:
+                if self.alive(spec):
+                    raise GuestError(f"cannot destroy {spec.name}: {exc}") from exc
+        remove_quietly(spec.agent_socket)
+
+    def leftovers(self) -> list[Leftover]:
+        found = []
+        for dom in self.conn.listAllDomains(0):
+            name = dom.name()
+            if is_ours(name):
+                pid = None
+                if self._local():
+                    try:
+                        pid = int((LIBVIRT_RUN / "qemu" / f"{name}.pid").read_text().strip())
+                    except (OSError, ValueError):
+                        pid = None
+                found.append(Leftover(name=name, pid=pid, backend=self.name))
+        return sorted(found, key=lambda lo: lo.name)
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        dom = self._domain(leftover.name)
+        if dom is None:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
+        except self.libvirt.libvirtError as exc:
+            raise GuestError(f"cannot remove libvirt domain {leftover.name}: {exc}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(self.libvirt.libvirtError):
+            self.conn.close()

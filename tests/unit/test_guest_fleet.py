@@ -1,0 +1,297 @@
+"""Fleet logic against a fake backend whose guests are fake agents on real unix sockets:
+parallel boot, per-guest results, partial failure, a guest dying mid-run, teardown, attach."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.errors import GuestBootTimeout, GuestError, HarnessError
+from harness.guests.accel import AccelChoice
+from harness.guests.backend import Leftover
+from harness.guests.fleet import Fleet, guest_name, list_runs
+from harness.guests.qemu_backend import QemuBackend, guest_name_of
+from harness.guests.spec import GuestImage, GuestSpec
+
+IMAGE = GuestImage(Path("/k"), Path("/i"), "busybox", "6.1.0-t", "d1")
+
+
+class FakeGuest:
+    def __init__(self, spec: GuestSpec, ready: bool) -> None:
+        self.spec = spec
+        self.ready = ready
+        self.alive = True
+        self.conns: list[socket.socket] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(spec.agent_socket))
+        self.server.listen(4)
+        self.said_ready = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        # Like QEMU's chardev socket: one client at a time, the next waits in the backlog.
+        while self.alive:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.ready and not self.said_ready:
+                self.said_ready = True
+                conn.sendall(f"ready index={self.spec.index} version=1\n".encode())
+            buf = b""
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    rid, cmd, *_args = line.decode().split()
+                    if cmd == "ping":
+                        conn.sendall(f"{rid} ok pong index={self.spec.index}\n".encode())
+                    else:
+                        conn.sendall(f"{rid} err unknown command '{cmd}'\n".encode())
+        except OSError:
+            return
+
+    def kill(self) -> None:
+        self.alive = False
+        for c in [self.server, *self.conns]:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, never_ready: set[int] = frozenset(), fail_start: set[int] = frozenset()):  # type: ignore[assignment]
+        self.never_ready = never_ready
+        self.fail_start = fail_start
+        self.guests: dict[str, FakeGuest] = {}
+        self.stopped: list[str] = []
+
+    def start(self, spec: GuestSpec) -> int:
+        if spec.index in self.fail_start:
+            raise GuestError(f"{spec.name}: cannot start (fake)")
+        spec.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self.guests[spec.name] = FakeGuest(spec, spec.index not in self.never_ready)
+        return 1000 + spec.index
+
+    def alive(self, spec: GuestSpec) -> bool:
+        g = self.guests.get(spec.name)
+        return g is not None and g.alive
+
+    def exit_reason(self, spec: GuestSpec) -> str:
+        return "killed by the test"
+
+    def stop(self, spec: GuestSpec, timeout: float = 5.0) -> None:
+        g = self.guests.pop(spec.name, None)
+        if g is not None:
+            g.kill()
+            self.stopped.append(spec.name)
+        with contextlib.suppress(FileNotFoundError):
+            spec.agent_socket.unlink()
+
+    def leftovers(self) -> list[Leftover]:
+        return []
+
+    def remove_leftover(self, leftover: Leftover) -> None:
+        pass
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    # Short path: unix socket paths are limited to 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="kf", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_fleet(root: Path, backend: FakeBackend, count: int = 3, **kw: object) -> Fleet:
+    return Fleet(
+        count,
+        128,
+        backend=backend,
+        image=IMAGE,
+        runtime_root=root,
+        run_id="rtest",
+        ready_timeout=kw.pop("ready_timeout", 5.0),  # type: ignore[arg-type]
+        progress=False,
+        accel_resolver=lambda req, img: AccelChoice("tcg", "test"),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_boot_all_ready_records_pids_accel_and_run_file(root: Path) -> None:
+    backend = FakeBackend()
+    with make_fleet(root, backend) as fleet:
+        assert fleet.pids() == {guest_name("rtest", i): 1000 + i for i in range(3)}
+        result = fleet.run("ping")
+        assert result.ok
+        assert {r.accel for r in result.values()} == {"tcg"}
+        assert result.field("index") == {guest_name("rtest", i): i for i in range(3)}
+        [run] = list_runs(root)
+        assert run["run_id"] == "rtest"
+        assert [g["state"] for g in run["guests"]] == ["ready"] * 3
+    assert sorted(backend.stopped) == [guest_name("rtest", i) for i in range(3)]
+    assert not (root / "rtest").exists()
+
+
+def test_guest_that_never_says_ready_fails_alone(root: Path) -> None:
+    backend = FakeBackend(never_ready={1})
+    fleet = make_fleet(root, backend, ready_timeout=0.5)
+    try:
+        boot = fleet.up()
+        assert [r.ok for r in boot.values()] == [True, False, True]
+        assert isinstance(boot["ksmh-rtest-g01"].error, GuestBootTimeout)
+        assert "ksmh-rtest-g01" in backend.stopped  # a failed boot is stopped at once
+        ping = fleet.run("ping")
+        assert [n for n, r in ping.items() if not r.ok] == ["ksmh-rtest-g01"]
+        with pytest.raises(GuestError, match=r"ping failed on 1 of 3 guests: ksmh-rtest-g01"):
+            ping.raise_if_failed()
+    finally:
+        fleet.down()
+
+
+def test_start_failure_is_reported_per_guest(root: Path) -> None:
+    fleet = make_fleet(root, FakeBackend(fail_start={0}))
+    try:
+        boot = fleet.up()
+        assert str(boot["ksmh-rtest-g00"].error) == "ksmh-rtest-g00: cannot start (fake)"
+        assert [r.name for r in boot.succeeded] == ["ksmh-rtest-g01", "ksmh-rtest-g02"]
+    finally:
+        fleet.down()
+
+
+def test_guest_killed_mid_run_fails_alone_and_stays_failed(root: Path) -> None:
+    backend = FakeBackend()
+    with make_fleet(root, backend) as fleet:
+        assert fleet.run("ping").ok
+        backend.guests["ksmh-rtest-g02"].kill()
+        result = fleet.run("ping")
+        assert [r.ok for r in result.values()] == [True, True, False]
+        assert (
+            str(result["ksmh-rtest-g02"].error) == "ksmh-rtest-g02: guest died: killed by the test"
+        )
+        again = fleet.run("ping")
+        assert again["ksmh-rtest-g02"].error is result["ksmh-rtest-g02"].error
+        assert "ksmh-rtest-g02" not in fleet.pids()
+        assert fleet.run("ping", guests="0-1").ok
+
+
+def test_agent_error_is_a_per_guest_error_not_a_death(root: Path) -> None:
+    with make_fleet(root, FakeBackend(), count=2) as fleet:
+        result = fleet.run("bogus")
+        assert not result.ok and len(result.failed) == 2
+        assert fleet.run("ping").ok  # guests still usable
+
+
+def test_selection(root: Path) -> None:
+    with make_fleet(root, FakeBackend(), count=4) as fleet:
+        names = lambda sel: [g.spec.name[-3:] for g in fleet.select(sel)]  # noqa: E731
+        assert names(None) == ["g00", "g01", "g02", "g03"]
+        assert names("0,2") == ["g00", "g02"]
+        assert names("1-2,2") == ["g01", "g02"]
+        assert names(["ksmh-rtest-g03"]) == ["g03"]
+        assert list(fleet.run("ping", guests="3")) == ["ksmh-rtest-g03"]
+        with pytest.raises(HarnessError, match="no guest 'zz' in run rtest"):
+            fleet.select("zz")
+        with pytest.raises(HarnessError, match="no guest with index 9"):
+            fleet.select("9")
+
+
+def test_exception_inside_tears_everything_down(root: Path) -> None:
+    backend = FakeBackend()
+    with pytest.raises(RuntimeError), make_fleet(root, backend):
+        raise RuntimeError("boom")
+    assert len(backend.stopped) == 3 and backend.guests == {}
+    assert not (root / "rtest").exists()
+
+
+def test_sigterm_inside_tears_everything_down(root: Path) -> None:
+    backend = FakeBackend()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), make_fleet(root, backend):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert len(backend.stopped) == 3
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_detach_and_attach_from_run_file(root: Path) -> None:
+    backend = FakeBackend()
+    fleet = make_fleet(root, backend, count=2)
+    fleet.up()
+    fleet.detach()
+    again = Fleet.attach("rtest", root, backend=backend, progress=False)
+    assert [g.state for g in again.guests] == ["ready", "ready"]
+    assert again.accel is not None and again.accel.accel == "tcg"
+    assert again.run("ping").ok  # a fresh connection, without a second `ready`
+    again.down()
+    assert backend.guests == {}
+    with pytest.raises(HarnessError, match="no fleet run 'rtest'"):
+        Fleet.attach("rtest", root, backend=backend)
+
+
+def test_guest_name_of_qemu_argv() -> None:
+    argv = ["qemu-system-x86_64", "-name", "guest=ksmh-r1-g00,process=qemu-ksmh-r1-g00"]
+    assert guest_name_of(argv) == "ksmh-r1-g00"
+    assert guest_name_of(["qemu-system-x86_64", "-m", "1G"]) is None
+
+
+def test_leftovers_are_found_by_name_prefix_in_proc(tmp_path: Path) -> None:
+    procs = {
+        "100": ["/usr/bin/qemu-system-x86_64", "-name", "guest=ksmh-rdead-g00,process=x"],
+        "101": ["/usr/bin/qemu-system-x86_64", "-name", "guest=someone-else"],
+        "102": ["/usr/bin/qemu-system-x86_64", "-name", "guest=ksmh-rlv-g00,debug-threads=on",
+                "-object", "secret,file=/var/lib/libvirt/qemu/domain-1/master-key.aes"],
+        "103": ["python3", "-name", "guest=ksmh-rx-g00"],
+    }  # fmt: skip
+    for pid, argv in procs.items():
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (tmp_path / "self").mkdir()
+    found = QemuBackend(proc=tmp_path).leftovers()
+    assert found == [Leftover(name="ksmh-rdead-g00", pid=100, backend="qemu")]
+
+
+def test_sigterm_while_booting_stops_guests_without_waiting_for_the_deadline(root: Path) -> None:
+    backend = FakeBackend(never_ready={0, 1, 2})
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    t0 = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt), make_fleet(root, backend, ready_timeout=30.0):
+        pass
+    assert time.monotonic() - t0 < 5.0
+    assert backend.guests == {}
+    assert sorted(backend.stopped) == [guest_name("rtest", i) for i in range(3)]
+    assert not (root / "rtest").exists()
+
+
+def test_second_client_is_told_the_channel_is_taken(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = FakeBackend()
+    monkeypatch.setattr(Fleet, "reconnect_timeout", 0.3)
+    with make_fleet(root, backend, count=1) as fleet:
+        other = Fleet.attach("rtest", root, backend=backend, progress=False)
+        [r] = other.run("ping").values()
+        assert "its agent does not answer a new connection" in str(r.error)
+        assert r.error is not None and r.error.hint is not None
+        assert "one client at a time" in r.error.hint
+        assert fleet.run("ping").ok  # the first client is unaffected
