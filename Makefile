@@ -8,8 +8,9 @@ PYTEST_ARGS ?=
 bootstrap:
 	@scripts/bootstrap.sh
 
+# Runs the quick-start playbook; its last line says where the report is (results/<run-id>/).
 run: bootstrap
-	$(BIN)/ksmh status
+	$(BIN)/ksmh run playbooks/quickstart.yaml
 
 lint: bootstrap
 	$(BIN)/ruff check harness kernel-model tests

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "harness.remote.cli",
     "harness.monitoring.cli",
     "harness.guests.cli",
+    "harness.playbook.cli",
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +19,11 @@ import pytest
 from harness import prereqs
 
 if TYPE_CHECKING:
+    from harness.guests.fleet import Fleet
     from harness.ksm.backend import BackendBase
     from harness.ksm.types import Counters, Sample
+    from harness.scenario.compare import Comparison
+    from harness.scenario.series import Series
 
 MARKERS = {
     "ksm_kernel": "needs the real /sys/kernel/mm/ksm, writable (root)",
@@ -196,16 +199,20 @@ def wait_full_scans(ksm: BackendBase) -> Callable[..., int]:
     return wait
 
 
-def check_counters(actual: Counters | Sample, **expected: int) -> None:
-    """Assert the named counters equal the expected values, listing every mismatch at once."""
-    counters = getattr(actual, "counters", actual)
-    wrong = {
-        name: (getattr(counters, name), want)
-        for name, want in expected.items()
-        if getattr(counters, name) != want
+def check_counters(actual: Counters | Sample | Mapping[str, Any], **expected: int) -> None:
+    """Assert the named counters equal the expected values, listing every mismatch at once.
+
+    `actual` is a Counters, a Sample, or a mapping of counter name to value (a scenario
+    snapshot's `counters`).
+    """
+    source: Any = getattr(actual, "counters", actual)
+    got = {
+        name: source.get(name) if isinstance(source, Mapping) else getattr(source, name)
+        for name in expected
     }
+    wrong = {n: (got[n], want) for n, want in expected.items() if got[n] != want}
     if wrong:
-        lines = [f"  {n}: got {got}, expected {want}" for n, (got, want) in sorted(wrong.items())]
+        lines = [f"  {n}: got {g}, expected {w}" for n, (g, w) in sorted(wrong.items())]
         raise AssertionError("KSM counters differ:\n" + "\n".join(lines))
 
 
@@ -213,3 +220,108 @@ def check_counters(actual: Counters | Sample, **expected: int) -> None:
 def assert_counters() -> Callable[..., None]:
     """assert_counters(sample_or_counters, pages_sharing=298, pages_shared=2, ...)."""
     return check_counters
+
+
+IMAGES = {"tiny": "busybox", "busybox": "busybox", "debian": "debian"}
+
+
+@pytest.fixture
+def guest_fleet(request: pytest.FixtureRequest, ksm: BackendBase) -> Iterator[Callable[..., Fleet]]:
+    """guest_fleet(count=3, memory_mib=256, image="tiny", backend="qemu", thp=False, **options).
+
+    Boots the fleet (every guest ready, or the test errors with the per-guest reasons) and tears
+    it down after the test. It holds the `ksm` fixture, so the host-wide lock covers the guests'
+    whole life: their RAM is mergeable and would disturb any other test reading KSM counters.
+    Guest names carry a fresh run id plus the xdist worker, so parallel workers never collide.
+    thp=False boots QEMU with transparent huge pages off (PR_SET_THP_DISABLE, inherited): on
+    6.18 zero-filled THP subpages never merge, which no model of 4 KiB pages predicts.
+    On failure each guest's console log and QEMU argv or libvirt XML land in --ksm-results.
+    """
+    from harness.guests.fleet import Fleet, new_run_id
+
+    fleets: list[Fleet] = []
+    accel = str(request.config.getoption("--ksm-accel"))
+
+    def make(
+        count: int = 3,
+        memory_mib: int = 256,
+        image: str = "tiny",
+        backend: str = "qemu",
+        thp: bool = False,
+        **kw: Any,
+    ) -> Fleet:
+        require("fleet", prereqs.missing_fleet())
+        if backend == "libvirt":
+            require("libvirt", prereqs.missing_libvirt())
+        if image not in IMAGES:
+            raise ValueError(f"image {image!r}: choose one of {', '.join(IMAGES)}")
+        worker = xdist_worker()
+        run_id = new_run_id() + (f"{worker}" if worker else "")
+        fleet = Fleet(
+            count,
+            memory_mib,
+            backend=backend,
+            accel=accel,
+            image_kind=IMAGES[image],
+            run_id=run_id,
+            progress=False,
+            **kw,
+        )
+        fleets.append(fleet)
+        add_failure_artefact(request, lambda d: _dump_fleet(fleet, d))
+        from harness.playbook.host import set_thp_disable
+
+        thp_off = not thp and set_thp_disable(True)
+        try:
+            fleet.up().raise_if_failed()
+        finally:
+            if thp_off:
+                set_thp_disable(False)
+        return fleet
+
+    try:
+        yield make
+    finally:
+        for fleet in reversed(fleets):
+            fleet.down()
+
+
+def _dump_fleet(fleet: Fleet, where: Path) -> None:
+    """Console logs plus the exact guest definition (QEMU argv or libvirt XML) of each guest."""
+    import shlex
+
+    from harness.guests.libvirt_xml import libvirt_xml
+    from harness.guests.qemu_argv import qemu_argv
+
+    for guest in fleet.guests:
+        spec = guest.spec
+        target = where / spec.name
+        target.mkdir(parents=True, exist_ok=True)
+        if spec.console_log.exists():
+            target.joinpath("console.log").write_bytes(spec.console_log.read_bytes())
+        if fleet.backend.__class__.__name__.lower().startswith("libvirt"):
+            target.joinpath("domain.xml").write_text(libvirt_xml(spec))
+        else:
+            target.joinpath("qemu-argv.txt").write_text(shlex.join(qemu_argv(spec)) + "\n")
+
+
+@pytest.fixture
+def ksm_scenario(
+    request: pytest.FixtureRequest, ksm: BackendBase
+) -> Callable[..., tuple[Series, Series, Comparison]]:
+    """ksm_scenario(scenario_or_mapping) -> (kernel_series, model_series, comparison).
+
+    Runs one scenario (harness.scenario.spec.Scenario, or the mapping form) in real child
+    processes on the kernel and through ksm_model, sampling after every full scan.
+    """
+    from harness.scenario.compare import run_both
+    from harness.scenario.spec import Scenario
+
+    if ksm.source != "kernel":
+        require("ksm_kernel", prereqs.missing_ksm_kernel() or "the --ksm-backend is the model")
+
+    def run(scenario: Scenario | dict[str, Any]) -> tuple[Series, Series, Comparison]:
+        s = scenario if isinstance(scenario, Scenario) else Scenario.from_mapping(scenario)
+        return run_both(s, ksm)  # type: ignore[arg-type]
+
+    return run

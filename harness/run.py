@@ -91,3 +91,5 @@ def spawn(
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
+Popen = subprocess.Popen
+TimeoutExpired = subprocess.TimeoutExpired

@@ -1,0 +1,97 @@
+"""`ksmh run PLAYBOOK`, `ksmh report DIR`, `ksmh compare DIR_A DIR_B`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from harness.ksm.select import BACKENDS
+from harness.ksm.sysfs import KSM_ROOT
+
+DEFAULT_EXPORT = "127.0.0.1:9712"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a playbook on real KSM and the model; write results/<run-id>/",
+        description="Exit status: 0 every expectation held, 1 some failed (listed), 2 error.",
+    )
+    p.add_argument(
+        "playbook", type=Path, help="a playbook YAML file, e.g. playbooks/quickstart.yaml"
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="kernel: real KSM; model: the model alone; auto: kernel if present and writable",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("results"), help="results root (default results/)"
+    )
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="HOST:PORT",
+        help=f"serve kernel + model metrics while running (default {DEFAULT_EXPORT} if free; "
+        "'off' for none)",
+    )
+    p.add_argument("--check", action="store_true", help="only validate the playbook")
+    p.add_argument("--sysfs-root", type=Path, default=KSM_ROOT, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="re-render plots and report.md of a results directory")
+    p.add_argument("directory", type=Path)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="show what changed between two results directories")
+    p.add_argument("a", type=Path, metavar="DIR_A")
+    p.add_argument("b", type=Path, metavar="DIR_B")
+    p.add_argument(
+        "--tolerance", type=float, default=0.0, help="hide counter changes up to this fraction"
+    )
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.playbook.runner import Runner, RunOptions
+    from harness.playbook.schema import load_playbook
+
+    playbook = load_playbook(args.playbook)
+    if args.check:
+        steps = sum(len(p.steps) for p in playbook.phases)
+        print(f"{args.playbook}: valid ({len(playbook.phases)} phases, {steps} steps)")
+        return 0
+    export = args.export or DEFAULT_EXPORT
+    opts = RunOptions(
+        backend=args.backend,
+        out=args.out,
+        export=None if export == "off" else export,
+        export_required=args.export not in (None, "off"),
+        sysfs_root=args.sysfs_root,
+    )
+    outcome = Runner(playbook, opts).run()
+    if outcome.failed:
+        print(f"{len(outcome.failed)} expectation(s) failed:")
+        for text in outcome.failed:
+            print(f"  - {text}")
+    else:
+        print("every expectation held")
+    print(f"results: {outcome.directory}/report.md")
+    return outcome.exit_status
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report.render import render
+
+    print(f"report: {render(args.directory)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.report.compare import compare
+    from harness.report.results import read_results
+
+    print(compare(read_results(args.a), read_results(args.b), args.tolerance), end="")
+    return 0

@@ -1,0 +1,140 @@
+"""The files of a results directory, and the in-memory recorder the runner fills.
+
+results/<run-id>/
+  run.json      playbook, host facts, accelerator, tunables, per-phase kernel and model counters
+                with deltas, every expectation's verdict, sweeps, shadow-capture statistics
+  samples.csv   one row per (time, source): the KSM counters, saved bytes, MemAvailable
+  guests.csv    one row per (time, source, guest): merging pages (from ksm_stat)
+  *.png, report.md   rendered from the three above
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.ksm.types import COUNTER_NAMES
+
+SAMPLE_FIELDS = ("t", "phase", "source", *COUNTER_NAMES, "saved_bytes", "mem_available")
+GUEST_FIELDS = ("t", "phase", "source", "guest", "merging_pages", "rmap_items")
+RUN_FILE = "run.json"
+SAMPLES_FILE = "samples.csv"
+GUESTS_FILE = "guests.csv"
+
+
+class ResultsError(HarnessError):
+    """A results directory is missing or unreadable."""
+
+
+@dataclass
+class Results:
+    """Everything a report is made from. `run` is the run.json document."""
+
+    run: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    guests: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_sample(
+        self, t: float, phase: str, source: str, values: Mapping[str, Any], mem: int | None
+    ) -> None:
+        row: dict[str, Any] = {"t": round(t, 3), "phase": phase, "source": source}
+        for name in COUNTER_NAMES:
+            row[name] = values.get(name)
+        sharing = values.get("pages_sharing")
+        row["saved_bytes"] = (
+            None if sharing is None else (sharing + (values.get("ksm_zero_pages") or 0)) * 4096
+        )
+        row["mem_available"] = mem
+        self.samples.append(row)
+
+    def add_guest(
+        self, t: float, phase: str, source: str, guest: str, stat: Mapping[str, Any]
+    ) -> None:
+        self.guests.append(
+            {
+                "t": round(t, 3),
+                "phase": phase,
+                "source": source,
+                "guest": guest,
+                "merging_pages": stat.get("merging_pages"),
+                "rmap_items": stat.get("rmap_items"),
+            }
+        )
+
+    def series(self, source: str, name: str) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for row in self.samples:
+            if row["source"] == source and row.get(name) not in (None, ""):
+                xs.append(float(row["t"]))
+                ys.append(float(row[name]))
+        return xs, ys
+
+    def sources(self) -> list[str]:
+        return sorted({r["source"] for r in self.samples})
+
+
+def _cell(v: Any) -> Any:
+    return "" if v is None else v
+
+
+def _parse(v: str) -> Any:
+    if v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+def write_results(directory: Path, res: Results) -> None:
+    """Write run.json, samples.csv and guests.csv (atomically each)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic(
+        directory / RUN_FILE, json.dumps(res.run, indent=2, sort_keys=False, default=str) + "\n"
+    )
+    for name, fields, rows in (
+        (SAMPLES_FILE, SAMPLE_FIELDS, res.samples),
+        (GUESTS_FILE, GUEST_FIELDS, res.guests),
+    ):
+        tmp = directory / f".{name}.tmp"
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: _cell(row.get(k)) for k in fields})
+        os.replace(tmp, directory / name)
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_results(directory: Path) -> Results:
+    """Load a results directory written by write_results."""
+    path = Path(directory) / RUN_FILE
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(
+            f"{directory}: no {RUN_FILE} here", hint="pass a results/<run-id> directory"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ResultsError(f"{path}: unreadable: {exc}") from None
+    res = Results(run=run)
+    for name, target in ((SAMPLES_FILE, res.samples), (GUESTS_FILE, res.guests)):
+        p = Path(directory) / name
+        if p.exists():
+            with p.open(newline="") as f:
+                target.extend({k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f))
+    return res

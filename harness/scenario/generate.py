@@ -1,0 +1,190 @@
+"""Seeded random scenarios for differential testing: same seed, same scenario, on any machine.
+
+Contents come from a small alphabet (three byte fills, zero pages, a few shared u-pages) plus
+fresh unique pages, so duplicate groups of every size occur within and across processes. The
+generator only produces valid scenarios: some process always stays live and mergeable, so
+ksmd keeps completing full scans.
+
+Besides the issue's list (writes, fork, exit, MADV_UNMERGEABLE, run=2, tunable writes) it
+also uses partial ranges, MADV_MERGEABLE again, MADV_DONTNEED and late-joining processes.
+
+One combination is avoided on purpose: fork after use_zero_pages was on (the spec, section 18,
+leaves the fate of forked KSM zero-page PTEs unverified, so such a case would test the spec's
+guess rather than the model).
+"""
+
+from __future__ import annotations
+
+import random
+
+from harness.scenario.spec import (
+    Action,
+    Dontneed,
+    Exit,
+    Fork,
+    Mergeable,
+    ProcessSpec,
+    Rerun,
+    Scenario,
+    SetTunable,
+    Spawn,
+    Unmergeable,
+    Write,
+)
+
+BYTES = ("a", "b", "c")
+SHARED_UNIQUE = ("u:0", "u:1", "u:2", "u:3")
+MAX_LIVE = 6
+
+
+class _Gen:
+    def __init__(self, seed: int, max_processes: int, max_pages: int, max_scans: int) -> None:
+        self.rng = random.Random(seed)
+        self.max_processes = max_processes
+        self.max_pages = max_pages
+        self.max_scans = max_scans
+        self.fresh = 1000  # u:<k> for k >= 1000 are used once each
+
+    def unique(self) -> str:
+        self.fresh += 1
+        return f"u:{self.fresh}"
+
+    def token(self) -> str:
+        r = self.rng.random()
+        if r < 0.45:
+            return self.rng.choice(BYTES)
+        if r < 0.6:
+            return "zero"
+        if r < 0.8:
+            return self.rng.choice(SHARED_UNIQUE)
+        return self.unique()
+
+    def page_count(self) -> int:
+        size = self.rng.choice(("tiny", "small", "medium", "large"))
+        top = {"tiny": 4, "small": 32, "medium": 128, "large": self.max_pages}[size]
+        return self.rng.randint(1, max(1, min(top, self.max_pages)))
+
+    def pages(self) -> tuple[str, ...]:
+        n = self.page_count()
+        style = self.rng.choice(("uniform", "mixed", "unique", "blocks"))
+        if style == "uniform":
+            return (self.token(),) * n
+        if style == "mixed":
+            return tuple(self.token() for _ in range(n))
+        if style == "unique":
+            return tuple(
+                self.unique() if self.rng.random() < 0.8 else self.token() for _ in range(n)
+            )
+        out: list[str] = []
+        while len(out) < n:
+            out += [self.token()] * self.rng.randint(1, max(1, n // 3))
+        return tuple(out[:n])
+
+    def scenario(self, seed: int) -> Scenario:
+        rng = self.rng
+        procs = tuple(
+            ProcessSpec(f"p{i + 1}", self.pages())
+            for i in range(rng.randint(1, self.max_processes))
+        )
+        tunables = {
+            "max_page_sharing": rng.choice((2, 3, 256, 256)),
+            "use_zero_pages": rng.randint(0, 1),
+            "smart_scan": rng.randint(0, 1),
+        }
+        if rng.random() < 0.3:
+            # Prune chains at every lookup (the runner default never prunes during a run).
+            tunables["stable_node_chains_prune_millisecs"] = 0
+        scans = rng.randint(2, self.max_scans)
+        actions = self.actions(procs, scans, tunables["use_zero_pages"] == 1)
+        return Scenario(
+            processes=procs,
+            scans=scans,
+            tunables=tuple(tunables.items()),
+            actions=tuple(actions),
+            name=f"random-{seed}",
+            seed=seed,
+        )
+
+    def actions(self, procs: tuple[ProcessSpec, ...], scans: int, zero_on: bool) -> list[Action]:
+        rng = self.rng
+        size = {p.name: len(p.pages) for p in procs}
+        alive = [p.name for p in procs]
+        # Pages in VM_MERGEABLE ranges per process, to keep some mm registered (ksmd busy).
+        merge = {p.name: set(range(len(p.pages))) for p in procs}
+        born = 0
+        out: list[Action] = []
+
+        def others_active(name: str) -> bool:
+            return any(merge[n] for n in alive if n != name)
+
+        def span(name: str) -> tuple[int, int | None]:
+            if rng.random() < 0.5:
+                return 0, None
+            first = rng.randrange(size[name])
+            return first, rng.randint(1, size[name] - first)
+
+        for f in range(1, scans):
+            for _ in range(rng.choice((0, 0, 1, 1, 2))):
+                out.append(self.write(f, rng.choice(alive), size))
+            r = rng.random()
+            name = rng.choice(alive)
+            if r < 0.07 and len(alive) < MAX_LIVE and not zero_on:
+                born += 1
+                child = f"c{born}"
+                out.append(Fork(f, name, child))
+                size[child] = size[name]
+                alive.append(child)
+                merge[child] = set(merge[name])
+            elif r < 0.12 and others_active(name):
+                out.append(Exit(f, name))
+                alive.remove(name)
+            elif r < 0.17:
+                first, count = span(name)
+                pages = set(range(first, size[name] if count is None else first + count))
+                if others_active(name) or merge[name] - pages:
+                    out.append(Unmergeable(f, name, first, count))
+                    merge[name] -= pages
+            elif r < 0.21:
+                first, count = span(name)
+                out.append(Mergeable(f, name, first, count))
+                merge[name] |= set(range(first, size[name] if count is None else first + count))
+            elif r < 0.25:
+                first, count = span(name)
+                out.append(Dontneed(f, name, first, count))
+            elif r < 0.29 and len(alive) < MAX_LIVE:
+                born += 1
+                spec = ProcessSpec(f"n{born}", self.pages())
+                out.append(Spawn(f, spec))
+                size[spec.name] = len(spec.pages)
+                alive.append(spec.name)
+                merge[spec.name] = set(range(len(spec.pages)))
+            elif r < 0.33:
+                out.append(Rerun(f))
+                if rng.random() < 0.5:
+                    out.append(SetTunable(f, "max_page_sharing", rng.choice((2, 3, 256))))
+            elif r < 0.38:
+                knob = rng.choice(("smart_scan", "use_zero_pages"))
+                value = rng.randint(0, 1)
+                out.append(SetTunable(f, knob, value))
+                zero_on = zero_on or (knob == "use_zero_pages" and value == 1)
+            elif r < 0.40:
+                # Refused with EBUSY while anything is merged: both sides must agree.
+                out.append(SetTunable(f, "max_page_sharing", rng.choice((2, 3, 256))))
+        return out
+
+    def write(self, f: int, name: str, size: dict[str, int]) -> Write:
+        rng = self.rng
+        n = size[name]
+        if rng.random() < 0.15:  # a burst: a whole range rewritten at once
+            lo = rng.randrange(n)
+            pages = list(range(lo, rng.randint(lo + 1, n)))
+        else:
+            pages = sorted(rng.sample(range(n), rng.randint(1, min(4, n))))
+        return Write(f, name, tuple(pages), self.token())
+
+
+def generate(
+    seed: int, *, max_processes: int = 4, max_pages: int = 300, max_scans: int = 10
+) -> Scenario:
+    """The random scenario for `seed` (deterministic across runs and machines)."""
+    return _Gen(seed, max_processes, max_pages, max_scans).scenario(seed)

@@ -1,0 +1,298 @@
+"""Run a Scenario on the real kernel: worker processes, ksmd, LTP-style frozen samples.
+
+The sequence (spec sections 2, 3, 12.4 and 14):
+1. run=0, then run=2 to drop every previous KSM state (this also sets full_scans to 0);
+2. write the tunables, plus a huge pages_to_scan so one ksmd batch is one full scan, a long
+   sleep_millisecs so the counters stay at the end-of-scan state while we read them, and a
+   one-hour stable_node_chains_prune_millisecs (see DEFAULT_PRUNE_MS) unless the scenario
+   sets those;
+3. start the workers one at a time (each registers before the next starts), then run=1;
+4. poll full_scans every millisecond; the moment it moves write run=0 (that write takes
+   ksmd's mutex, so it returns only after the batch in progress), read every counter and
+   each live worker's /proc/PID/ksm_stat, apply the scenario's actions, write run=1;
+5. at the end kill every worker and write run=2, so no KSM state of ours is left behind.
+
+To avoid waiting out the long sleep after each sample, the runner rewrites sleep_millisecs
+alternating S and S+1: a changed value ends ksmd's sleep at once (sleep_millisecs_store wakes
+ksm_iter_wait). Counters do not depend on the sleep length.
+
+A sample is proven to be the end-of-scan state: after run=0 full_scans must still be the value
+that was seen to change (a batch started meanwhile would be a whole scan and bump it again).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import KsmWriteRefused, ScanTimeout
+from harness.ksm.lock import ksm_lock
+from harness.ksm.sysfs import SysfsBackend
+from harness.scenario.errors import ForeignKsmActivity, SamplingError
+from harness.scenario.series import ScanSample, Series, Snapshot, StatValue, relative
+from harness.scenario.spec import (
+    Action,
+    Exit,
+    Fork,
+    RangeAction,
+    Rerun,
+    Scenario,
+    SetTunable,
+    Spawn,
+    Write,
+    range_of,
+)
+from harness.scenario.workers import WorkerPool
+
+# One batch must cover a whole scan; the kernel takes any u32 here.
+BIG_PAGES_TO_SCAN = 4_000_000
+DEFAULT_SLEEP_MS = 300
+# Chain pruning depends on wall-clock time (spec section 8), which the kernel and the model's
+# virtual clock do not share; one hour means "never during a run" on both sides. Scenarios may
+# set it (0 = prune on every chain lookup, also deterministic).
+DEFAULT_PRUNE_MS = 3_600_000
+_RESET_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+
+
+@dataclass
+class KernelRunner:
+    """Runs scenarios on the real KSM behind `backend`; the caller holds the KSM lock.
+
+    Use run_on_kernel() to have the lock and the knob save/restore taken for you.
+    """
+
+    backend: SysfsBackend
+    python: str = sys.executable
+    sleep_millisecs: int = DEFAULT_SLEEP_MS
+    pages_to_scan: int = BIG_PAGES_TO_SCAN
+    scan_timeout: float = 60.0
+    worker_timeout: float = 30.0
+    poll_seconds: float = 0.001
+    _sleep: int = field(default=DEFAULT_SLEEP_MS, init=False, repr=False)
+    last_pids: list[int] = field(default_factory=list, init=False, repr=False)
+
+    def run(self, scenario: Scenario) -> Series:
+        """Run the scenario and return its kernel series; always kills the workers."""
+        b = self.backend
+        self.check_no_foreign(set())
+        try:
+            with WorkerPool(
+                python=self.python, page_size=b.page_size, timeout=self.worker_timeout
+            ) as pool:
+                self.last_pids = pool.pids  # every worker pid of this run, for leak checks
+                return self._run(scenario, pool)
+        finally:
+            # Killed workers' rmap_items would otherwise stay counted while ksmd is stopped.
+            b.write_tunables(run=2, force=True)
+
+    # -- the run ---------------------------------------------------------------------------
+    def _run(self, scenario: Scenario, pool: WorkerPool) -> Series:
+        b = self.backend
+        b.write_tunables(run=0)
+        b.write_tunables(run=2, force=True)
+        self._check_reset()
+        numa = b.read_tunables().merge_across_nodes is not None
+        tunables = runner_tunables(scenario, self.pages_to_scan, self.sleep_millisecs, numa)
+        b.write_tunables(**tunables)  # type: ignore[arg-type]
+        self._sleep = tunables["sleep_millisecs"]
+        for p in scenario.processes:
+            pool.start(p.name, p.pages)
+        self.check_no_foreign({h.pid for h in pool.live()})
+        base = b.read_counters().as_dict()
+        initial = self._snapshot(pool, base)
+        samples: list[ScanSample] = []
+        last = base["full_scans"] or 0
+        with self._full_scans_fd() as fd:
+            b.write_tunables(run=1)
+            for scan in range(1, scenario.scans + 1):
+                seen = self._wait_change(fd, last, scan)
+                b.write_tunables(run=0)
+                end = self._snapshot(pool, base)
+                if end.counters["full_scans"] != seen:
+                    raise SamplingError(
+                        f"F={scan}: full_scans moved from {seen} to "
+                        f"{end.counters['full_scans']} before ksmd could be paused",
+                        hint="the host is too loaded for a frozen read; raise sleep_millisecs",
+                    )
+                self._check_accounting(scan, end, {h.pid for h in pool.live()})
+                actions = scenario.actions_after(scan)
+                outcomes = tuple(self._apply(scenario, a, pool) for a in actions)
+                after = self._snapshot(pool, base) if actions else None
+                samples.append(ScanSample(scan, end, after, outcomes))
+                last = b.read_counters().full_scans or 0
+                if scan < scenario.scans:
+                    self._resume()
+        return Series("kernel", scenario, initial, tuple(samples))
+
+    def _resume(self) -> None:
+        b = self.backend
+        b.write_tunables(run=1)
+        # A changed sleep_millisecs ends ksmd's current sleep now instead of after S ms.
+        current = b.read_tunables().sleep_millisecs
+        b.write_tunables(sleep_millisecs=self._sleep + 1 if current == self._sleep else self._sleep)
+
+    def _apply(self, scenario: Scenario, action: Action, pool: WorkerPool) -> str:
+        t = self.worker_timeout
+        if isinstance(action, Write):
+            pages = ",".join(str(i) for i in action.pages)
+            pool[action.process].request(f"write {action.content} {pages}", t)
+        elif isinstance(action, RangeAction):
+            first, count = range_of(action, scenario.page_count(action.process))
+            pool[action.process].request(f"madvise {action.kind} {first} {count}", t)
+        elif isinstance(action, Spawn):
+            pool.start(action.spec.name, action.spec.pages)
+        elif isinstance(action, Fork):
+            pool.fork(action.process, action.child)
+        elif isinstance(action, Exit):
+            pool.exit(action.process)
+        elif isinstance(action, Rerun):
+            self.backend.write_tunables(run=2, force=True)
+        elif isinstance(action, SetTunable):
+            try:
+                values = {action.name: action.value}
+                self.backend.write_tunables(**values)  # type: ignore[arg-type]
+            except KsmWriteRefused as exc:
+                return refusal(exc.errno)
+            if action.name == "sleep_millisecs":
+                self._sleep = action.value
+        return "ok"
+
+    # -- reading ---------------------------------------------------------------------------
+    def _snapshot(self, pool: WorkerPool, base: dict[str, int | None]) -> Snapshot:
+        counters = relative(self.backend.read_counters().as_dict(), base)
+        procs = {h.name: self.read_stat(h.pid) for h in pool.live()}
+        return Snapshot(counters=counters, processes=procs)
+
+    def read_stat(self, pid: int) -> dict[str, StatValue]:
+        """/proc/PID/ksm_stat with the kernel's field names (what ksm_model returns too)."""
+        s = self.backend.ksm_stat(pid)
+        return {
+            "ksm_rmap_items": s.rmap_items,
+            "ksm_zero_pages": s.zero_pages,
+            "ksm_merging_pages": s.merging_pages,
+            "ksm_process_profit": s.process_profit,
+            "ksm_merge_any": s.merge_any,
+            "ksm_mergeable": s.mergeable,
+        }
+
+    @contextmanager
+    def _full_scans_fd(self) -> Iterator[int]:
+        fd = os.open(self.backend.root / "full_scans", os.O_RDONLY)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _wait_change(self, fd: int, last: int, scan: int) -> int:
+        # pread at offset 0 makes sysfs regenerate the value: one syscall per poll.
+        deadline = time.monotonic() + self.scan_timeout
+        while True:
+            value = int(os.pread(fd, 32, 0))
+            if value != last:
+                return value
+            if time.monotonic() > deadline:
+                raise ScanTimeout(
+                    f"full scan {scan} did not complete in {self.scan_timeout:g} s "
+                    f"(full_scans stayed {last})",
+                    hint="is another process driving /sys/kernel/mm/ksm without the lock?",
+                )
+            time.sleep(self.poll_seconds)
+
+    def _check_reset(self) -> None:
+        c = self.backend.read_counters().as_dict()
+        left = {n: c[n] for n in ("full_scans", *_RESET_COUNTERS) if c[n]}
+        if left:
+            raise SamplingError(
+                f"run=2 did not reset KSM: {left}",
+                hint="something else keeps KSM state alive; see ksmh status",
+            )
+
+    def _check_accounting(self, scan: int, snap: Snapshot, pids: set[int]) -> None:
+        """At a scan's end every rmap_item belongs to a live worker; more means foreign mms."""
+        c = snap.counters
+        total = sum(c[n] or 0 for n in _RESET_COUNTERS)
+        ours = sum(int(s["ksm_rmap_items"] or 0) for s in snap.processes.values())
+        if total > ours:
+            found = foreign_ksm_users(self.backend.proc, pids | {os.getpid()})
+            raise ForeignKsmActivity(
+                f"F={scan}: KSM tracks {total} rmap_items but the scenario's processes own "
+                f"{ours}; other registered processes: {describe(found) or 'none found'}",
+                hint="stop the other KSM users (QEMU guests?) or wait for them; they must hold "
+                "the ksm-harness lock while merging",
+            )
+
+    def check_no_foreign(self, ours: set[int]) -> None:
+        """Raise ForeignKsmActivity if any process but `ours` is registered with KSM."""
+        found = foreign_ksm_users(self.backend.proc, ours | {os.getpid()})
+        if found:
+            raise ForeignKsmActivity(
+                f"processes outside the scenario are registered with KSM: {describe(found)}",
+                hint="their pages would change every counter; stop them (or wait) and retry",
+            )
+
+
+# The kernel's defaults for what a scenario leaves unset: a previous run on the same host may
+# have left anything there, while the model always starts from these.
+KERNEL_DEFAULTS = {"max_page_sharing": 256, "use_zero_pages": 0, "smart_scan": 1}
+NUMA_DEFAULTS = {"merge_across_nodes": 1}  # only where the file exists (NUMA builds)
+
+
+def runner_tunables(
+    scenario: Scenario, pages_to_scan: int, sleep_millisecs: int, numa: bool
+) -> dict[str, int]:
+    """What both runners write before run=1: defaults, timing settings, then the scenario's."""
+    return {
+        **KERNEL_DEFAULTS,
+        **(NUMA_DEFAULTS if numa else {}),
+        "pages_to_scan": pages_to_scan,
+        "sleep_millisecs": sleep_millisecs,
+        "stable_node_chains_prune_millisecs": DEFAULT_PRUNE_MS,
+        **scenario.tunable_values,
+    }
+
+
+def refusal(code: int | None) -> str:
+    """Outcome text of a refused tunable write, e.g. 'refused EBUSY'."""
+    if not code:
+        return "refused (no errno)"
+    return "refused " + errno.errorcode.get(code, str(code))
+
+
+def foreign_ksm_users(proc: Path, ours: set[int]) -> list[tuple[int, str, str]]:
+    """(pid, comm, reason) of every process not in `ours` that KSM knows about."""
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in ours:
+            continue
+        try:
+            text = (entry / "ksm_stat").read_text()
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        fields = dict(line.replace(":", "").split(None, 1) for line in text.splitlines() if line)
+        if fields.get("ksm_mergeable", "").strip() == "yes":
+            found.append((int(entry.name), comm, "ksm_mergeable: yes"))
+        elif int(fields.get("ksm_rmap_items", "0")) > 0:
+            found.append((int(entry.name), comm, f"ksm_rmap_items {fields['ksm_rmap_items']}"))
+    return found
+
+
+def describe(found: list[tuple[int, str, str]]) -> str:
+    return ", ".join(f"pid {pid} ({comm}, {why})" for pid, comm, why in found)
+
+
+def run_on_kernel(scenario: Scenario, backend: SysfsBackend | None = None, **kw: object) -> Series:
+    """Take the host-wide KSM lock, save every knob, run the scenario, restore the knobs.
+
+    Pass `backend` only when you do NOT already hold the lock (the pytest `ksm` fixture holds
+    it: use KernelRunner(ksm).run(scenario) there, or flock would wait for ourselves).
+    """
+    b = backend or SysfsBackend()
+    with ksm_lock(), b.saved():
+        return KernelRunner(b, **kw).run(scenario)  # type: ignore[arg-type]

@@ -1,0 +1,557 @@
+"""Scenario: one KSM workload, described once, run on the real kernel and on the model.
+
+A scenario is a set of processes, each with one anonymous buffer whose pages are named by
+content tokens (see harness.scenario.tokens), the tunables written before run=1, how many full
+scans to sample, and actions applied at the end of given full scans. It is a frozen value; build
+it directly or with `Scenario.from_mapping()` from a plain dict (e.g. loaded from YAML):
+
+    name: example-6
+    tunables: {smart_scan: 1}
+    scans: 4
+    processes:
+      - {name: p1, pages: 1, fill: a}
+      - {name: p2, contents: ["a*1"]}
+    actions:
+      - {after: 2, do: write, process: p2, pages: [0], content: b}
+
+Semantics shared by both runners:
+- processes register with KSM one at a time in list order while ksmd is idle, then run=1;
+- "after F" means right after the F-th full scan since the start completed, counted by the
+  runner (a `rerun` resets the kernel's full_scans counter, not this count);
+- actions at the same F run in list order while ksmd is paused; then ksmd resumes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from harness.errors import KsmWriteRefused
+from harness.ksm.tunables import WRITE_ORDER
+from harness.ksm.tunables import validate as validate_tunables
+from harness.scenario import tokens as tk
+from harness.scenario.errors import ScenarioError
+
+# Tunables a scenario may set. run belongs to the runner; the advisor depends on wall-clock
+# time, which the two sides do not share.
+SCENARIO_TUNABLES = (
+    "pages_to_scan",
+    "sleep_millisecs",
+    "max_page_sharing",
+    "use_zero_pages",
+    "smart_scan",
+    "merge_across_nodes",
+    "stable_node_chains_prune_millisecs",
+)
+MAX_PAGES = 262_144  # 1 GiB of 4 KiB pages per process
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One process with one buffer; pages[i] is the token of page i."""
+
+    name: str
+    pages: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        where = f"process {self.name!r}"
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ScenarioError(
+                f"processes: name {self.name!r} must be 1-32 letters, digits, '_', '.', '-'"
+            )
+        if not 1 <= len(self.pages) <= MAX_PAGES:
+            raise ScenarioError(f"{where}: pages must hold 1..{MAX_PAGES} pages")
+        for i, token in enumerate(self.pages):
+            if not _canonical(token):
+                raise ScenarioError(f"{where}: page {i} token {token!r} is not canonical")
+
+
+@dataclass(frozen=True)
+class Write:
+    """Write new content into pages of a process (a write fault: COW on a merged page)."""
+
+    after: int
+    process: str
+    pages: tuple[int, ...]
+    content: str
+    kind: ClassVar[str] = "write"
+
+
+@dataclass(frozen=True)
+class Unmergeable:
+    """madvise(MADV_UNMERGEABLE) on pages [start, start+count) (count None: to the end)."""
+
+    after: int
+    process: str
+    start: int = 0
+    count: int | None = None
+    kind: ClassVar[str] = "unmergeable"
+
+
+@dataclass(frozen=True)
+class Mergeable:
+    """madvise(MADV_MERGEABLE) again on pages [start, start+count) (re-registers if needed)."""
+
+    after: int
+    process: str
+    start: int = 0
+    count: int | None = None
+    kind: ClassVar[str] = "mergeable"
+
+
+@dataclass(frozen=True)
+class Dontneed:
+    """madvise(MADV_DONTNEED) on pages [start, start+count): they become non-present."""
+
+    after: int
+    process: str
+    start: int = 0
+    count: int | None = None
+    kind: ClassVar[str] = "dontneed"
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """A new process (a late joiner) fills its buffer and registers now, at the tail."""
+
+    after: int
+    spec: ProcessSpec
+    kind: ClassVar[str] = "spawn"
+
+    @property
+    def process(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Fork:
+    """fork() the process; the child, named `child`, keeps the buffer (same pages, COW)."""
+
+    after: int
+    process: str
+    child: str
+    kind: ClassVar[str] = "fork"
+
+
+@dataclass(frozen=True)
+class Exit:
+    """The process exits (its mm is torn down before the action completes)."""
+
+    after: int
+    process: str
+    kind: ClassVar[str] = "exit"
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """Write run=2 (unmerge everything, full_scans back to 0); ksmd resumes with run=1."""
+
+    after: int
+    kind: ClassVar[str] = "rerun"
+
+
+@dataclass(frozen=True)
+class SetTunable:
+    """Write one tunable; a refusal (e.g. EBUSY) is recorded as the action's outcome."""
+
+    after: int
+    name: str
+    value: int
+    kind: ClassVar[str] = "set"
+
+
+Action = Write | Unmergeable | Mergeable | Dontneed | Fork | Exit | Spawn | Rerun | SetTunable
+RangeAction = Unmergeable | Mergeable | Dontneed
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A complete, validated workload description (see the module docstring)."""
+
+    processes: tuple[ProcessSpec, ...]
+    scans: int
+    tunables: tuple[tuple[str, int], ...] = ()
+    actions: tuple[Action, ...] = ()
+    name: str = "scenario"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scans, int) or isinstance(self.scans, bool) or self.scans < 1:
+            raise ScenarioError(f"scans: {self.scans!r} must be an integer >= 1")
+        if not self.processes:
+            raise ScenarioError("processes: at least one process is needed")
+        object.__setattr__(self, "tunables", _check_tunables(self.tunables, "tunables"))
+        _check_actions(self)
+
+    @property
+    def tunable_values(self) -> dict[str, int]:
+        """The tunables as a dict, in the harness's safe write order."""
+        return dict(self.tunables)
+
+    def actions_after(self, scan: int) -> tuple[Action, ...]:
+        """The actions to apply at the end of full scan `scan`, in list order."""
+        return tuple(a for a in self.actions if a.after == scan)
+
+    def page_count(self, process: str) -> int:
+        """Buffer size in pages of a process, including fork children (same as the parent)."""
+        for p in self.processes:
+            if p.name == process:
+                return len(p.pages)
+        for a in self.actions:
+            if isinstance(a, Fork) and a.child == process:
+                return self.page_count(a.process)
+            if isinstance(a, Spawn) and a.spec.name == process:
+                return len(a.spec.pages)
+        raise KeyError(process)
+
+    # -- mappings --------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Scenario:
+        """Build from a plain mapping; every error names the offending field."""
+        return _from_mapping(data)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """A plain-data form that from_mapping accepts (contents run-length encoded)."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        out["scans"] = self.scans
+        out["tunables"] = dict(self.tunables)
+        out["processes"] = [
+            {"name": p.name, "contents": tk.encode_runs(p.pages)} for p in self.processes
+        ]
+        out["actions"] = [_action_mapping(a) for a in self.actions]
+        return out
+
+    def describe(self) -> str:
+        """One readable line per element, for failure messages."""
+        lines = [
+            f"scenario {self.name!r}" + (f" seed={self.seed}" if self.seed is not None else "")
+        ]
+        lines.append(f"  scans={self.scans} tunables={dict(self.tunables)}")
+        for p in self.processes:
+            lines.append(f"  process {p.name}: {' '.join(tk.encode_runs(p.pages))}")
+        for a in self.actions:
+            lines.append(f"  after F={a.after}: {action_text(a)}")
+        return "\n".join(lines)
+
+
+def action_text(a: Action) -> str:
+    """Short human form of an action, e.g. 'write p2 pages [0] <- b'."""
+    if isinstance(a, Write):
+        return f"write {a.process} pages {list(a.pages)} <- {a.content}"
+    if isinstance(a, Fork):
+        return f"fork {a.process} -> {a.child}"
+    if isinstance(a, RangeAction):
+        span = "" if (a.start, a.count) == (0, None) else f" pages [{a.start}:+{a.count}]"
+        return f"{a.kind} {a.process}{span}"
+    if isinstance(a, Exit):
+        return f"exit {a.process}"
+    if isinstance(a, Spawn):
+        return f"spawn {a.spec.name}: {' '.join(tk.encode_runs(a.spec.pages))}"
+    if isinstance(a, SetTunable):
+        return f"set {a.name}={a.value}"
+    return "run=2 then run=1"
+
+
+def _action_mapping(a: Action) -> dict[str, Any]:
+    out: dict[str, Any] = {"after": a.after, "do": a.kind}
+    if isinstance(a, Write):
+        out.update(process=a.process, pages=list(a.pages), content=a.content)
+    elif isinstance(a, Fork):
+        out.update(process=a.process, child=a.child)
+    elif isinstance(a, RangeAction):
+        out["process"] = a.process
+        if (a.start, a.count) != (0, None):
+            out.update(start=a.start, count=a.count)
+    elif isinstance(a, Exit):
+        out["process"] = a.process
+    elif isinstance(a, Spawn):
+        out.update(process=a.spec.name, contents=tk.encode_runs(a.spec.pages))
+    elif isinstance(a, SetTunable):
+        out.update(tunable=a.name, value=a.value)
+    return out
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _check_tunables(values: object, where: str) -> tuple[tuple[str, int], ...]:
+    items = list(values.items()) if isinstance(values, Mapping) else list(values)  # type: ignore[call-overload]
+    raw: dict[str, object] = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise ScenarioError(f"{where}: {item!r} is not a (name, value) pair")
+        name, value = item
+        if name not in SCENARIO_TUNABLES:
+            raise ScenarioError(
+                f"{where}.{name}: not a scenario tunable",
+                hint="allowed: " + ", ".join(SCENARIO_TUNABLES),
+            )
+        raw[name] = value
+    try:
+        parsed = validate_tunables(raw)
+    except KsmWriteRefused as exc:
+        raise ScenarioError(f"{where}.{exc.message}", hint=exc.hint) from None
+    if parsed.get("pages_to_scan") == 0:
+        raise ScenarioError(f"{where}.pages_to_scan: 0 would stop ksmd from ever finishing a scan")
+    return tuple((n, int(parsed[n])) for n in WRITE_ORDER if n in parsed)
+
+
+def _check_actions(s: Scenario) -> None:
+    """Names exist and are alive when used, times are ordered, ksmd always has work."""
+    names = [p.name for p in s.processes]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ScenarioError(f"processes: name {dup!r} is used twice")
+    size = {p.name: len(p.pages) for p in s.processes}
+    alive = set(names)
+    # Pages still in a VM_MERGEABLE range, per live process: a process with any keeps its
+    # mm registered, and some registered mm keeps ksmd completing full scans.
+    merge = {p.name: set(range(len(p.pages))) for p in s.processes}
+    last = 1
+    for i, a in enumerate(s.actions):
+        where = f"actions[{i}]"
+        if not isinstance(a, Action):
+            raise ScenarioError(f"{where}: {a!r} is not an action")
+        if not isinstance(a.after, int) or isinstance(a.after, bool):
+            raise ScenarioError(f"{where}.after: {a.after!r} must be an integer")
+        if not 1 <= a.after < s.scans:
+            raise ScenarioError(
+                f"{where}.after: {a.after} must be in 1..{s.scans - 1} "
+                "(an action after the last sampled scan is never observed)"
+            )
+        if a.after < last:
+            raise ScenarioError(f"{where}.after: {a.after} is earlier than the action before it")
+        if a.after != last and not any(merge[n] for n in alive):
+            raise ScenarioError(_idle_message(last))
+        last = a.after
+        if isinstance(a, Spawn):
+            if not isinstance(a.spec, ProcessSpec) or a.spec.name in size:
+                raise ScenarioError(f"{where}.process: {a.process!r} must be a new name")
+            size[a.spec.name] = len(a.spec.pages)
+            alive.add(a.spec.name)
+            merge[a.spec.name] = set(range(len(a.spec.pages)))
+            continue
+        process = getattr(a, "process", None)
+        if process is not None and process not in alive:
+            state = "has exited" if process in size else "does not exist"
+            raise ScenarioError(f"{where}.process: {process!r} {state} at F={a.after}")
+        if isinstance(a, Write):
+            _check_write(a, size[a.process], where)
+        elif isinstance(a, RangeAction):
+            pages = _range(a, size[a.process], where)
+            if isinstance(a, Unmergeable):
+                merge[a.process] -= pages
+            elif isinstance(a, Mergeable):
+                merge[a.process] |= pages
+        elif isinstance(a, Fork):
+            if not isinstance(a.child, str) or not _NAME.match(a.child) or a.child in size:
+                raise ScenarioError(f"{where}.child: {a.child!r} must be a new valid name")
+            size[a.child] = size[a.process]
+            alive.add(a.child)
+            merge[a.child] = set(merge[a.process])
+        elif isinstance(a, Exit):
+            alive.discard(a.process)
+        elif isinstance(a, SetTunable):
+            _check_tunables([(a.name, a.value)], f"{where}.tunable")
+    if not any(merge[n] for n in alive):
+        raise ScenarioError(_idle_message(last))
+
+
+def _check_write(a: Write, size: int, where: str) -> None:
+    if not a.pages:
+        raise ScenarioError(f"{where}.pages: name at least one page")
+    for page in a.pages:
+        if not isinstance(page, int) or not 0 <= page < size:
+            raise ScenarioError(f"{where}.pages: {page!r} is outside 0..{size - 1}")
+    if not _canonical(a.content):
+        raise ScenarioError(f"{where}.content: {a.content!r} is not a canonical token")
+
+
+def _range(a: RangeAction, size: int, where: str) -> set[int]:
+    count = size - a.start if a.count is None else a.count
+    if not isinstance(a.start, int) or not 0 <= a.start < size:
+        raise ScenarioError(f"{where}.start: {a.start!r} is outside 0..{size - 1}")
+    if not isinstance(count, int) or count < 1 or a.start + count > size:
+        raise ScenarioError(f"{where}.count: {a.count!r} pages from {a.start} exceed {size}")
+    return set(range(a.start, a.start + count))
+
+
+def range_of(a: RangeAction, size: int) -> tuple[int, int]:
+    """(first page, page count) of a range action on a buffer of `size` pages."""
+    return a.start, size - a.start if a.count is None else a.count
+
+
+def _canonical(token: object) -> bool:
+    try:
+        return isinstance(token, str) and tk.normalize(token) == token
+    except tk.TokenError:
+        return False
+
+
+def _idle_message(after: int) -> str:
+    return (
+        f"actions: after F={after} no live MADV_MERGEABLE process is left, so ksmd would stop "
+        "and no further full scan would complete"
+    )
+
+
+# -- from plain mappings ------------------------------------------------------------------
+
+_TOP_KEYS = {"name", "seed", "scans", "tunables", "processes", "actions"}
+
+
+def _from_mapping(data: Mapping[str, Any]) -> Scenario:
+    if not isinstance(data, Mapping):
+        raise ScenarioError(f"scenario: expected a mapping, got {type(data).__name__}")
+    _no_extra(data, _TOP_KEYS, "scenario")
+    name = data.get("name", "scenario")
+    if not isinstance(name, str):
+        raise ScenarioError(f"name: {name!r} must be a string")
+    seed = data.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ScenarioError(f"seed: {seed!r} must be an integer")
+    if "scans" not in data:
+        raise ScenarioError("scans: missing (how many full scans to sample)")
+    tunables = data.get("tunables") or {}
+    if not isinstance(tunables, Mapping):
+        raise ScenarioError("tunables: expected a mapping of name: value")
+    procs = data.get("processes")
+    if not isinstance(procs, Sequence) or isinstance(procs, str) or not procs:
+        raise ScenarioError("processes: expected a non-empty list")
+    processes = tuple(_process(p, f"processes[{i}]") for i, p in enumerate(procs))
+    acts = data.get("actions") or []
+    if not isinstance(acts, Sequence) or isinstance(acts, str):
+        raise ScenarioError("actions: expected a list")
+    actions = tuple(_action(a, f"actions[{i}]") for i, a in enumerate(acts))
+    return Scenario(
+        processes=processes,
+        scans=data["scans"],
+        tunables=tuple(tunables.items()),
+        actions=actions,
+        name=name,
+        seed=seed,
+    )
+
+
+def _no_extra(m: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(m) - allowed)
+    if extra:
+        raise ScenarioError(
+            f"{where}.{extra[0]}: unknown field", hint="known: " + ", ".join(sorted(allowed))
+        )
+
+
+def _process(p: object, where: str) -> ProcessSpec:
+    if not isinstance(p, Mapping):
+        raise ScenarioError(f"{where}: expected a mapping with name and pages/fill or contents")
+    _no_extra(p, {"name", "pages", "fill", "contents"}, where)
+    name = p.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ScenarioError(f"{where}.name: {name!r} must be 1-32 letters, digits, '_', '.', '-'")
+    if "contents" in p:
+        if "pages" in p or "fill" in p:
+            raise ScenarioError(f"{where}: give either contents or pages + fill, not both")
+        contents = p["contents"]
+        if not isinstance(contents, Sequence) or isinstance(contents, str):
+            raise ScenarioError(f"{where}.contents: expected a list of tokens ('a', 'a*10', ...)")
+        pages: list[str] = []
+        for j, item in enumerate(contents):
+            try:
+                pages.extend(
+                    tk.decode_runs([item]) if isinstance(item, str) else [tk.normalize(item)]
+                )
+            except tk.TokenError as exc:
+                raise ScenarioError(f"{where}.contents[{j}]: {exc}") from None
+    else:
+        count = p.get("pages")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_PAGES:
+            raise ScenarioError(f"{where}.pages: {count!r} must be an integer in 1..{MAX_PAGES}")
+        if "fill" not in p:
+            raise ScenarioError(f"{where}.fill: missing (the token every page is filled with)")
+        try:
+            pages = [tk.normalize(p["fill"])] * count
+        except tk.TokenError as exc:
+            raise ScenarioError(f"{where}.fill: {exc}") from None
+    if not 1 <= len(pages) <= MAX_PAGES:
+        raise ScenarioError(f"{where}.contents: {len(pages)} pages, must be 1..{MAX_PAGES}")
+    return ProcessSpec(name=name, pages=tuple(pages))
+
+
+_RANGE = {"process", "start", "count"}
+_ACTION_FIELDS: dict[str, set[str]] = {
+    "write": {"process", "pages", "page", "content"},
+    "unmergeable": _RANGE,
+    "mergeable": _RANGE,
+    "dontneed": _RANGE,
+    "spawn": {"process", "pages", "fill", "contents"},
+    "fork": {"process", "child"},
+    "exit": {"process"},
+    "rerun": set(),
+    "set": {"tunable", "value"},
+}
+
+
+def _action(a: object, where: str) -> Action:
+    if not isinstance(a, Mapping):
+        raise ScenarioError(f"{where}: expected a mapping with after and do")
+    kind = a.get("do")
+    if kind not in _ACTION_FIELDS:
+        raise ScenarioError(
+            f"{where}.do: {kind!r} is not an action", hint="one of: " + ", ".join(_ACTION_FIELDS)
+        )
+    _no_extra(a, {"after", "do"} | _ACTION_FIELDS[kind], where)
+    after = a.get("after")
+    if not isinstance(after, int) or isinstance(after, bool):
+        raise ScenarioError(f"{where}.after: {after!r} must be an integer (a full-scan count)")
+    for key in _ACTION_FIELDS[kind] - {"pages", "page", "start", "count", "fill", "contents"}:
+        if key not in a:
+            raise ScenarioError(f"{where}.{key}: missing for do: {kind}")
+    if kind == "write":
+        return Write(after, a["process"], _pages(a, where), _token(a["content"], where))
+    if kind in ("unmergeable", "mergeable", "dontneed"):
+        start, count = a.get("start", 0), a.get("count")
+        for key, v in (("start", start), ("count", count)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ScenarioError(f"{where}.{key}: {v!r} must be an integer")
+        if kind == "unmergeable":
+            return Unmergeable(after, a["process"], start, count)
+        if kind == "mergeable":
+            return Mergeable(after, a["process"], start, count)
+        return Dontneed(after, a["process"], start, count)
+    if kind == "spawn":
+        spec = {k: v for k, v in a.items() if k not in ("after", "do")}
+        spec["name"] = spec.pop("process")
+        return Spawn(after, _process(spec, where))
+    if kind == "fork":
+        return Fork(after, a["process"], a["child"])
+    if kind == "exit":
+        return Exit(after, a["process"])
+    if kind == "rerun":
+        return Rerun(after)
+    name, value = a["tunable"], a["value"]
+    parsed = _check_tunables([(str(name), value)], f"{where}.tunable")
+    return SetTunable(after, parsed[0][0], parsed[0][1])
+
+
+def _pages(a: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    if ("pages" in a) == ("page" in a):
+        raise ScenarioError(f"{where}.pages: give exactly one of page or pages")
+    raw = a["pages"] if "pages" in a else [a["page"]]
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise ScenarioError(f"{where}.pages: expected a list of page indexes")
+    for page in raw:
+        if not isinstance(page, int) or isinstance(page, bool):
+            raise ScenarioError(f"{where}.pages: {page!r} is not a page index")
+    return tuple(raw)
+
+
+def _token(value: object, where: str) -> str:
+    try:
+        return tk.normalize(value)
+    except tk.TokenError as exc:
+        raise ScenarioError(f"{where}.content: {exc}") from None

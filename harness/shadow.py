@@ -1,0 +1,471 @@
+"""Shadow capture: what KSM would scan in live processes, replayed into a ksm_model Kernel.
+
+For each target process (a guest's QEMU, or any PID):
+1. the ranges KSM scans: VMAs whose VmFlags in /proc/PID/smaps contain `mg` (VM_MERGEABLE);
+2. which pages in them KSM would look at: /proc/PID/pagemap says present (bit 63) and not
+   file/shared-anon (bit 61); pages mapping the shared zero page (or the huge zero page, or a
+   zero page KSM placed there with use_zero_pages=1) are excluded by their PFN's KPF_ZERO_PAGE
+   flag in /proc/kpageflags, because ksmd ignores them too (spec section 3);
+3. their contents, read through /proc/PID/mem and reduced at once to a 16-byte BLAKE2b content
+   key: the bytes are never kept;
+4. replay into the model: one model process per real process, registered in the kernel's order
+   (process start time, then PID: the order in which QEMU processes madvised their RAM), each
+   mergeable VMA mapped in ascending address order, each present page written with a content
+   that is equal exactly when the real contents are equal (uniform pages keep their byte, so
+   use_zero_pages behaves as in the kernel). Later captures write only the pages that changed;
+5. the model is then stepped through as many full scans as the kernel made meanwhile.
+
+Disturbance, and why it is acceptable: nothing is stopped or ptrace-attached. Reading pagemap
+does not fault. Only present pages are read through /proc/PID/mem, so no zero page is faulted
+in (a read of a non-present anonymous page would map the zero page into the target: harmless
+for KSM, which ignores it, but a change of the target's page tables we avoid). A page that goes
+away between the pagemap read and the mem read is faulted back in (a swap-in at worst). While
+a page is being copied out it holds one extra reference, so ksmd's write_protect_page can fail
+for it in that instant; the page merges at its next visit instead. Contents change while we
+read (the guests run): a capture is a fuzzy snapshot, as ksmd's own walk is.
+
+Root is needed (pagemap PFNs and other users' /proc/PID/mem).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from harness.errors import HarnessError
+
+PAGE = 4096
+PM_PRESENT = 1 << 63
+PM_FILE = 1 << 61
+PM_EXCLUSIVE = 1 << 56
+PFN_MASK = (1 << 55) - 1
+KPF_ZERO_PAGE = 1 << 24
+KPF_THP = 1 << 22
+KEY_SIZE = 16
+READ_CHUNK = 8 << 20  # bytes per pread of /proc/PID/mem
+ABSENT = b""  # the key of a page KSM would not look at (numpy S16 reads it back as b"")
+MADV_MERGEABLE = 12
+MADV_DONTNEED = 4
+
+
+class ShadowError(HarnessError):
+    """A process could not be captured (gone, no permission, no pagemap)."""
+
+
+def page_key(page: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(page, digest_size=KEY_SIZE).digest()
+
+
+# Keys of the 256 uniform pages: a captured key found here is written into the model as a
+# uniform page (so the zero page and use_zero_pages behave exactly as in the kernel).
+UNIFORM_KEYS: dict[bytes, int] = {page_key(bytes([b]) * PAGE): b for b in range(256)}
+
+
+@dataclass(frozen=True)
+class Vma:
+    start: int
+    end: int
+    flags: tuple[str, ...]
+    name: str = ""
+
+    @property
+    def pages(self) -> int:
+        return (self.end - self.start) // PAGE
+
+
+def parse_smaps(text: str) -> list[Vma]:
+    """Every VMA of an smaps text with its VmFlags (ascending addresses, as the kernel lists)."""
+    vmas: list[Vma] = []
+    cur: tuple[int, int, str] | None = None
+    for line in text.splitlines():
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            lo, _, hi = head[0].partition("-")
+            try:
+                cur = (int(lo, 16), int(hi, 16), head[5].strip() if len(head) > 5 else "")
+            except ValueError:
+                cur = None
+            continue
+        if line.startswith("VmFlags:") and cur is not None:
+            vmas.append(Vma(cur[0], cur[1], tuple(line.split()[1:]), cur[2]))
+            cur = None
+    return vmas
+
+
+def mergeable_vmas(
+    pid: int, proc: Path = Path("/proc"), fallback_hugepage: bool = False
+) -> list[Vma]:
+    """The VMAs KSM scans in `pid`: VmFlags has `mg`.
+
+    With fallback_hugepage, a process with no `mg` VMA at all (a kernel without CONFIG_KSM,
+    where QEMU's MADV_MERGEABLE fails) gets its anonymous MADV_HUGEPAGE VMAs (`hg`) instead:
+    QEMU advises exactly its guest RAM blocks with both.
+    """
+    try:
+        text = (proc / str(pid) / "smaps").read_text()
+    except FileNotFoundError:
+        raise ShadowError(f"no process {pid} to capture") from None
+    except PermissionError:
+        raise ShadowError(f"cannot read /proc/{pid}/smaps", hint="run as root") from None
+    vmas = parse_smaps(text)
+    found = [v for v in vmas if "mg" in v.flags]
+    if not found and fallback_hugepage:
+        found = [v for v in vmas if "hg" in v.flags and not v.name and "sh" not in v.flags]
+    return found
+
+
+def registered_pids(proc: Path = Path("/proc")) -> dict[int, str]:
+    """Every process registered with KSM (pid -> comm): `ksm_mergeable yes` in ksm_stat, or,
+    on kernels without that line, an `mg` VMA in smaps."""
+    out: dict[int, str] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "ksm_stat").read_text()
+            if "ksm_mergeable" in stat:
+                if "ksm_mergeable yes" not in stat:
+                    continue
+            elif not any("mg" in v.flags for v in parse_smaps((entry / "smaps").read_text())):
+                continue
+            out[int(entry.name)] = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+    return out
+
+
+def start_time(pid: int, proc: Path = Path("/proc")) -> int:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): orders registration."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+@dataclass
+class VmaCapture:
+    """One VMA's pages at one capture: key per page (b"" when KSM would not look at it)."""
+
+    vma: Vma
+    keys: np.ndarray  # dtype S16, one per page
+
+    @property
+    def present(self) -> int:
+        return int(np.count_nonzero(self.keys != ABSENT))
+
+
+@dataclass
+class ProcessCapture:
+    pid: int
+    name: str
+    start: int
+    vmas: list[VmaCapture]
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def present(self) -> int:
+        return sum(v.present for v in self.vmas)
+
+    def key_set(self) -> set[bytes]:
+        out: set[bytes] = set()
+        for v in self.vmas:
+            out.update(k for k in np.unique(v.keys).tolist() if k != ABSENT)
+        return out
+
+    def key_counts(self) -> dict[bytes, int]:
+        counts: dict[bytes, int] = {}
+        for v in self.vmas:
+            keys, n = np.unique(v.keys, return_counts=True)
+            for k, c in zip(keys.tolist(), n.tolist(), strict=True):
+                if k != ABSENT:
+                    counts[k] = counts.get(k, 0) + c
+        return counts
+
+
+class _ZeroPfns:
+    """For a page holding zeros: should KSM's view skip it? Yes when its PFN is a zero page
+    (KPF_ZERO_PAGE), or a subpage of a THP (KPF_THP): measured on 6.18, zero-filled subpages
+    of a THP never merge (splitting the THP maps them to the shared zero page instead), so
+    they are left out of the model. Cached by PFN for one capture."""
+
+    def __init__(self, proc: Path) -> None:
+        self.cache: dict[int, bool] = {}
+        try:
+            self.fd: int | None = os.open(proc / "kpageflags", os.O_RDONLY)
+        except OSError:
+            self.fd = None
+
+    def is_zero(self, pfn: int, entry: int) -> bool:
+        if pfn in self.cache:
+            return self.cache[pfn]
+        if self.fd is None or pfn == 0:
+            # No kpageflags (or no PFN without CAP_SYS_ADMIN): a zero page is never exclusive.
+            return not entry & PM_EXCLUSIVE
+        data = os.pread(self.fd, 8, pfn * 8)
+        zero = len(data) == 8 and bool(int.from_bytes(data, "little") & (KPF_ZERO_PAGE | KPF_THP))
+        self.cache[pfn] = zero
+        return zero
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) index runs where mask is True."""
+    if not mask.any():
+        return []
+    m = np.concatenate(([False], mask, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(m))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def capture_process(
+    pid: int, name: str = "", proc: Path = Path("/proc"), fallback_hugepage: bool = False
+) -> ProcessCapture:
+    """Hash every page KSM would scan in `pid`; see the module docstring."""
+    t0 = time.perf_counter()
+    vmas = mergeable_vmas(pid, proc, fallback_hugepage)
+    base = proc / str(pid)
+    try:
+        pagemap = os.open(base / "pagemap", os.O_RDONLY)
+        mem = os.open(base / "mem", os.O_RDONLY)
+    except FileNotFoundError:
+        raise ShadowError(f"process {pid} exited during capture") from None
+    except PermissionError:
+        raise ShadowError(f"cannot read /proc/{pid}/mem", hint="run as root") from None
+    zero = _ZeroPfns(proc)
+    out: list[VmaCapture] = []
+    nbytes = 0
+    try:
+        for vma in vmas:
+            raw = os.pread(pagemap, vma.pages * 8, (vma.start // PAGE) * 8)
+            entries = np.frombuffer(raw, dtype="<u8")
+            if len(entries) < vma.pages:  # the VMA shrank under us: pad as absent
+                entries = np.concatenate((entries, np.zeros(vma.pages - len(entries), "<u8")))
+            scan = (entries & np.uint64(PM_PRESENT | PM_FILE)) == np.uint64(PM_PRESENT)
+            keys = np.zeros(vma.pages, dtype=f"S{KEY_SIZE}")
+            zero_key = _ZERO_KEY
+            for lo, hi in _runs(scan):
+                for off in range(lo, hi, READ_CHUNK // PAGE):
+                    end = min(hi, off + READ_CHUNK // PAGE)
+                    try:
+                        data = os.pread(mem, (end - off) * PAGE, vma.start + off * PAGE)
+                    except OSError:
+                        continue  # unmapped under us: those pages stay absent
+                    nbytes += len(data)
+                    view = memoryview(data)
+                    for i in range(len(data) // PAGE):
+                        k = page_key(view[i * PAGE : (i + 1) * PAGE])
+                        if k == zero_key:
+                            e = int(entries[off + i])
+                            if zero.is_zero(e & PFN_MASK, e):
+                                continue
+                        keys[off + i] = k
+            out.append(VmaCapture(vma, keys))
+    finally:
+        os.close(pagemap)
+        os.close(mem)
+        zero.close()
+    return ProcessCapture(
+        pid=pid,
+        name=name or str(pid),
+        start=start_time(pid, proc),
+        vmas=out,
+        bytes_read=nbytes,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+_ZERO_KEY = page_key(bytes(PAGE))
+_ZERO_KEY_NP = np.array(_ZERO_KEY, dtype=f"S{KEY_SIZE}")
+
+
+class ModelProcess(Protocol):
+    pid: int
+
+    def mmap(self, length: int, node: int = 0) -> int: ...
+    def write(self, addr: int, data: bytes) -> None: ...
+    def fill(self, addr: int, length: int, byte: int) -> None: ...
+    def madvise(self, addr: int, length: int, advice: int) -> None: ...
+    def ksm_stat(self) -> dict[str, Any]: ...
+
+
+class ModelKernel(Protocol):
+    def spawn(self, name: str) -> Any: ...
+    def run_until(self, full_scans: int) -> None: ...
+
+
+@dataclass
+class _Shadowed:
+    """A real process's model twin: VMA start -> model address, and the last keys written."""
+
+    proc: Any
+    name: str
+    maps: dict[int, int] = field(default_factory=dict)
+    keys: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class ReplayStats:
+    pages_written: int = 0
+    pages_vanished: int = 0  # present before, absent now: dropped with MADV_DONTNEED
+    seconds: float = 0.0
+
+
+class Shadow:
+    """Captures real processes and replays them into one model Kernel."""
+
+    def __init__(
+        self,
+        kernel: Any,
+        proc: Path = Path("/proc"),
+        madv_mergeable: int | None = None,
+        fallback_hugepage: bool = False,
+    ) -> None:
+        self.kernel = kernel
+        self.proc = proc
+        self.fallback_hugepage = fallback_hugepage
+        self.madv = madv_mergeable if madv_mergeable is not None else _model_madv()
+        self.dontneed = MADV_DONTNEED
+        self.twins: dict[int, _Shadowed] = {}
+        self.last: dict[int, ProcessCapture] = {}
+
+    def capture(self, targets: Mapping[int, str]) -> list[ProcessCapture]:
+        """Capture every target (pid -> name) in the kernel's registration order."""
+        caps = []
+        for pid, name in targets.items():
+            try:
+                caps.append(capture_process(pid, name, self.proc, self.fallback_hugepage))
+            except ShadowError:
+                if not (self.proc / str(pid)).exists():
+                    continue  # exited: the model keeps its last view until told otherwise
+                raise
+        caps.sort(key=lambda c: (c.start, c.pid))
+        return caps
+
+    def replay(self, caps: Iterable[ProcessCapture]) -> ReplayStats:
+        """Write what changed since the last capture into the model.
+
+        New VMAs are mapped highest address first: the model places mmaps top-down, so this
+        keeps their ascending order (the order ksmd walks them) the same as in the real process.
+        A page that was present and is now absent (swapped out, discarded, a zero-filled THP
+        subpage remapped to the zero page by a split) is dropped from the model with
+        MADV_DONTNEED, except, with use_zero_pages=1, when it last held zeros: that is what a
+        page looks like after KSM merged it with the zero page, which the model did itself.
+        """
+        t0 = time.perf_counter()
+        stats = ReplayStats()
+        for cap in caps:
+            twin = self.twins.get(cap.pid)
+            if twin is None:
+                twin = _Shadowed(self.kernel.spawn(name=cap.name), cap.name)
+                self.twins[cap.pid] = twin
+            for vc in sorted(cap.vmas, key=lambda c: -c.vma.start):
+                known = twin.keys.get(vc.vma.start)
+                if known is None or len(known) != vc.vma.pages:
+                    length = vc.vma.pages * PAGE
+                    addr = twin.proc.mmap(length)
+                    twin.maps[vc.vma.start] = addr
+                    twin.keys[vc.vma.start] = np.zeros(vc.vma.pages, dtype=f"S{KEY_SIZE}")
+                    twin.proc.madvise(addr, length, self.madv)
+            for vc in cap.vmas:
+                addr = twin.maps[vc.vma.start]
+                old = twin.keys[vc.vma.start]
+                changed = (old != vc.keys) & (vc.keys != ABSENT)
+                zero_merge = self._use_zero_pages()
+                gone = (old != ABSENT) & (vc.keys == ABSENT)
+                if zero_merge:
+                    gone &= old != _ZERO_KEY_NP
+                stats.pages_written += _write_pages(twin.proc, addr, vc.keys, changed)
+                for lo, hi in _runs(gone):
+                    twin.proc.madvise(addr + lo * PAGE, (hi - lo) * PAGE, self.dontneed)
+                    stats.pages_vanished += hi - lo
+                keep = (vc.keys == ABSENT) & (old == _ZERO_KEY_NP) & zero_merge
+                twin.keys[vc.vma.start] = np.where(keep, old, vc.keys)
+            self.last[cap.pid] = cap
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _use_zero_pages(self) -> bool:
+        try:
+            return str(self.kernel.sysfs.read("use_zero_pages")).strip() == "1"
+        except (AttributeError, OSError):
+            return False
+
+    def reap(self, alive: Iterable[int]) -> list[int]:
+        """Exit the model twin of every captured process that is no longer in `alive`."""
+        keep = set(alive)
+        gone = [pid for pid in self.twins if pid not in keep]
+        for pid in gone:
+            self.twins.pop(pid).proc.exit()
+            self.last.pop(pid, None)
+        return gone
+
+    def step(self, full_scans: int) -> None:
+        """Run the model's ksmd until its full_scans counter reads `full_scans`."""
+        self.kernel.run_until(full_scans=full_scans)
+
+    def model_pid(self, pid: int) -> Any:
+        return self.twins[pid].proc
+
+
+def _write_pages(proc: Any, addr: int, keys: np.ndarray, changed: np.ndarray) -> int:
+    """Write the changed pages; a run of pages of one uniform byte becomes one fill()."""
+    pad = bytes(PAGE - KEY_SIZE)
+    idx = np.flatnonzero(changed).tolist()
+    i = 0
+    while i < len(idx):
+        first = idx[i]
+        key = _full(keys[first])
+        byte = UNIFORM_KEYS.get(key)
+        if byte is None:
+            # Any other content: its key followed by zeros, equal exactly when keys are equal.
+            proc.write(addr + first * PAGE, key + pad)
+            i += 1
+            continue
+        j = i + 1
+        while j < len(idx) and idx[j] == idx[j - 1] + 1 and keys[idx[j]] == keys[first]:
+            j += 1
+        proc.fill(addr + first * PAGE, (j - i) * PAGE, byte)
+        i = j
+    return len(idx)
+
+
+def _full(k: bytes) -> bytes:
+    """numpy S16 drops trailing NUL bytes on access; put them back."""
+    return k.ljust(KEY_SIZE, b"\0")
+
+
+def _model_madv() -> int:
+    try:
+        import ksm_model
+    except ImportError:
+        return MADV_MERGEABLE
+    return int(vars(ksm_model).get("MADV_MERGEABLE", MADV_MERGEABLE))
+
+
+def sharing_matrix(caps: list[ProcessCapture]) -> np.ndarray:
+    """m[i][j]: pages of process i whose content also occurs in process j (i != j); m[i][i]:
+    pages of i whose content occurs more than once inside i. From the capture (the model's view
+    of memory), for the guest-by-guest heatmap."""
+    counts = [c.key_counts() for c in caps]
+    n = len(caps)
+    m = np.zeros((n, n), dtype=np.int64)
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                m[i][j] = sum(c for c in counts[i].values() if c > 1)
+            else:
+                other = counts[j]
+                m[i][j] = sum(c for k, c in counts[i].items() if k in other)
+    return m

@@ -1,0 +1,77 @@
+"""Physical page objects and the per-item record (struct ksm_rmap_item).
+
+A page-table slot holds one of:
+
+* ``None``: nothing mapped (never written, unmapped, or only ever read: the shared zero page);
+* a content key (``bytes``): an exclusive anonymous page, i.e. mapped only here and not KSM;
+  most pages are this, and cost no object of their own;
+* a ``Page``: an anonymous page mapped by several PTEs after fork, or a KSM page (``node`` set);
+* ``KZERO``: a zero-page PTE placed by KSM (use_zero_pages), not an anonymous page.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ksm_model.stable import StableNode
+
+
+class Page:
+    """A physical anonymous page mapped by `mapcount` PTEs (freed at 0)."""
+
+    __slots__ = ("key", "mapcount", "nid", "node")
+
+    def __init__(self, key: bytes, mapcount: int, nid: int) -> None:
+        self.key = key
+        self.mapcount = mapcount
+        self.nid = nid
+        self.node: StableNode | None = None  # the stable node (dup) when this is a KSM page
+
+
+class _KsmZero:
+    """The KSM-placed zero-page PTE (pte_mkdirty(pte_mkspecial(zero pfn)))."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "KZERO"
+
+
+KZERO: Any = _KsmZero()
+
+SEQNR_MASK = 0xFF  # the kernel keeps the low 8 bits of seqnr in an UNSTABLE rmap_item
+
+# age | remaining_skips << 8, interned so that no rmap_item owns an int object of its own.
+ASK: tuple[int, ...] = tuple(range(256 * 16))
+
+
+class UTag:
+    """UNSTABLE_FLAG + seqnr (and the mm) of an rmap_item in the unstable tree.
+
+    One tag per (mm, full scan) is shared by every item that mm inserts in that scan, so the
+    rmap_item needs no flags field: ``ref`` is a UTag (UNSTABLE), a StableNode (STABLE, the
+    kernel's ``head``) or None (in no tree, i.e. volatile).
+    """
+
+    __slots__ = ("mm", "seq")
+
+    def __init__(self, mm: Any, seq: int) -> None:
+        self.mm = mm
+        self.seq = seq
+
+
+class RmapItem:
+    """struct ksm_rmap_item: one (mm, address) KSM tracks.
+
+    ``oldck`` is the content key seen at the last checksum (the kernel's ``oldchecksum``;
+    None stands for the initial 0); ``ask`` packs ``age | remaining_skips << 8``.
+    """
+
+    __slots__ = ("addr", "ask", "oldck", "ref")
+
+    def __init__(self, addr: int) -> None:
+        self.addr = addr
+        self.oldck: bytes | None = None
+        self.ref: Any = None
+        self.ask = 0

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Benchmark: shadow-capture throughput against the real ksmd's scan rate, in one run, and the
+runner's own CPU use while the guests idle. Prints figures; asserts nothing.
+
+    sudo .venv/bin/python playbooks/bench/bench_shadow.py [--guests 4] [--memory 256] [--fill 64]
+
+Part 1 boots a fleet (TCG here, THP off as the runner does), fills half of each guest's fill
+size with identical pages and half with random ones, then measures, on the same memory:
+  capture   /proc/PID/pagemap + /proc/PID/mem read and BLAKE2b per page (MiB/s of present memory)
+  replay    first replay (every page written into the model) and a no-change replay
+  model     one full model scan after convergence, and the first two scans, in pages/s
+  ksmd      the real ksmd with pages_to_scan=20000, sleep_millisecs=0, smart_scan=0: pages/s
+            over already-merged memory and over the first two scans
+Part 2 runs a playbook through the Runner and reads its CPU time (all threads) during a
+`wait: {seconds: N}` step with ksmd merging and the guests idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness.guests.fleet import Fleet
+from harness.ksm.lock import ksm_lock
+from harness.ksm.sysfs import SysfsBackend
+from harness.playbook import host
+from harness.playbook.modelside import ModelSide
+from harness.playbook.runner import Runner, RunOptions
+from harness.playbook.schema import loads_playbook
+
+MiB = 2**20
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def ksmd_rate(k: SysfsBackend, scans: int) -> tuple[float, float]:
+    """(pages/s, seconds) for `scans` full scans at the current settings."""
+    c0 = k.read_counters()
+    t0 = time.monotonic()
+    k.wait_full_scans(scans, 600)
+    dt = time.monotonic() - t0
+    c1 = k.read_counters()
+    return ((c1.pages_scanned or 0) - (c0.pages_scanned or 0)) / dt, dt
+
+
+def part1(args: argparse.Namespace, k: SysfsBackend) -> None:
+    k.write_tunables(run=2, force=True)
+    k.apply({"pages_to_scan": 20000, "sleep_millisecs": 0, "smart_scan": 0, "run": 0})
+    half = args.fill // 2
+    host.set_thp_disable(True)
+    with Fleet(args.guests, args.memory, progress=False) as fleet:
+        host.set_thp_disable(False)
+        fleet.run("fill", "a", f"{half}M", "byte:0x5a").raise_if_failed()
+        fleet.run("fill", "b", f"{half}M", "random:7").raise_if_failed()
+        side = ModelSide(include_others=False)
+        side.guests = {pid: name for name, pid in fleet.pids().items()}
+        knobs = {"pages_to_scan": 20000, "sleep_millisecs": 0, "smart_scan": 0, "run": 0}
+        side.backend.apply(knobs, force=True)
+        t0, c0 = time.perf_counter(), cpu()
+        caps = side.shadow.capture(side.targets())
+        cap_s, cap_cpu = time.perf_counter() - t0, cpu() - c0
+        nbytes = sum(c.bytes_read for c in caps)
+        present = sum(c.present for c in caps)
+        rep1 = side.shadow.replay(caps)
+        caps2 = side.shadow.capture(side.targets())
+        rep2 = side.shadow.replay(caps2)
+        print(
+            f"guests: {args.guests} x {args.memory} MiB, "
+            f"fill {half} MiB identical + {half} MiB random"
+        )
+        print(
+            f"capture: {nbytes / MiB:.0f} MiB read, {present} pages kept, {cap_s:.2f} s "
+            f"({nbytes / MiB / cap_s:.0f} MiB/s, cpu {cap_cpu:.2f} s)"
+        )
+        print(
+            f"replay, first: {rep1.pages_written} pages in {rep1.seconds:.2f} s "
+            f"({rep1.pages_written / rep1.seconds:.0f} pages/s); "
+            f"unchanged: {rep2.pages_written} pages in {rep2.seconds:.2f} s"
+        )
+        side.backend.apply({"run": 1}, force=True)
+        t0 = time.perf_counter()
+        side.kernel.run_until(full_scans=2)
+        first2 = time.perf_counter() - t0
+        scanned0 = side.counters()["pages_scanned"]
+        t0 = time.perf_counter()
+        side.kernel.run_until(full_scans=3)
+        steady = time.perf_counter() - t0
+        steady_pages = side.counters()["pages_scanned"] - scanned0
+        model_pps = steady_pages / steady
+        print(
+            f"model: first 2 scans {scanned0 / first2:.0f} pages/s ({first2:.2f} s); "
+            f"steady scan {model_pps:.0f} pages/s ({steady:.2f} s)"
+        )
+        end_to_end = nbytes / MiB / (cap_s + rep2.seconds + steady)
+        print(f"shadow end to end (capture + replay + one model scan): {end_to_end:.0f} MiB/s")
+        k.write_tunables(run=1)
+        rate2, dt2 = ksmd_rate(k, 2)
+        rate, _ = ksmd_rate(k, 3)
+        print(
+            f"ksmd: first 2 scans {rate2:.0f} pages/s ({dt2:.2f} s); merged steady "
+            f"{rate:.0f} pages/s = {rate * 4096 / MiB:.0f} MiB/s"
+        )
+        print(
+            "ratio capture MiB/s / ksmd MiB/s (steady): "
+            f"{nbytes / MiB / cap_s / (rate * 4096 / MiB):.2f}; "
+            f"model scan / ksmd scan: {model_pps / rate:.2f}"
+        )
+        k.write_tunables(run=2, force=True)
+
+
+IDLE = """
+name: bench-idle
+fleet: {{count: {guests}, memory_mib: {memory}}}
+ksm: {{pages_to_scan: 2000, sleep_millisecs: 10}}
+sample_interval: 1.0
+phases:
+  - name: idle
+    steps:
+      - fill: {{region: a, size: {fill}MiB, pattern: "byte:0x5a"}}
+      - ksm: {{run: 1}}
+      - wait: {{converged: {{tolerance: 1%, timeout: 300}}}}
+      - wait: {{seconds: {idle}}}
+"""
+
+
+def part2(args: argparse.Namespace) -> None:
+    marks: dict[str, float] = {}
+
+    def echo(line: str) -> None:
+        now = (time.monotonic(), cpu())
+        if f"wait {args.idle:g} s" in line:
+            marks["t0"], marks["c0"] = now
+        elif "t0" in marks and "t1" not in marks and "waited" in line:
+            marks["t1"], marks["c1"] = now  # the idle wait is over; the sync follows
+        elif "t1" in marks and "t2" not in marks and "sync (after wait" in line:
+            marks["t2"], marks["c2"] = now
+
+    pb = loads_playbook(IDLE.format(guests=args.guests, memory=args.memory, fill=args.fill,
+                                    idle=args.idle))  # fmt: skip
+    with tempfile.TemporaryDirectory() as out:
+        c_start = cpu()
+        t_start = time.monotonic()
+        Runner(
+            pb, RunOptions(out=Path(out), export="127.0.0.1:0", echo=echo, take_lock=False)
+        ).run()
+        total_cpu, total = cpu() - c_start, time.monotonic() - t_start
+    idle_wall, idle_cpu = marks["t1"] - marks["t0"], marks["c1"] - marks["c0"]
+    sync_wall, sync_cpu = marks["t2"] - marks["t1"], marks["c2"] - marks["c1"]
+    print(
+        f"runner while guests idle (sampler thread, exporter up): {idle_cpu:.2f} s CPU "
+        f"over {idle_wall:.1f} s = {100 * idle_cpu / idle_wall:.1f}% of one core"
+    )
+    print(
+        f"then one sync (capture + model catch-up over the kernel's scans): "
+        f"{sync_cpu:.2f} s CPU, {sync_wall:.1f} s"
+    )
+    print(f"runner whole run: {total_cpu:.1f} s CPU over {total:.1f} s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--guests", type=int, default=4)
+    ap.add_argument("--memory", type=int, default=256)
+    ap.add_argument("--fill", type=int, default=64, help="MiB filled per guest")
+    ap.add_argument("--idle", type=float, default=20.0, help="seconds of idle wait (part 2)")
+    args = ap.parse_args()
+    k = SysfsBackend()
+    with ksm_lock(), k.saved():
+        part1(args, k)
+        part2(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

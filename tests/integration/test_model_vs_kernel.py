@@ -1,0 +1,409 @@
+"""Differential tests: the same scenario in real processes and in ksm_model, counter for counter.
+
+Every test runs a scenario on the real kernel (worker processes, LTP-style frozen reads after
+each full scan), checks a few absolute values from shared/ksm-model-spec.md on the kernel
+series, so the kernel side is itself verified, and then requires the model's series to be
+identical at every sample: every sysfs counter (pages_scanned and pages_skipped as deltas from
+the start) and every live process's ksm_stat, plus the state right after each scan's actions.
+
+KSM_DIFF_SEEDS (default 300) sets how many random scenarios run; KSM_DIFF_SEED_START (default
+0) the first seed. A failure prints the seed, the scenario and the first differing counter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.ksm.sysfs import SysfsBackend
+from harness.pytest_plugin import add_failure_artefact
+from harness.scenario.compare import compare
+from harness.scenario.errors import ForeignKsmActivity
+from harness.scenario.generate import generate
+from harness.scenario.kernel_runner import KernelRunner
+from harness.scenario.model_runner import run_on_model
+from harness.scenario.series import Series, Snapshot
+from harness.scenario.spec import Scenario
+from harness.scenario.workers import WorkerPool, process_alive
+
+pytestmark = pytest.mark.ksm_kernel
+
+SEEDS = int(os.environ.get("KSM_DIFF_SEEDS", "300"))
+SEED_START = int(os.environ.get("KSM_DIFF_SEED_START", "0"))
+PAGE = 4096
+RMAP = 64  # sizeof(struct ksm_rmap_item) on 64-bit
+
+
+@pytest.fixture
+def kernel(ksm: Any) -> SysfsBackend:
+    """The real kernel's KSM (the `ksm` fixture holds the host lock and restores the knobs)."""
+    if not isinstance(ksm, SysfsBackend):
+        pytest.skip("differential tests need the real kernel backend, not --ksm-backend model")
+    return ksm
+
+
+class Differential:
+    """run(scenario) -> kernel series; check(series) -> the model must give the same series.
+
+    Tests assert the kernel's absolute values between the two calls, so a wrong spec value
+    and a model mismatch fail differently. Both series are saved as failure artefacts.
+    """
+
+    def __init__(self, kernel: SysfsBackend) -> None:
+        self.kernel = kernel
+        self.series: list[Series] = []
+
+    def __call__(self, scenario: Scenario) -> Series:
+        series = KernelRunner(self.kernel).run(scenario)
+        self.series.append(series)
+        return series
+
+    def check(self, kernel_series: Series) -> None:
+        model_series = run_on_model(kernel_series.scenario)
+        self.series.append(model_series)
+        result = compare(kernel_series, model_series)
+        if not result.ok:
+            pytest.fail(result.report(), pytrace=False)
+
+    def dump(self, where: Path) -> None:
+        for i, series in enumerate(self.series):
+            path = where / f"series-{i}-{series.scenario.name}-{series.source}.json"
+            path.write_text(json.dumps(series.as_dict(), indent=1))
+
+
+@pytest.fixture
+def differential(kernel: SysfsBackend, request: pytest.FixtureRequest) -> Differential:
+    diff = Differential(kernel)
+    add_failure_artefact(request, diff.dump)
+    return diff
+
+
+def counters(snap: Snapshot, **expected: int) -> None:
+    wrong = {k: (snap.counters[k], v) for k, v in expected.items() if snap.counters[k] != v}
+    assert not wrong, f"kernel counters differ from the spec (got, expected): {wrong}"
+
+
+def stat(snap: Snapshot, process: str, **expected: object) -> None:
+    got = snap.processes[process]
+    wrong = {k: (got[f"ksm_{k}"], v) for k, v in expected.items() if got[f"ksm_{k}"] != v}
+    assert not wrong, f"{process} ksm_stat differs from the spec (got, expected): {wrong}"
+
+
+def procs(n: int, pages: int, fill: str) -> list[dict[str, Any]]:
+    return [{"name": f"p{i + 1}", "pages": pages, "fill": fill} for i in range(n)]
+
+
+def scenario(name: str, scans: int, processes: list[dict[str, Any]], **more: Any) -> Scenario:
+    return Scenario.from_mapping({"name": name, "scans": scans, "processes": processes, **more})
+
+
+# -- spec section 15, worked examples ------------------------------------------------------
+
+
+def test_example_1_three_processes_of_identical_pages(differential: Differential) -> None:
+    ks = differential(scenario("example-1", 3, procs(3, 100, "a")))
+    counters(
+        ks.at(1).end, pages_shared=0, pages_sharing=0, pages_unshared=0, pages_volatile=300,
+        pages_scanned=300, general_profit=-19200,
+    )  # fmt: skip
+    f2 = ks.at(2).end
+    counters(
+        f2, pages_shared=2, pages_sharing=298, pages_unshared=0, pages_volatile=0,
+        stable_node_chains=1, stable_node_dups=2, pages_scanned=600, pages_skipped=0,
+        general_profit=1201408,
+    )  # fmt: skip
+    for p in ("p1", "p2", "p3"):
+        stat(f2, p, rmap_items=100, zero_pages=0, merging_pages=100, process_profit=403200)
+    counters(ks.at(3).end, pages_shared=2, pages_sharing=298, pages_scanned=900)
+    differential.check(ks)
+
+
+def test_example_1_variant_n50(differential: Differential) -> None:
+    ks = differential(scenario("example-1-n50", 3, procs(3, 50, "a")))
+    f2 = ks.at(2).end
+    counters(
+        f2, pages_shared=1, pages_sharing=149, stable_node_chains=0, stable_node_dups=0,
+        general_profit=600704,
+    )  # fmt: skip
+    for p in ("p1", "p2", "p3"):
+        stat(f2, p, merging_pages=50, process_profit=201600)
+    differential.check(ks)
+
+
+def test_example_2_groups_of_three(differential: Differential) -> None:
+    n = 40
+    each = [{"name": f"p{i}", "contents": [f"u:{j}" for j in range(n)]} for i in (1, 2, 3)]
+    ks = differential(scenario("example-2", 3, each))
+    counters(
+        ks.at(2).end, pages_shared=n, pages_sharing=2 * n, pages_unshared=0, pages_volatile=0,
+        stable_node_chains=0, stable_node_dups=0, general_profit=2 * n * PAGE - 3 * n * RMAP,
+    )  # fmt: skip
+    stat(ks.at(2).end, "p2", merging_pages=n, rmap_items=n)
+    differential.check(ks)
+
+
+def test_example_3_max_page_sharing_2(differential: Differential) -> None:
+    tun = {"max_page_sharing": 2}
+    ks = differential(scenario("example-3", 3, procs(3, 4, "a"), tunables=tun))
+    counters(
+        ks.at(2).end, pages_shared=6, pages_sharing=6, pages_unshared=0, pages_volatile=0,
+        stable_node_chains=1, stable_node_dups=6,
+    )  # fmt: skip
+    differential.check(ks)
+
+
+def test_example_3_leftover_cycles_through_smart_scan(differential: Differential) -> None:
+    tun = {"max_page_sharing": 2}
+    ks = differential(scenario("example-3-k9", 25, procs(3, 3, "a"), tunables=tun))
+    counters(
+        ks.at(2).end, pages_shared=4, pages_sharing=4, stable_node_chains=1, stable_node_dups=4
+    )
+    unshared_at = {2, 3, 4, 6, 9, 14, 23}
+    for f in range(2, 26):
+        want = 1 if f in unshared_at else 0
+        counters(ks.at(f).end, pages_unshared=want, pages_volatile=1 - want, pages_shared=4)
+    differential.check(ks)
+
+
+def visits(n: int) -> list[bool]:
+    """Smart scan for a never-merging page, spec section 4: True = scanned, False = skipped."""
+    age, remaining, out = 0, 0, []
+    for _ in range(n):
+        seen, age = age, min(age + 1, 255)
+        if seen < 3:
+            out.append(True)
+        elif remaining == 0:
+            remaining = 1 if seen <= 3 else 2 if seen <= 5 else 4 if seen <= 8 else 8
+            out.append(True)
+        else:
+            remaining -= 1
+            out.append(False)
+    return out
+
+
+def test_visit_pattern_matches_the_spec_table() -> None:
+    assert [v for v, scanned in enumerate(visits(41)) if scanned] == [
+        0, 1, 2, 3, 5, 8, 13, 22, 31, 40,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("smart", [1, 0])
+def test_example_4_unique_pages_over_25_scans(differential: Differential, smart: int) -> None:
+    n = 64
+    one = [{"name": "p1", "contents": [f"u:{j}" for j in range(n)]}]
+    ks = differential(scenario(f"example-4-smart{smart}", 25, one, tunables={"smart_scan": smart}))
+    pattern = visits(25) if smart else [True] * 25
+    for f in range(1, 26):
+        scanned = sum(pattern[:f])
+        inserted = f >= 2 and pattern[f - 1]
+        counters(
+            ks.at(f).end, pages_unshared=n if inserted else 0, pages_volatile=0 if inserted else n,
+            pages_scanned=scanned * n, pages_skipped=(f - scanned) * n, general_profit=-n * RMAP,
+        )  # fmt: skip
+    if smart:  # a few rows copied from the spec's table as written
+        counters(ks.at(5).end, pages_unshared=0, pages_scanned=4 * n, pages_skipped=n)
+        counters(ks.at(14).end, pages_unshared=n, pages_scanned=7 * n, pages_skipped=7 * n)
+        counters(ks.at(23).end, pages_unshared=n, pages_scanned=8 * n, pages_skipped=15 * n)
+    differential.check(ks)
+
+
+def test_example_5_use_zero_pages(differential: Differential) -> None:
+    n, k = 32, 5
+    write = {"after": 3, "do": "write", "process": "p1", "pages": list(range(k)), "content": "b"}
+    ks = differential(
+        scenario(
+            "example-5-zero1", 5, procs(1, n, "zero"), tunables={"use_zero_pages": 1},
+            actions=[write],
+        )
+    )  # fmt: skip
+    counters(ks.at(1).end, pages_volatile=n, ksm_zero_pages=0)
+    f2 = ks.at(2).end
+    counters(
+        f2, ksm_zero_pages=n, pages_shared=0, pages_sharing=0, pages_volatile=n,
+        general_profit=n * PAGE - n * RMAP,
+    )  # fmt: skip
+    stat(f2, "p1", rmap_items=n, zero_pages=n, merging_pages=0, process_profit=n * PAGE - n * RMAP)
+    f3 = ks.at(3).end
+    counters(f3, pages_volatile=0, general_profit=n * PAGE, pages_scanned=2 * n)
+    stat(f3, "p1", rmap_items=0, process_profit=n * PAGE)
+    after = ks.at(3).after_actions
+    assert after is not None
+    counters(after, ksm_zero_pages=n - k)  # a write to a zero-page PTE counts down at once
+    differential.check(ks)
+
+
+def test_example_5_without_zero_pages(differential: Differential) -> None:
+    n = 32
+    ks = differential(scenario("example-5-zero0", 3, procs(1, n, "zero")))
+    counters(ks.at(2).end, pages_shared=1, pages_sharing=n - 1, ksm_zero_pages=0)
+    differential.check(ks)
+
+
+def test_example_6_cow_after_merge(differential: Differential) -> None:
+    acts = [
+        {"after": 2, "do": "write", "process": "p2", "page": 0, "content": "b"},
+        {"after": 5, "do": "write", "process": "p1", "page": 0, "content": "c"},
+    ]
+    ks = differential(scenario("example-6", 7, procs(2, 1, "a"), actions=acts))
+    counters(ks.at(2).end, pages_shared=1, pages_sharing=1)
+    after = ks.at(2).after_actions
+    assert after is not None
+    counters(after, pages_shared=1, pages_sharing=1)  # COW does not touch the counters
+    counters(ks.at(3).end, pages_shared=1, pages_sharing=0, pages_unshared=0, pages_volatile=1)
+    counters(ks.at(4).end, pages_shared=1, pages_sharing=0, pages_unshared=1)
+    counters(ks.at(6).end, pages_shared=0, pages_sharing=0)  # P1 wrote too: node went stale
+    differential.check(ks)
+
+
+def test_example_7_run2_then_run1(differential: Differential) -> None:
+    ks = differential(
+        scenario("example-7", 4, procs(3, 100, "a"), actions=[{"after": 2, "do": "rerun"}])
+    )
+    after = ks.at(2).after_actions
+    assert after is not None
+    counters(
+        after, pages_shared=0, pages_sharing=0, pages_unshared=0, pages_volatile=0,
+        stable_node_chains=0, stable_node_dups=0, full_scans=0, ksm_zero_pages=0,
+        general_profit=0, pages_scanned=600,
+    )  # fmt: skip
+    stat(after, "p2", rmap_items=0, merging_pages=0, process_profit=0, mergeable=True)
+    counters(ks.at(3).end, full_scans=1, pages_volatile=300)
+    counters(
+        ks.at(4).end, full_scans=2, pages_shared=2, pages_sharing=298, stable_node_chains=1,
+        stable_node_dups=2, general_profit=1201408,
+    )  # fmt: skip
+    differential.check(ks)
+
+
+def test_example_8_madv_unmergeable(differential: Differential) -> None:
+    n = 20
+    each = [{"name": f"p{i}", "contents": [f"u:{j}" for j in range(n)]} for i in (1, 2, 3)]
+    act = [{"after": 2, "do": "unmergeable", "process": "p2"}]
+    ks = differential(scenario("example-8", 3, each, actions=act))
+    after = ks.at(2).after_actions
+    assert after is not None
+    counters(after, pages_shared=n, pages_sharing=2 * n)  # counters wait for ksmd
+    stat(after, "p2", mergeable=False)
+    counters(ks.at(3).end, pages_shared=n, pages_sharing=n, pages_unshared=0)
+    stat(ks.at(3).end, "p2", rmap_items=0, merging_pages=0, process_profit=0, mergeable=False)
+    differential.check(ks)
+
+
+@pytest.mark.parametrize("n", [100, 200])
+def test_example_9_fork_after_merge(differential: Differential, n: int) -> None:
+    act = [{"after": 2, "do": "fork", "process": "p1", "child": "c1"}]
+    ks = differential(scenario(f"example-9-n{n}", 4, procs(1, n, "a"), actions=act))
+    counters(ks.at(2).end, pages_shared=1, pages_sharing=n - 1)
+    after = ks.at(2).after_actions
+    assert after is not None
+    stat(after, "c1", rmap_items=0, merging_pages=0, mergeable=True)
+    # The child's pages are appended with the bypass, past max_page_sharing for n=200.
+    counters(ks.at(3).end, pages_shared=1, pages_sharing=2 * n - 1)
+    stat(ks.at(3).end, "c1", rmap_items=n, merging_pages=n)
+    differential.check(ks)
+
+
+def test_example_10_process_exit(differential: Differential) -> None:
+    act = [{"after": 2, "do": "exit", "process": "p3"}]
+    ks = differential(scenario("example-10", 4, procs(3, 100, "a"), actions=act))
+    after = ks.at(2).after_actions
+    assert after is not None
+    assert list(after.processes) == ["p1", "p2"]
+    counters(after, pages_shared=2, pages_sharing=298)  # freed only when ksmd gets there
+    f3 = ks.at(3).end
+    counters(f3, pages_shared=1, pages_sharing=199, pages_unshared=0, pages_volatile=0)
+    # Lazy chain bookkeeping: N2 went stale and was removed, the chain did not collapse.
+    counters(f3, stable_node_chains=1, stable_node_dups=1)
+    differential.check(ks)
+
+
+def test_fork_copies_ksm_zero_pages(differential: Differential) -> None:
+    # Spec section 18 left this open; measured on 6.18: the child's copies of KSM zero-page
+    # PTEs are counted at fork (global and child), and counted down again when it exits.
+    n = 8
+    acts = [
+        {"after": 2, "do": "fork", "process": "p1", "child": "c1"},
+        {"after": 3, "do": "write", "process": "c1", "pages": [0, 1], "content": "b"},
+        {"after": 4, "do": "exit", "process": "c1"},
+    ]
+    one = [{"name": "p1", "contents": [f"zero*{n}", "a*4"]}]
+    ks = differential(scenario("zero-fork", 5, one, tunables={"use_zero_pages": 1}, actions=acts))
+    counters(ks.at(2).end, ksm_zero_pages=n)
+    forked = ks.at(2).after_actions
+    assert forked is not None
+    counters(forked, ksm_zero_pages=2 * n)
+    stat(forked, "c1", zero_pages=n, rmap_items=0)
+    written = ks.at(3).after_actions
+    assert written is not None
+    counters(written, ksm_zero_pages=2 * n - 2)  # c1's COW of two zero PTEs
+    exited = ks.at(4).after_actions
+    assert exited is not None
+    counters(exited, ksm_zero_pages=n)  # c1's remaining zero PTEs zapped at exit
+    differential.check(ks)
+
+
+# -- max_page_sharing sweep (spec section 8, closed form) ------------------------------------
+
+
+def split(k: int) -> list[dict[str, Any]]:
+    """K identical pages over up to 3 processes, registered in order."""
+    n = min(3, k)
+    sizes = [k // n + (1 if i < k % n else 0) for i in range(n)]
+    return [{"name": f"p{i + 1}", "pages": s, "fill": "a"} for i, s in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 256, 257, 600])
+@pytest.mark.parametrize("m", [2, 3, 256])
+def test_max_page_sharing_sweep(differential: Differential, m: int, k: int) -> None:
+    tun = {"max_page_sharing": m}
+    ks = differential(scenario(f"mps-{m}-k{k}", 3, split(k), tunables=tun))
+    q, r = divmod(k, m)
+    shared = q + (1 if r >= 2 else 0)
+    counters(
+        ks.at(2).end, pages_shared=shared,
+        pages_sharing=k - shared - (1 if r == 1 else 0),
+        pages_unshared=1 if r == 1 else 0,
+        stable_node_chains=1 if shared >= 2 else 0,
+        stable_node_dups=shared if shared >= 2 else 0,
+    )  # fmt: skip
+    differential.check(ks)
+
+
+# -- runner checks ---------------------------------------------------------------------------
+
+
+def test_runner_leaves_no_worker_and_no_ksm_state(kernel: SysfsBackend) -> None:
+    act = [{"after": 1, "do": "fork", "process": "p1", "child": "c1"}]
+    runner = KernelRunner(kernel)
+    series = runner.run(scenario("cleanup", 2, procs(2, 8, "a"), actions=act))
+    assert list(series.at(2).end.processes) == ["p1", "p2", "c1"]
+    assert runner.last_pids and not any(process_alive(p) for p in runner.last_pids)
+    c = kernel.read_counters()
+    assert (c.pages_shared, c.pages_sharing, c.pages_unshared, c.pages_volatile) == (0, 0, 0, 0)
+
+
+def test_foreign_ksm_user_is_detected(kernel: SysfsBackend) -> None:
+    with WorkerPool() as pool:
+        intruder = pool.start("intruder", ["a"] * 4)  # registered with KSM, not in the scenario
+        with pytest.raises(ForeignKsmActivity, match=f"pid {intruder.pid} "):
+            KernelRunner(kernel).run(scenario("foreign", 2, procs(1, 4, "a")))
+
+
+# -- random scenarios ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(SEED_START, SEED_START + SEEDS), ids=lambda s: f"seed{s}")
+def test_random_scenario(differential: Differential, seed: int) -> None:
+    ks = differential(generate(seed))
+    # The kernel side must be self-consistent at every end of scan.
+    for sample in ks.samples:
+        c = sample.end.counters
+        merging = sum(int(s["ksm_merging_pages"] or 0) for s in sample.end.processes.values())
+        assert merging == (c["pages_shared"] or 0) + (c["pages_sharing"] or 0), (
+            f"seed {seed} F={sample.scan}: sum of ksm_merging_pages {merging} != shared+sharing"
+        )
+    differential.check(ks)

@@ -1,0 +1,61 @@
+"""The host-wide KSM lock: exclusive across processes, re-entrant within a thread."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.ksm.lock import ksm_lock
+from harness.run import PIPE, spawn
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from harness.ksm.lock import ksm_lock
+with ksm_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_another_process_holding_it_makes_us_wait_then_fail(tmp_path: Path) -> None:
+    lock = tmp_path / "ksm.lock"
+    holder = spawn([sys.executable, "-c", HOLDER, str(lock)], stdin=PIPE, stdout=PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        t0 = time.monotonic()
+        with (
+            pytest.raises(HarnessError, match="another ksm-harness run holds"),
+            ksm_lock(lock, timeout=0.3),
+        ):
+            pass
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        holder.kill()
+        holder.wait(5)
+    with ksm_lock(lock, timeout=5):  # released by the holder's death
+        pass
+
+
+def test_reentrant_in_one_thread_exclusive_across_threads(tmp_path: Path) -> None:
+    lock = tmp_path / "ksm.lock"
+    events: list[str] = []
+
+    def other() -> None:
+        with ksm_lock(lock, timeout=10):
+            events.append("other")
+
+    with ksm_lock(lock):
+        with ksm_lock(lock, timeout=0.1):  # nested: no deadlock, no wait
+            events.append("inner")
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.3)
+        events.append("outer-end")
+    t.join(10)
+    assert events == ["inner", "outer-end", "other"]

@@ -1,0 +1,156 @@
+"""Playbook validation: shipped playbooks load; each broken one gives its exact one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.errors import PlaybookError
+from harness.playbook.schema import (
+    AgentStep,
+    ExpectStep,
+    KsmStep,
+    SweepStep,
+    WaitStep,
+    load_playbook,
+    loads_playbook,
+    parse_size,
+    valid_pattern,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted(p for p in (ROOT / "playbooks").glob("*.yaml") if "inventory" not in p.name)
+BROKEN = sorted((ROOT / "tests" / "fixtures" / "playbooks").glob("*.yaml"))
+
+
+def test_the_four_playbooks_are_shipped() -> None:
+    names = {p.stem for p in SHIPPED}
+    assert {"quickstart", "ltp-phases", "overcommit", "nightly"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_playbook_validates(path: Path) -> None:
+    pb = load_playbook(path)
+    assert pb.name == path.stem
+    assert pb.phases and all(p.steps for p in pb.phases)
+    assert pb.expectations() or any(isinstance(s, SweepStep) for p in pb.phases for s in p.steps)
+
+
+def test_quickstart_contents() -> None:
+    pb = load_playbook(ROOT / "playbooks" / "quickstart.yaml")
+    assert (pb.fleet.count, pb.fleet.memory_mib, pb.fleet.thp) == (4, 256, False)
+    fill = pb.phases[0].steps[0]
+    assert isinstance(fill, AgentStep)
+    assert fill.agent_args() == ("a", str(64 * 2**20), "byte:0x5a")
+    assert fill.guests == (0, 1, 2, 3)
+    kinds = [type(s).__name__ for s in pb.phases[0].steps]
+    assert kinds == ["AgentStep", "KsmStep", "WaitStep", "WaitStep", "AgentStep", "ExpectStep"]
+    wait = pb.phases[0].steps[3]
+    assert isinstance(wait, WaitStep)
+    assert (wait.converged_tolerance, wait.timeout) == (0.01, 120.0)
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
+def test_broken_playbook_error(path: Path) -> None:
+    expected = path.read_text().splitlines()[0].removeprefix("# error: ").format(file=path)
+    with pytest.raises(PlaybookError) as info:
+        load_playbook(path)
+    assert info.value.message == expected
+    assert "\n" not in info.value.message
+
+
+def test_cli_check_prints_one_line_and_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    path = ROOT / "tests" / "fixtures" / "playbooks" / "bad-pattern.yaml"
+    assert main(["run", "--check", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        err[0]
+        == f"ksmh: error: {path}:7: phases[0].steps[0].fill.pattern: unknown pattern 'bytes:5'"
+    )
+    assert err[1].startswith("  hint: patterns: byte:V, zero, random:SEED")
+    assert len(err) == 2
+
+
+def test_cli_check_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--check", str(ROOT / "playbooks" / "ltp-phases.yaml")]) == 0
+    assert capsys.readouterr().out.endswith("valid (4 phases, 19 steps)\n")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(PlaybookError, match=r"^nope\.yaml: cannot read playbook: No such file"):
+        load_playbook(Path("nope.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("64MiB", 64 << 20),
+        ("64M", 64 << 20),
+        ("1 GiB", 1 << 30),
+        (4096, 4096),
+        ("8k", 8192),
+        ("12", 12),
+        ("64 MB", 64 << 20),
+        ("x", None),
+        (True, None),
+        (1.5, None),
+    ],
+)
+def test_parse_size(text: object, value: int | None) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("byte:0x5a", None),
+        ("byte:255", None),
+        ("byte:256", "byte value 256 is over 255"),
+        ("zero", None),
+        ("random:42", None),
+        ("tail96:7", None),
+        ("mix:7:common=60,zero=10", None),
+        ("mix:7:common=60,zero=50", "common + zero must be at most 100 (percent)"),
+        ("random", "unknown pattern 'random'"),
+    ],
+)
+def test_patterns(pattern: str, problem: str | None) -> None:
+    assert valid_pattern(pattern) == problem
+
+
+BASE = "name: t\nfleet: {count: 4}\nphases:\n  - name: p\n    steps:\n"
+
+
+@pytest.mark.parametrize(
+    ("guests", "indices"),
+    [("all", (0, 1, 2, 3)), ("2", (2,)), ('"1-3"', (1, 2, 3)), ("[3, 0, 3]", (0, 3))],
+)
+def test_guest_selection(guests: str, indices: tuple[int, ...]) -> None:
+    pb = loads_playbook(BASE + f"      - verify: {{region: a, guests: {guests}}}\n")
+    step = pb.phases[0].steps[0]
+    assert isinstance(step, AgentStep) and step.guests == indices
+
+
+def test_steps_of_every_kind() -> None:
+    pb = loads_playbook(
+        BASE
+        + '      - wait: {full_scans: "+2", timeout: 30}\n'
+        + "      - wait: {converged: {tolerance: 50}}\n"
+        + "      - ksm: {run: 1, pages_to_scan: 100}\n"
+        + "      - rewrite: {region: b, fraction: 0.25, seed: 9, guests: [1]}\n"
+        + "      - sweep: {sleep_millisecs: [0, 20], tolerance: 2%}\n"
+        + "      - expect: [verify: clean]\n"
+    )
+    w1, w2, k, r, s, e = pb.phases[0].steps
+    assert isinstance(w1, WaitStep) and (w1.full_scans, w1.timeout) == (2, 30.0)
+    assert isinstance(w2, WaitStep) and w2.converged_tolerance == 50.0
+    assert isinstance(k, KsmStep) and k.values == {"pages_to_scan": 100, "run": 1}
+    assert isinstance(r, AgentStep) and r.agent_args() == ("b", "0.25", "9")
+    assert isinstance(s, SweepStep) and (s.tunable, s.values, s.tolerance) == (
+        "sleep_millisecs",
+        (0, 20),
+        0.02,
+    )
+    assert isinstance(e, ExpectStep) and e.expectations[0].kind == "verify"

@@ -1,0 +1,209 @@
+"""Runner logic without a kernel or the real model: the model runner drives a recording fake
+through the documented API, and foreign-process detection reads a fake /proc tree."""
+
+from __future__ import annotations
+
+import errno
+import types
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from harness.scenario import model_runner
+from harness.scenario.errors import ModelUnavailable
+from harness.scenario.kernel_runner import BIG_PAGES_TO_SCAN, foreign_ksm_users, refusal
+from harness.scenario.spec import Scenario
+
+
+class FakeSysfs:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.files = {
+            "run": "0",
+            "full_scans": "0",
+            "pages_scanned": "500",
+            "pages_shared": "0",
+            "max_page_sharing": "256",
+        }
+
+    def read(self, name: str) -> str:
+        if name not in self.files:
+            raise FileNotFoundError(errno.ENOENT, name)
+        return self.files[name] + "\n"
+
+    def write(self, name: str, value: str) -> None:
+        assert isinstance(value, str)
+        self.log.append(f"sysfs {name}={value}")
+        if name == "max_page_sharing" and self.files["pages_shared"] != "0":
+            raise OSError(errno.EBUSY, "busy")
+        if name == "run" and value == "2":
+            self.files.update(full_scans="0", pages_shared="0")
+        self.files[name] = value
+
+
+class FakeProcess:
+    def __init__(self, kernel: FakeKernel, name: str) -> None:
+        self.k, self.name, self.pid = kernel, name, 100 + len(kernel.procs)
+        kernel.procs.append(self)
+
+    def mmap(self, length: int, node: int = 0) -> int:
+        self.k.log.append(f"{self.name} mmap {length}")
+        return 0x10000
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.k.log.append(f"{self.name} write {addr:#x} {len(data)} {data[:24]!r}")
+
+    def fill(self, addr: int, length: int, byte: int) -> None:
+        self.k.log.append(f"{self.name} fill {addr:#x} {length} {byte:#x}")
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        self.k.log.append(f"{self.name} madvise {addr:#x} {length} {advice}")
+
+    def fork(self) -> FakeProcess:
+        self.k.log.append(f"{self.name} fork")
+        return FakeProcess(self.k, self.name + "'")
+
+    def exit(self) -> None:
+        self.k.log.append(f"{self.name} exit")
+
+    def ksm_stat(self) -> dict[str, Any]:
+        return {"ksm_rmap_items": self.pid, "ksm_mergeable": True}
+
+
+class FakeKernel:
+    instances: ClassVar[list[FakeKernel]] = []
+
+    def __init__(self, profile: str, numa_nodes: int, page_size: int) -> None:
+        self.args = (profile, numa_nodes, page_size)
+        self.log: list[str] = []
+        self.sysfs = FakeSysfs(self.log)
+        self.procs: list[FakeProcess] = []
+        FakeKernel.instances.append(self)
+
+    def spawn(self, name: str) -> FakeProcess:
+        self.log.append(f"spawn {name}")
+        return FakeProcess(self, name)
+
+    def run_until(self, *, full_scans: int) -> None:
+        assert self.sysfs.files["run"] == "1", "the runner must resume ksmd before scanning"
+        self.log.append(f"run_until {full_scans}")
+        f = self.sysfs.files
+        f["pages_scanned"] = str(int(f["pages_scanned"]) + 10)
+        f["full_scans"] = str(full_scans)
+        f["pages_shared"] = "1"
+
+
+@pytest.fixture
+def fake_model(monkeypatch: pytest.MonkeyPatch) -> type[FakeKernel]:
+    FakeKernel.instances.clear()
+    mod = types.SimpleNamespace(Kernel=FakeKernel, MADV_MERGEABLE=12, MADV_UNMERGEABLE=13)
+    monkeypatch.setattr(model_runner, "_import_model", lambda: mod)
+    return FakeKernel
+
+
+def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) -> None:
+    s = Scenario.from_mapping(
+        {
+            "scans": 3,
+            "tunables": {"smart_scan": 0, "max_page_sharing": 3},
+            "processes": [
+                {"name": "p1", "contents": ["a*2", "u:5"]},
+                {"name": "p2", "pages": 1, "fill": "zero"},
+            ],
+            "actions": [
+                {"after": 1, "do": "write", "process": "p2", "page": 0, "content": "u:6"},
+                {"after": 1, "do": "fork", "process": "p1", "child": "c1"},
+                {"after": 2, "do": "set", "tunable": "max_page_sharing", "value": 2},
+                {"after": 2, "do": "rerun"},
+                {"after": 2, "do": "set", "tunable": "max_page_sharing", "value": 2},
+                {"after": 2, "do": "unmergeable", "process": "c1"},
+                {"after": 2, "do": "exit", "process": "p2"},
+            ],
+        }
+    )
+    series = model_runner.run_on_model(s, profile="6.1")
+    k = fake_model.instances[0]
+    assert k.args == ("6.1", 1, 4096)
+    assert k.log == [
+        "sysfs run=0",
+        "sysfs run=2",
+        "sysfs max_page_sharing=3",
+        "sysfs use_zero_pages=0",
+        "sysfs smart_scan=0",
+        "sysfs stable_node_chains_prune_millisecs=3600000",
+        f"sysfs pages_to_scan={BIG_PAGES_TO_SCAN}",
+        "sysfs sleep_millisecs=300",
+        "spawn p1",
+        "p1 mmap 12288",
+        "p1 fill 0x10000 8192 0x61",
+        "p1 write 0x12000 4096 b'ksm-harness unique page '",
+        "p1 madvise 0x10000 12288 12",
+        "spawn p2",
+        "p2 mmap 4096",
+        "p2 fill 0x10000 4096 0x0",
+        "p2 madvise 0x10000 4096 12",
+        "sysfs run=1",
+        "run_until 1",
+        "sysfs run=0",
+        "p2 write 0x10000 4096 b'ksm-harness unique page '",
+        "p1 fork",
+        "sysfs run=1",
+        "run_until 2",
+        "sysfs run=0",
+        "sysfs max_page_sharing=2",
+        "sysfs run=2",
+        "sysfs max_page_sharing=2",
+        "p1' madvise 0x10000 12288 13",
+        "p2 exit",
+        "sysfs run=1",
+        "run_until 1",  # full_scans restarted at 0 after run=2
+        "sysfs run=0",
+    ]
+    assert series.source == "model"
+    assert [x.scan for x in series.samples] == [1, 2, 3]
+    assert series.samples[1].outcomes == ("refused EBUSY", "ok", "ok", "ok", "ok")
+    assert series.samples[0].end.counters["pages_scanned"] == 10  # a delta from the start
+    assert series.samples[2].end.counters["pages_scanned"] == 30
+    assert series.samples[2].end.counters["full_scans"] == 1
+    assert series.samples[2].end.counters["pages_sharing"] is None  # no such file in the fake
+    assert list(series.samples[2].end.processes) == ["p1", "c1"]
+    assert list(series.samples[1].end.processes) == ["p1", "p2", "c1"]
+    assert series.samples[2].after_actions is None
+    assert series.samples[0].end.processes["p1"]["ksm_zero_pages"] is None
+
+
+def test_model_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        model_runner.importlib, "import_module", lambda name: types.ModuleType(name)
+    )
+    with pytest.raises(ModelUnavailable, match="ksm_model has no Kernel"):
+        model_runner.ModelRunner()
+
+
+def test_refusal_text() -> None:
+    assert refusal(errno.EBUSY) == "refused EBUSY"
+    assert refusal(None) == "refused (no errno)"
+
+
+def write_proc(root: Path, pid: int, comm: str, stat: str) -> None:
+    d = root / str(pid)
+    d.mkdir()
+    (d / "comm").write_text(comm + "\n")
+    (d / "ksm_stat").write_text(stat)
+
+
+def test_foreign_ksm_users(tmp_path: Path) -> None:
+    registered = "ksm_rmap_items 0\nksm_merging_pages 0\nksm_merge_any: no\nksm_mergeable: yes\n"
+    idle = "ksm_rmap_items 0\nksm_merging_pages 0\nksm_merge_any: no\nksm_mergeable: no\n"
+    write_proc(tmp_path, 10, "qemu-system-x86", registered)
+    write_proc(tmp_path, 11, "bash", idle)
+    write_proc(tmp_path, 12, "python3", registered)  # one of ours
+    write_proc(tmp_path, 13, "old", "ksm_rmap_items 5\nksm_merging_pages 2\n")  # 6.1-style
+    write_proc(tmp_path, 14, "kthreadd", "")  # no mm: prints nothing
+    (tmp_path / "self").mkdir()
+    found = foreign_ksm_users(tmp_path, {12})
+    assert sorted(found) == [
+        (10, "qemu-system-x86", "ksm_mergeable: yes"),
+        (13, "old", "ksm_rmap_items 5"),
+    ]

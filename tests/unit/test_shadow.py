@@ -1,0 +1,220 @@
+"""Shadow capture on a fake /proc tree, and replay into a recording fake model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from harness.shadow import (
+    ABSENT,
+    KPF_THP,
+    KPF_ZERO_PAGE,
+    PAGE,
+    PM_FILE,
+    PM_PRESENT,
+    ProcessCapture,
+    Shadow,
+    ShadowError,
+    Vma,
+    VmaCapture,
+    capture_process,
+    page_key,
+    parse_smaps,
+    sharing_matrix,
+)
+
+SMAPS = """\
+00010000-00016000 rw-p 00000000 00:00 0
+Size:                 24 kB
+VmFlags: rd wr mr mw me ac mg
+00016000-00017000 r--p 00000000 08:01 1234                       /usr/lib/libc.so.6
+Size:                  4 kB
+VmFlags: rd mr mw me
+00020000-00022000 rw-p 00000000 00:00 0                          [heap]
+Size:                  8 kB
+VmFlags: rd wr mr mw me ac hg
+"""
+
+
+def test_parse_smaps() -> None:
+    vmas = parse_smaps(SMAPS)
+    assert [(v.start, v.end, v.name) for v in vmas] == [
+        (0x10000, 0x16000, ""),
+        (0x16000, 0x17000, "/usr/lib/libc.so.6"),
+        (0x20000, 0x22000, "[heap]"),
+    ]
+    assert "mg" in vmas[0].flags and vmas[0].pages == 6
+
+
+def fake_proc(tmp_path: Path) -> Path:
+    """pid 7: one mergeable VMA of 6 pages at 0x10000:
+    0: 0x5a everywhere   1: unique   2: zero page PFN   3: not present
+    4: a file page       5: zeros in a THP (skipped: they never merge)
+    pid 8: 0x5a in its first page only (another VMA layout)."""
+    proc = tmp_path / "proc"
+    d = proc / "7"
+    d.mkdir(parents=True)
+    (d / "smaps").write_text(SMAPS)
+    (d / "stat").write_text("7 (qemu) S " + " ".join(["0"] * 18) + " 500 0 0\n")
+    pages = [b"\x5a" * PAGE, os.urandom(PAGE), bytes(PAGE), b"?" * PAGE, b"f" * PAGE, bytes(PAGE)]
+    mem = bytearray(0x16000)
+    for i, p in enumerate(pages):
+        mem[0x10000 + i * PAGE : 0x10000 + (i + 1) * PAGE] = p
+    (d / "mem").write_bytes(bytes(mem))
+    pfns = [100, 101, 1, 0, 103, 104]
+    entries = [PM_PRESENT | pfn for pfn in pfns]
+    entries[3] = 0  # not present
+    entries[4] |= PM_FILE
+    pagemap = bytearray(0x16 * 8)
+    for i, e in enumerate(entries):
+        pagemap[(0x10 + i) * 8 : (0x11 + i) * 8] = e.to_bytes(8, "little")
+    (d / "pagemap").write_bytes(bytes(pagemap))
+    flags = bytearray(8 * 105)
+    flags[8:16] = KPF_ZERO_PAGE.to_bytes(8, "little")
+    flags[104 * 8 : 105 * 8] = KPF_THP.to_bytes(8, "little")
+    (proc / "kpageflags").write_bytes(bytes(flags))
+    return proc
+
+
+def test_capture_hashes_only_what_ksm_scans(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path)
+    cap = capture_process(7, "g0", proc)
+    assert (cap.pid, cap.name, cap.start) == (7, "g0", 500)
+    (vc,) = cap.vmas
+    keys = [vc.keys[i].ljust(16, b"\0") if vc.keys[i] != ABSENT else ABSENT for i in range(6)]
+    assert keys[0] == page_key(b"\x5a" * PAGE)
+    assert keys[1] not in (ABSENT, keys[0])
+    assert keys[2:] == [ABSENT, ABSENT, ABSENT, ABSENT]
+    assert cap.present == 2
+    assert cap.bytes_read == 4 * PAGE  # pages 0, 1, 2 and 5 were read (3 and 4 were not)
+
+
+def test_capture_of_a_missing_process(tmp_path: Path) -> None:
+    with pytest.raises(ShadowError, match="no process 99 to capture"):
+        capture_process(99, proc=fake_proc(tmp_path))
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.calls: list[tuple[Any, ...]] = []
+        self.top = 0x7F0000000000
+
+    def mmap(self, length: int, node: int = 0) -> int:
+        self.top -= length
+        self.calls.append(("mmap", length))
+        return self.top
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.calls.append(("write", addr, len(data), data[:16]))
+
+    def fill(self, addr: int, length: int, byte: int) -> None:
+        self.calls.append(("fill", addr, length, byte))
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        self.calls.append(("madvise", addr, length, advice))
+
+    def exit(self) -> None:
+        self.calls.append(("exit",))
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.procs: list[FakeProcess] = []
+        self.zero_pages = "0"
+
+    def spawn(self, name: str) -> FakeProcess:
+        self.procs.append(FakeProcess(len(self.procs) + 1))
+        return self.procs[-1]
+
+    @property
+    def sysfs(self) -> FakeKernel:
+        return self
+
+    def read(self, name: str) -> str:
+        assert name == "use_zero_pages"
+        return self.zero_pages
+
+
+def cap_of(pid: int, start: int, vmas: list[tuple[int, list[bytes]]]) -> ProcessCapture:
+    out = []
+    for addr, keys in vmas:
+        arr = np.array(keys, dtype="S16")
+        out.append(VmaCapture(Vma(addr, addr + len(keys) * PAGE, ("mg",)), arr))
+    return ProcessCapture(pid=pid, name=f"p{pid}", start=start, vmas=out)
+
+
+U = page_key(b"\x5a" * PAGE)
+Z = page_key(bytes(PAGE))
+A, B = page_key(b"a" + bytes(PAGE - 1)), page_key(b"b" + bytes(PAGE - 1))
+
+
+def test_replay_writes_changes_only() -> None:
+    k = FakeKernel()
+    sh = Shadow(k, madv_mergeable=12)
+    first = cap_of(7, 1, [(0x1000, [U, U, U, A, ABSENT, Z]), (0x100000, [B])])
+    stats = sh.replay([first])
+    (p,) = k.procs
+    hi, lo = 0x7F0000000000 - PAGE, 0x7F0000000000 - PAGE - 6 * PAGE
+    # The higher VMA is mapped first, so the model keeps the real ascending order.
+    assert p.calls[:4] == [
+        ("mmap", PAGE),
+        ("madvise", hi, PAGE, 12),
+        ("mmap", 6 * PAGE),
+        ("madvise", lo, 6 * PAGE, 12),
+    ]
+    assert p.calls[4:] == [
+        ("fill", lo, 3 * PAGE, 0x5A),  # a run of uniform pages is one fill
+        ("write", lo + 3 * PAGE, PAGE, A),  # other content: its key, then zeros
+        ("fill", lo + 5 * PAGE, PAGE, 0),
+        ("write", hi, PAGE, B),
+    ]
+    assert (stats.pages_written, stats.pages_vanished) == (6, 0)
+    p.calls.clear()
+    second = cap_of(7, 1, [(0x1000, [U, B, U, A, A, ABSENT]), (0x100000, [ABSENT])])
+    stats = sh.replay([second])
+    assert p.calls == [
+        ("write", lo + PAGE, PAGE, B),
+        ("write", lo + 4 * PAGE, PAGE, A),
+        ("madvise", lo + 5 * PAGE, PAGE, 4),  # zeros gone (use_zero_pages=0): DONTNEED
+        ("madvise", hi, PAGE, 4),
+    ]
+    assert (stats.pages_written, stats.pages_vanished) == (2, 2)
+
+
+def test_vanished_zero_page_is_kept_with_use_zero_pages() -> None:
+    k = FakeKernel()
+    k.zero_pages = "1"
+    sh = Shadow(k, madv_mergeable=12)
+    sh.replay([cap_of(7, 1, [(0x1000, [Z, A])])])
+    (p,) = k.procs
+    p.calls.clear()
+    stats = sh.replay([cap_of(7, 1, [(0x1000, [ABSENT, ABSENT])])])
+    # Page 0 was zeros: KSM put the zero page there, which the model did too. Page 1 went away.
+    assert p.calls == [("madvise", 0x7F0000000000 - PAGE, PAGE, 4)]
+    assert stats.pages_vanished == 1
+
+
+def test_registration_order_and_reap(tmp_path: Path) -> None:
+    k = FakeKernel()
+    sh = Shadow(k, proc=fake_proc(tmp_path), madv_mergeable=12)
+    sh.replay([cap_of(9, 1, [(0x1000, [A])]), cap_of(8, 2, [(0x1000, [A])])])
+    assert [sh.twins[pid].proc.pid for pid in (9, 8)] == [1, 2]
+    assert sh.reap([8]) == [9]
+    assert k.procs[0].calls[-1] == ("exit",)
+    assert list(sh.twins) == [8]
+
+
+def test_sharing_matrix() -> None:
+    caps = [
+        cap_of(1, 1, [(0x1000, [U, U, A, ABSENT])]),
+        cap_of(2, 1, [(0x1000, [U, B])]),
+        cap_of(3, 1, [(0x1000, [B, B, B])]),
+    ]
+    # Row p1: its 2 U pages occur twice inside p1 and also in p2. Row p2: its U page is in
+    # p1, its B page in p3. Row p3: 3 B pages, repeated inside p3 and found in p2.
+    assert sharing_matrix(caps).tolist() == [[2, 2, 0], [1, 0, 1], [0, 3, 3]]
