@@ -38,6 +38,20 @@ def register(sub: Any) -> None:
         "'off' for none)",
     )
     p.add_argument("--check", action="store_true", help="only validate the playbook")
+    p.add_argument(
+        "--inventory",
+        type=Path,
+        default=None,
+        help="run on every host of this inventory over SSH, in parallel (hosts prepared with "
+        "`ksmh hosts prepare`); per-host results plus OUT/fleet-<id>/report.md. --export is "
+        "then off unless given",
+    )
+    p.add_argument(
+        "--known-hosts", type=Path, default=None, help="with --inventory: overrides its known_hosts"
+    )
+    p.add_argument(
+        "--parallel", type=int, default=8, help="with --inventory: hosts run at once (default 8)"
+    )
     p.add_argument("--sysfs-root", type=Path, default=KSM_ROOT, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
 
@@ -63,6 +77,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         steps = sum(len(p.steps) for p in playbook.phases)
         print(f"{args.playbook}: valid ({len(playbook.phases)} phases, {steps} steps)")
         return 0
+    if args.inventory is not None:
+        from harness.remote.run import cmd_run_fleet
+
+        args.playbook_name = playbook.name
+        return cmd_run_fleet(args)
     export = args.export or DEFAULT_EXPORT
     opts = RunOptions(
         backend=args.backend,

@@ -1,10 +1,9 @@
 """Do one thing on every host of an inventory, in parallel, with a result per host.
 
-This is the remote execution API the rest of the harness builds on: `hosts check` and
-`hosts prepare` use it today, and the playbook runner's `ksmh run --inventory` is meant to be
-one more `on_fleet(inventory, lambda s: run_playbook_on(s, playbook))` (not built yet: it
-needs the runner). Like fabric's GroupResult, a failing host yields its error in its own
-slot; it never hides the other hosts' results and never stops them.
+This is the remote execution API the rest of the harness builds on: `hosts check`,
+`hosts prepare` and `ksmh run --inventory` (harness.remote.run) are each one `on_fleet` call.
+Like fabric's GroupResult, a failing host yields its error in its own slot; it never hides
+the other hosts' results and never stops them.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ REMOTE_PACKAGES = (
     "kmod",
     "cpio",
     "libvirt-daemon-system",
+    "gcc",  # the guest image's agent is compiled on the host (gcc -static needs libc6-dev)
+    "libc6-dev",
 )
 UNIT_NAME = "ksmh-exporter.service"
 UNIT_TEMPLATE = Path(__file__).resolve().parents[2] / "monitoring" / UNIT_NAME

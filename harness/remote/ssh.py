@@ -16,8 +16,9 @@ import fcntl
 import hashlib
 import io
 import shlex
+import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,18 +114,25 @@ class Session:
         check: bool = True,
         timeout: float | None = 120.0,
         stdin: str | None = None,
+        on_stderr: Callable[[str], None] | None = None,
     ) -> CommandResult:
-        """Run argv on the host (quoted with shlex.join); raise RemoteCommandFailed if check."""
+        """Run argv on the host (quoted with shlex.join); raise RemoteCommandFailed if check.
+
+        on_stderr, when given, is called with each line of the command's stderr as it arrives
+        (progress of a long command); the result still holds all of it.
+        """
         from invoke.exceptions import CommandTimedOut
 
         if isinstance(argv, str) or not argv:
             raise TypeError("argv must be a non-empty list of arguments, not a command string")
         args = tuple(str(a) for a in argv)
         command = shlex.join(args)
+        err = None if on_stderr is None else _LineWriter(on_stderr)
         try:
             r = self._conn.run(
                 command,
-                hide=True,
+                hide=True if on_stderr is None else "out",
+                err_stream=err,
                 warn=True,
                 timeout=timeout,
                 in_stream=io.StringIO(stdin) if stdin is not None else False,
@@ -135,6 +143,9 @@ class Session:
             ) from None
         except (paramiko.SSHException, OSError) as exc:
             raise RemoteCommandFailed(f"{self.host.name}: `{command}`: {exc}") from None
+        finally:
+            if err is not None:
+                err.close()  # a last line without its newline
         result = CommandResult(args, int(r.exited), str(r.stdout), str(r.stderr))
         if check and not result.ok:
             last = (result.stderr.strip().splitlines() or [""])[-1]
@@ -157,6 +168,45 @@ class Session:
             raise RemoteCommandFailed(
                 f"{self.host.name}: cannot write {remote_path}: {exc}"
             ) from None
+
+    def listdir(self, remote_dir: str) -> list[str]:
+        """Names in remote_dir (SFTP), sorted; [] when it does not exist."""
+        try:
+            return sorted(self._conn.sftp().listdir(remote_dir))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise RemoteCommandFailed(
+                f"{self.host.name}: cannot list {remote_dir}: {exc}"
+            ) from None
+
+    def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
+        """Copy the regular files under remote_dir into local_dir over SFTP, recursively.
+
+        Returns the relative paths copied. Symlinks and special files are skipped, so a
+        remote tree cannot make us write outside local_dir.
+        """
+        sftp = self._conn.sftp()
+        copied: list[str] = []
+
+        def walk(rdir: str, ldir: Path, rel: str) -> None:
+            ldir.mkdir(parents=True, exist_ok=True)
+            for entry in sorted(sftp.listdir_attr(rdir), key=lambda e: e.filename):
+                name = entry.filename
+                mode = entry.st_mode or 0
+                if stat.S_ISDIR(mode):
+                    walk(f"{rdir}/{name}", ldir / name, f"{rel}{name}/")
+                elif stat.S_ISREG(mode):
+                    sftp.get(f"{rdir}/{name}", str(ldir / name))
+                    copied.append(f"{rel}{name}")
+
+        try:
+            walk(remote_dir, local_dir, "")
+        except OSError as exc:
+            raise RemoteCommandFailed(
+                f"{self.host.name}: cannot fetch {remote_dir}: {exc}"
+            ) from None
+        return copied
 
     def http_get(self, address: str, path: str = "/metrics", timeout: float = 5.0) -> str:
         """GET http://address/path as seen from the host, through an SSH direct-tcpip channel.
@@ -194,6 +244,29 @@ class Session:
         if " 200 " not in f"{status} ":
             raise RemoteCommandFailed(f"{self.host.name}: {address}{path} answered {status!r}")
         return body.decode(errors="replace")
+
+
+class _LineWriter:
+    """A write()-able stream that hands complete lines to a callback (invoke's err_stream)."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+        self.partial = ""
+
+    def write(self, data: str) -> int:
+        self.partial += data
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            self.emit(line.rstrip("\r"))
+        return len(data)
+
+    def flush(self) -> None:
+        pass  # a partial line waits for its newline; Session.run closes us at the end
+
+    def close(self) -> None:
+        if self.partial:
+            self.emit(self.partial)
+            self.partial = ""
 
 
 def connect(host: Host, known_hosts: Path, *, timeout: float = CONNECT_TIMEOUT) -> Session:

@@ -5,7 +5,8 @@ The sequence (spec sections 2, 3, 12.4 and 14):
 2. write the tunables, plus a huge pages_to_scan so one ksmd batch is one full scan, a long
    sleep_millisecs so the counters stay at the end-of-scan state while we read them, and a
    one-hour stable_node_chains_prune_millisecs (see DEFAULT_PRUNE_MS) unless the scenario
-   sets those;
+   sets those; knobs the scenario leaves unset get the kernel's defaults and the advisor is
+   turned off, whatever an earlier run left behind;
 3. start the workers one at a time (each registers before the next starts), then run=1;
 4. poll full_scans every millisecond; the moment it moves write run=0 (that write takes
    ksmd's mutex, so it returns only after the batch in progress), read every counter and
@@ -97,10 +98,13 @@ class KernelRunner:
         b.write_tunables(run=0)
         b.write_tunables(run=2, force=True)
         self._check_reset()
-        numa = b.read_tunables().merge_across_nodes is not None
-        tunables = runner_tunables(scenario, self.pages_to_scan, self.sleep_millisecs, numa)
+        have = b.read_tunables()
+        numa, advisor = have.merge_across_nodes is not None, have.advisor_mode is not None
+        tunables = runner_tunables(
+            scenario, self.pages_to_scan, self.sleep_millisecs, numa, advisor
+        )
         b.write_tunables(**tunables)  # type: ignore[arg-type]
-        self._sleep = tunables["sleep_millisecs"]
+        self._sleep = int(tunables["sleep_millisecs"])
         for p in scenario.processes:
             pool.start(p.name, p.pages)
         self.check_no_foreign({h.pid for h in pool.live()})
@@ -241,13 +245,17 @@ class KernelRunner:
 # have left anything there, while the model always starts from these.
 KERNEL_DEFAULTS = {"max_page_sharing": 256, "use_zero_pages": 0, "smart_scan": 1}
 NUMA_DEFAULTS = {"merge_across_nodes": 1}  # only where the file exists (NUMA builds)
+# The advisor retunes pages_to_scan from wall-clock scan times (and refuses pages_to_scan
+# writes while active): always off here, where the file exists (6.8+).
+ADVISOR_DEFAULTS = {"advisor_mode": "none"}
 
 
 def runner_tunables(
-    scenario: Scenario, pages_to_scan: int, sleep_millisecs: int, numa: bool
-) -> dict[str, int]:
+    scenario: Scenario, pages_to_scan: int, sleep_millisecs: int, numa: bool, advisor: bool
+) -> dict[str, int | str]:
     """What both runners write before run=1: defaults, timing settings, then the scenario's."""
     return {
+        **(ADVISOR_DEFAULTS if advisor else {}),
         **KERNEL_DEFAULTS,
         **(NUMA_DEFAULTS if numa else {}),
         "pages_to_scan": pages_to_scan,

@@ -111,7 +111,10 @@ class ModelRunner:
         sysfs.write("run", "0")
         sysfs.write("run", "2")
         numa = _has_file(sysfs, "merge_across_nodes")
-        tunables = runner_tunables(scenario, self.pages_to_scan, self.sleep_millisecs, numa)
+        advisor = _has_file(sysfs, "advisor_mode")
+        tunables = runner_tunables(
+            scenario, self.pages_to_scan, self.sleep_millisecs, numa, advisor
+        )
         for name in WRITE_ORDER:
             if name in tunables:
                 sysfs.write(name, str(tunables[name]))

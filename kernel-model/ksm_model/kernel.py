@@ -168,7 +168,7 @@ class Kernel:
                 mm.registered = False
                 mm.merge_any = False
         stable.remove_all(self)
-        self.unstable.reset()
+        self.unstable.reset(0, hard=True)
         self.lru_pending.clear()
         self.seqnr = 0
         self.cursor = None

@@ -134,6 +134,7 @@ def _should_skip(k: Kernel, s: Any, it: RmapItem, mm: Process) -> bool:
 
 
 def _next_mm(k: Kernel, mm: Process) -> None:
+    k.unstable.walked.append(mm)
     k.cursor = mm
     k.scan_addr = 0
     mm.new = None
@@ -157,8 +158,9 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
     merge = cmp_and_merge if k.profile.checksum_first else cmp_and_merge_old
     stable0 = k.stable_trees[0]
     fast = fast and not k.unstable.slow
-    udict0 = k.unstable.dicts[0]
-    ulog0 = k.unstable.logs[0].append
+    unstable = k.unstable
+    udict0 = unstable.dicts[0]
+    ulive = unstable.live
     tag = utag(k, mm)
     seqnr = k.seqnr
     items = mm.items
@@ -209,13 +211,16 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
                     continue
                 if fast and cls is bytes and it.oldck == s and stable0.root is None:
                     ref = it.ref
+                    t = udict0.get(s)
+                    # Volatile, or unshared from an earlier scan; and no live partner in this
+                    # scan's tree (an entry of an earlier scan, usually this very item, is void).
                     if (
                         ref is None or (ref.__class__ is UTag and (seqnr - ref.seq) & SEQNR_MASK)
-                    ) and s not in udict0:
+                    ) and (t is None or t is it or not ulive(t, s)):
                         # Unchanged page, no stable tree, no partner: back into the
                         # unstable tree (pages_unshared -1 +1, or +1 if it was volatile).
                         udict0[s] = it
-                        ulog0(it)
+                        unstable.count += 1
                         it.ref = tag
                         if ref is None:
                             k.pages_unshared += 1
@@ -250,7 +255,7 @@ def do_scan(k: Kernel, budget: int) -> int:
     if mm is None:  # start of a full scan
         k.advisor.start_scan(k)
         k.lru_pending.clear()  # lru_add_drain_all()
-        k.unstable.reset()
+        k.unstable.reset(k.seqnr)
         mm = k.mm_list[0]
         _next_mm(k, mm)
     while True:
@@ -282,8 +287,6 @@ def do_scan(k: Kernel, budget: int) -> int:
             k.cursor = None
             k.advisor.stop_scan(k)
             k.seqnr += 1
-            # The tree is dead until the next scan resets it (no item is "current" now).
-            k.unstable.reset()
             break
         mm = nxt
         _next_mm(k, mm)

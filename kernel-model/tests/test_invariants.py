@@ -66,16 +66,13 @@ def check(k: Kernel) -> None:
     assert (k.stable_node_chains, k.stable_node_dups) == (chains, dups)
     assert (k.pages_shared, k.pages_sharing) == (shared, sharing)
     assert k.ksm_zero_pages == sum(p.ksm_zero_pages for p in k.processes)
-    current = [it for _, it in items if isinstance(it.ref, UTag) and it.ref.seq == k.seqnr]
-    u = k.unstable
+    u = k.unstable  # between scans it still holds the last scan's tree (reset at next start)
+    current = [it for _, it in items if isinstance(it.ref, UTag) and it.ref.seq == u.seqnr]
     if u.slow:
         assert set(u.nodes) == set(current)
     else:
-        in_dicts = [it for d in u.dicts for it in d.values()]
-        assert sorted(map(id, in_dicts)) == sorted(map(id, current))
-        for d in u.dicts:
-            for key, it in d.items():
-                assert it.oldck == key
+        live = [it for d in u.dicts for key, it in d.items() if u.live(it, key)]
+        assert sorted(map(id, live)) == sorted(map(id, current))
     for tree in k.stable_trees:
         _check_rb(tree.root)
     assert k.pages_volatile == k.ksm_rmap_items - shared - sharing - unshared

@@ -346,6 +346,62 @@ def test_fork_copies_ksm_zero_pages(differential: Differential) -> None:
     differential.check(ks)
 
 
+def test_example_11_late_joiner_needs_two_visits(differential: Differential) -> None:
+    acts = [{"after": 2, "do": "spawn", "process": "p3", "pages": 1, "fill": "a"}]
+    ks = differential(scenario("example-11", 4, procs(2, 1, "a"), actions=acts))
+    counters(ks.at(2).end, pages_shared=1, pages_sharing=1)
+    # 6.11+: the checksum comes before the stable search, so P3 waits one scan.
+    counters(ks.at(3).end, pages_shared=1, pages_sharing=1, pages_volatile=1)
+    counters(ks.at(4).end, pages_shared=1, pages_sharing=2, pages_volatile=0)
+    differential.check(ks)
+
+
+def test_partial_unmergeable_then_mergeable_again(differential: Differential) -> None:
+    acts = [
+        {"after": 2, "do": "unmergeable", "process": "p2", "start": 0, "count": 5},
+        {"after": 3, "do": "mergeable", "process": "p2", "start": 0, "count": 5},
+    ]
+    ks = differential(scenario("partial-unmerge", 6, procs(2, 10, "a"), actions=acts))
+    counters(ks.at(2).end, pages_shared=1, pages_sharing=19)
+    # The 5 unmerged pages' rmap_items go when ksmd passes them (section 3), not at madvise.
+    counters(ks.at(3).end, pages_shared=1, pages_sharing=14, pages_volatile=0)
+    stat(ks.at(3).end, "p2", rmap_items=5, merging_pages=5, mergeable=True)
+    counters(ks.at(4).end, pages_sharing=14, pages_volatile=5)  # fresh items: first visit
+    counters(ks.at(5).end, pages_sharing=19, pages_volatile=0)
+    differential.check(ks)
+
+
+def test_unmergeable_and_mergeable_in_one_pause(differential: Differential) -> None:
+    acts = [
+        {"after": 2, "do": "unmergeable", "process": "p2"},
+        {"after": 2, "do": "mergeable", "process": "p2"},
+        {"after": 3, "do": "unmergeable", "process": "p1"},
+        {"after": 4, "do": "mergeable", "process": "p1"},
+    ]
+    ks = differential(scenario("unmerge-remerge", 6, procs(2, 4, "a"), actions=acts))
+    # p2's private copies keep the old checksum, so they re-merge on the same visit (12.3).
+    counters(ks.at(3).end, pages_shared=1, pages_sharing=7, pages_volatile=0)
+    counters(ks.at(4).end, pages_shared=1, pages_sharing=3)
+    stat(ks.at(4).end, "p1", rmap_items=0, mergeable=False)  # its slot was dropped
+    counters(ks.at(5).end, pages_volatile=4)  # re-registered at the tail, first visit
+    counters(ks.at(6).end, pages_shared=1, pages_sharing=7)
+    differential.check(ks)
+
+
+def test_madv_dontneed_pages_vanish(differential: Differential) -> None:
+    acts = [
+        {"after": 2, "do": "dontneed", "process": "p2", "start": 4, "count": 4},
+        {"after": 3, "do": "write", "process": "p2", "pages": [4, 5, 6, 7], "content": "a"},
+    ]
+    ks = differential(scenario("dontneed", 5, procs(2, 8, "a"), actions=acts))
+    counters(ks.at(2).end, pages_shared=1, pages_sharing=15)
+    counters(ks.at(3).end, pages_shared=1, pages_sharing=11)  # non-present: items freed
+    stat(ks.at(3).end, "p2", rmap_items=4, merging_pages=4)
+    counters(ks.at(4).end, pages_sharing=11, pages_volatile=4)
+    counters(ks.at(5).end, pages_sharing=15, pages_volatile=0)
+    differential.check(ks)
+
+
 # -- max_page_sharing sweep (spec section 8, closed form) ------------------------------------
 
 
@@ -384,6 +440,17 @@ def test_runner_leaves_no_worker_and_no_ksm_state(kernel: SysfsBackend) -> None:
     assert runner.last_pids and not any(process_alive(p) for p in runner.last_pids)
     c = kernel.read_counters()
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared, c.pages_volatile) == (0, 0, 0, 0)
+
+
+def test_runner_normalises_knobs_left_by_others(differential: Differential) -> None:
+    # Another run may leave any setting behind; unset scenario knobs get the kernel defaults,
+    # the advisor is turned off, and the series is exactly Example 1's.
+    differential.kernel.write_tunables(
+        advisor_mode="scan-time", max_page_sharing=3, smart_scan=0, use_zero_pages=1
+    )
+    ks = differential(scenario("dirty-host", 2, procs(3, 100, "a")))
+    counters(ks.at(2).end, pages_shared=2, pages_sharing=298, general_profit=1201408)
+    differential.check(ks)
 
 
 def test_foreign_ksm_user_is_detected(kernel: SysfsBackend) -> None:

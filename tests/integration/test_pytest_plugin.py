@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.ksm.lock import ksm_lock
 from harness.ksm.sysfs import KSM_ROOT
 
 pytestmark = pytest.mark.ksm_kernel
@@ -64,12 +65,15 @@ def test_changes_knobs_then_fails(ksm):
 
 
 def test_failing_test_restores_knobs_and_dumps_sysfs(pytester: pytest.Pytester) -> None:
-    before = {n: (KSM_ROOT / n).read_text() for n in ("pages_to_scan", "sleep_millisecs", "run")}
-    pytester.makepyfile(FAILING)
-    results = pytester.path / "out"
-    result = pytester.runpytest("--ksm-backend=kernel", f"--ksm-results={results}")
+    names = ("pages_to_scan", "sleep_millisecs", "run")
+    # Hold the (re-entrant) lock around the inner run so no other KSM user moves the knobs.
+    with ksm_lock():
+        before = {n: (KSM_ROOT / n).read_text() for n in names}
+        pytester.makepyfile(FAILING)
+        results = pytester.path / "out"
+        result = pytester.runpytest("--ksm-backend=kernel", f"--ksm-results={results}")
+        after = {n: (KSM_ROOT / n).read_text() for n in names}
     result.assert_outcomes(failed=1)
-    after = {n: (KSM_ROOT / n).read_text() for n in before}
     assert after == before
     dump = (
         results
@@ -122,3 +126,49 @@ def test_xdist_workers_never_drive_ksm_at_once(
     ordered = sorted(spans, key=lambda s: s[1])
     for a, b in itertools.pairwise(ordered):
         assert a[2] <= b[1], f"{a} overlaps {b}"
+
+
+MODEL_BACKEND = """
+def test_model(ksm, ksm_model):
+    assert ksm.source == "model"
+    assert ksm.read_counters().pages_sharing == 0
+    ksm.write_tunables(pages_to_scan=5)
+    assert ksm_model.sysfs.read("pages_to_scan") == "100\\n"  # a separate, fresh kernel
+"""
+
+
+def test_model_backend_option(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(MODEL_BACKEND)
+    result = pytester.runpytest("--ksm-backend=model")
+    result.assert_outcomes(passed=1)
+
+
+FLEET_FAILS = """
+import pytest
+
+@pytest.mark.fleet
+def test_fleet_then_fail(guest_fleet):
+    fleet = guest_fleet(count=1, memory_mib=128, mem_merge=False)
+    (pid,) = fleet.pids().values()
+    with open("qemu.pid", "w") as f:
+        f.write(str(pid))
+    assert fleet.run("ping").ok
+    assert False, "the test fails on purpose"
+"""
+
+
+@pytest.mark.fleet
+def test_failing_fleet_test_is_torn_down_and_dumped(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(FLEET_FAILS)
+    results = pytester.path / "out"
+    result = pytester.runpytest("--ksm-accel=tcg", f"--ksm-results={results}")
+    result.assert_outcomes(failed=1)
+    pid = int((pytester.path / "qemu.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists(), "the guest outlived its test"
+    dump = results / "test_failing_fleet_test_is_torn_down_and_dumped.py_test_fleet_then_fail"
+    result.stdout.fnmatch_lines([f"*failure artefacts in {dump}*"])
+    (guest_dir,) = [p for p in dump.iterdir() if p.is_dir()]
+    argv = (guest_dir / "qemu-argv.txt").read_text()
+    assert argv.startswith("qemu-system-x86_64 ") and "mem-merge=off" in argv
+    assert (guest_dir / "console.log").stat().st_size > 0
+    assert (dump / "ksm-sysfs.txt").exists()

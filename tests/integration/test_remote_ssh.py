@@ -12,171 +12,25 @@ import functools
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from harness.cli import main
-from harness.run import run, spawn
+from tests.integration.sshd import Fleet, free_port, keygen, sshd_fleet
+from tests.integration.sshd import children as _children
 
 pytestmark = pytest.mark.ssh
 
-SSHD = "/usr/sbin/sshd"
 KSM = Path("/sys/kernel/mm/ksm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def keygen(path: Path) -> str:
-    """Generate an unencrypted ed25519 key; returns the public key line."""
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", path])
-    return path.with_suffix(".pub").read_text().strip()
-
-
-@dataclass
-class Sshd:
-    name: str
-    port: int
-    host_pub: str  # "ssh-ed25519 AAAA... comment"
-    prefix: Path
-    exporter_port: int
-
-    @property
-    def known_hosts_line(self) -> str:
-        kind, b64 = self.host_pub.split()[:2]
-        return f"[127.0.0.1]:{self.port} {kind} {b64}"
-
-
-def _wait_port(port: int, proc: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"sshd on port {port} did not start")
-
-
-def _stop_supervisors(prefixes: list[Path]) -> None:
-    """Kill any exporter supervisor left under the prefixes (local: the hosts are loopback)."""
-    for prefix in prefixes:
-        pidfile = prefix / "run" / "exporter.pid"
-        try:
-            pid = int(pidfile.read_text())
-        except (OSError, ValueError):
-            continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
-@dataclass
-class Fleet:
-    dir: Path
-    hosts: list[Sshd]
-    user_key: Path
-    known_hosts: Path
-
-    def inventory(
-        self,
-        name: str = "inventory.yaml",
-        known_hosts: Path | None = None,
-        extra: dict[str, dict[str, object]] | None = None,
-        host_fields: dict[str, dict[str, object]] | None = None,
-    ) -> Path:
-        hosts: dict[str, dict[str, object]] = {}
-        for h in self.hosts:
-            hosts[h.name] = {
-                "address": "127.0.0.1",
-                "port": h.port,
-                "prefix": str(h.prefix),
-                "exporter": {"listen": f"127.0.0.1:{h.exporter_port}"},
-                "labels": {"ksm_expected": "true"},
-                **(host_fields or {}).get(h.name, {}),
-            }
-        hosts.update(extra or {})
-        doc = {
-            "known_hosts": str(known_hosts or self.known_hosts),
-            "defaults": {
-                "user": "root",
-                "key_file": str(self.user_key),
-                "python": "/usr/bin/python3",
-            },
-            "hosts": hosts,
-        }
-        path = self.dir / name
-        path.write_text(json.dumps(doc, indent=2))  # JSON is YAML
-        return path
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    d = tmp_path_factory.mktemp("remote")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-    user_key = d / "user_ed25519"
-    user_pub = keygen(user_key)
-    (d / "authorized_keys").write_text(user_pub + "\n")
-    hosts: list[Sshd] = []
-    procs = []
-    try:
-        for name in ("alpha", "bravo"):
-            port = free_port()
-            host_pub = keygen(d / f"host_{name}")
-            cfg = d / f"sshd_{name}.conf"
-            cfg.write_text(
-                "\n".join(
-                    [
-                        f"Port {port}",
-                        "ListenAddress 127.0.0.1",
-                        f"HostKey {d / f'host_{name}'}",
-                        f"PidFile {d / f'sshd_{name}.pid'}",
-                        f"AuthorizedKeysFile {d / 'authorized_keys'}",
-                        "PermitRootLogin prohibit-password",
-                        "PasswordAuthentication no",
-                        "KbdInteractiveAuthentication no",
-                        "PubkeyAuthentication yes",
-                        "UsePAM no",
-                        "StrictModes no",
-                        "AllowTcpForwarding yes",
-                        "Subsystem sftp internal-sftp",
-                        "LogLevel ERROR",
-                        "",
-                    ]
-                )
-            )
-            log = (d / f"sshd_{name}.log").open("wb")
-            procs.append(spawn([SSHD, "-D", "-e", "-f", cfg], stderr=log))
-            _wait_port(port, procs[-1])
-            hosts.append(Sshd(name, port, host_pub, d / f"prefix-{name}", free_port()))
-        known_hosts = d / "known_hosts"
-        known_hosts.write_text("".join(h.known_hosts_line + "\n" for h in hosts))
-        yield Fleet(d, hosts, user_key, known_hosts)
-    finally:
-        _stop_supervisors([h.prefix for h in hosts])
-        for p in procs:
-            # Let per-connection children finish first, so none is orphaned mid-exit.
-            deadline = time.monotonic() + 3
-            while _children(p.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except Exception:
-                p.kill()
-                p.wait()
+    with sshd_fleet(tmp_path_factory.mktemp("remote")) as f:
+        yield f
 
 
 def ksmh(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
@@ -287,18 +141,6 @@ def _metrics(port: int) -> str:
         return str(r.read().decode())
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def test_prepare_installs_starts_exporter_and_is_idempotent(
     fleet: Fleet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -318,7 +160,8 @@ def test_prepare_installs_starts_exporter_and_is_idempotent(
         assert steps["packages"] == "unchanged: all present"
         assert steps["install"].startswith("done: bundle ")
         assert (
-            f"into {h.prefix}/venv (prometheus-client, PyYAML, libvirt-python)" in steps["install"]
+            f"into {h.prefix}/venv (prometheus-client, PyYAML, libvirt-python, numpy)"
+            in steps["install"]
         )
         assert steps["exporter"] == (
             f"started: no systemd, supervised background process on 127.0.0.1:"

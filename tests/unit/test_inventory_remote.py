@@ -149,15 +149,18 @@ def test_table_shows_every_host_and_its_problems() -> None:
 def test_bundle_ships_pure_deps_everywhere_and_compiled_ones_only_to_same_abi() -> None:
     other = build_bundle("cpython-39-aarch64-linux-gnu")
     assert other.distributions == ("prometheus-client",)
-    assert other.skipped == ("PyYAML", "libvirt-python")
+    assert other.skipped == ("PyYAML", "libvirt-python", "numpy")
     same = build_bundle(local_soabi())
-    assert same.distributions == ("prometheus-client", "PyYAML", "libvirt-python")
+    assert same.distributions == ("prometheus-client", "PyYAML", "libvirt-python", "numpy")
     with tarfile.open(fileobj=io.BytesIO(same.data)) as tar:
         members = tar.getmembers()
     names = [m.name for m in members]
     assert "harness/cli.py" in names and "ksm_model/__init__.py" in names
     assert "prometheus_client/__init__.py" in names and "yaml/__init__.py" in names
     assert "ksm_harness-0.1.0.dist-info/entry_points.txt" in names
+    assert "numpy/__init__.py" in names  # the runner's shadow capture needs it
+    # harness.guests.image finds the agent source relative to site-packages and compiles it.
+    assert "guest-images/agent/ksmh-agent.c" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert all(m.mtime == 0 and m.uid == 0 for m in members)  # reproducible: digest = version
 

@@ -97,7 +97,9 @@ class FakeKernel:
 @pytest.fixture
 def fake_model(monkeypatch: pytest.MonkeyPatch) -> type[FakeKernel]:
     FakeKernel.instances.clear()
-    mod = types.SimpleNamespace(Kernel=FakeKernel, MADV_MERGEABLE=12, MADV_UNMERGEABLE=13)
+    mod = types.SimpleNamespace(
+        Kernel=FakeKernel, MADV_MERGEABLE=12, MADV_UNMERGEABLE=13, MADV_DONTNEED=4
+    )
     monkeypatch.setattr(model_runner, "_import_model", lambda: mod)
     return FakeKernel
 
@@ -119,6 +121,8 @@ def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) 
                 {"after": 2, "do": "set", "tunable": "max_page_sharing", "value": 2},
                 {"after": 2, "do": "unmergeable", "process": "c1"},
                 {"after": 2, "do": "exit", "process": "p2"},
+                {"after": 2, "do": "dontneed", "process": "p1", "start": 1, "count": 1},
+                {"after": 2, "do": "spawn", "process": "n1", "pages": 2, "fill": "0x7f"},
             ],
         }
     )
@@ -156,18 +160,23 @@ def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) 
         "sysfs max_page_sharing=2",
         "p1' madvise 0x10000 12288 13",
         "p2 exit",
+        "p1 madvise 0x11000 4096 4",
+        "spawn n1",
+        "n1 mmap 8192",
+        "n1 fill 0x10000 8192 0x7f",
+        "n1 madvise 0x10000 8192 12",
         "sysfs run=1",
         "run_until 1",  # full_scans restarted at 0 after run=2
         "sysfs run=0",
     ]
     assert series.source == "model"
     assert [x.scan for x in series.samples] == [1, 2, 3]
-    assert series.samples[1].outcomes == ("refused EBUSY", "ok", "ok", "ok", "ok")
+    assert series.samples[1].outcomes == ("refused EBUSY",) + ("ok",) * 6
     assert series.samples[0].end.counters["pages_scanned"] == 10  # a delta from the start
     assert series.samples[2].end.counters["pages_scanned"] == 30
     assert series.samples[2].end.counters["full_scans"] == 1
     assert series.samples[2].end.counters["pages_sharing"] is None  # no such file in the fake
-    assert list(series.samples[2].end.processes) == ["p1", "c1"]
+    assert list(series.samples[2].end.processes) == ["p1", "c1", "n1"]
     assert list(series.samples[1].end.processes) == ["p1", "p2", "c1"]
     assert series.samples[2].after_actions is None
     assert series.samples[0].end.processes["p1"]["ksm_zero_pages"] is None

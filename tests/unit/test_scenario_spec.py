@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -10,14 +11,17 @@ from harness.errors import HarnessError
 from harness.scenario import tokens as tk
 from harness.scenario.errors import ScenarioError
 from harness.scenario.spec import (
+    Dontneed,
     Exit,
     Fork,
     ProcessSpec,
     Rerun,
     Scenario,
     SetTunable,
+    Spawn,
     Unmergeable,
     Write,
+    range_of,
 )
 
 
@@ -220,6 +224,68 @@ def test_fork_child_of_unmergeable_parent_does_not_keep_ksmd_busy() -> None:
     # The same with a mergeable parent is fine: the child inherits VM_MERGEABLE.
     ok = (Fork(1, "p1", "c1"), Exit(2, "p2"))
     assert Scenario(processes=(p1, p2), scans=4, actions=ok).actions == ok
+
+
+def test_range_actions_and_late_joiners() -> None:
+    s = Scenario.from_mapping(
+        base(
+            actions=[
+                {"after": 1, "do": "unmergeable", "process": "p1", "start": 1, "count": 2},
+                {"after": 1, "do": "dontneed", "process": "p2"},
+                {"after": 2, "do": "spawn", "process": "n1", "contents": ["u:1", "b*2"]},
+                {"after": 2, "do": "unmergeable", "process": "p1", "start": 0, "count": 1},
+                {"after": 2, "do": "unmergeable", "process": "p2"},
+                {"after": 3, "do": "mergeable", "process": "p2", "start": 2},
+                {"after": 3, "do": "exit", "process": "n1"},
+            ]
+        )
+    )
+    assert s.actions[:4] == (
+        Unmergeable(1, "p1", 1, 2),
+        Dontneed(1, "p2", 0, None),
+        Spawn(2, ProcessSpec("n1", ("u:1", "b", "b"))),
+        Unmergeable(2, "p1", 0, 1),
+    )
+    assert range_of(s.actions[0], 3) == (1, 2)  # type: ignore[arg-type]
+    assert range_of(s.actions[5], 3) == (2, 1)  # type: ignore[arg-type]
+    assert s.page_count("n1") == 3
+    assert Scenario.from_mapping(s.to_mapping()) == s
+    assert "after F=2: spawn n1: u:1*1 b*2" in s.describe()
+    assert "after F=1: unmergeable p1 pages [1:+2]" in s.describe()
+
+
+@pytest.mark.parametrize(
+    ("actions", "message"),
+    [
+        ([{"after": 1, "do": "dontneed", "process": "p1", "start": 3}], "actions[0].start"),
+        ([{"after": 1, "do": "dontneed", "process": "p1", "count": 4}], "actions[0].count"),
+        ([{"after": 1, "do": "mergeable", "process": "p1", "count": "2"}], "actions[0].count"),
+        ([{"after": 1, "do": "spawn", "process": "p1", "pages": 1, "fill": "a"}], "new name"),
+        ([{"after": 1, "do": "spawn", "process": "n1", "pages": 1}], "actions[0].fill"),
+        (
+            # All of p1 and p2 unmergeable: no registered mm would be left for ksmd.
+            [
+                {"after": 1, "do": "unmergeable", "process": "p1"},
+                {"after": 1, "do": "unmergeable", "process": "p2", "start": 0, "count": 3},
+            ],
+            "after F=1 no live",
+        ),
+    ],
+)
+def test_range_and_spawn_errors(actions: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(ScenarioError, match=re.escape(message)):
+        Scenario.from_mapping(base(actions=actions))
+
+
+def test_mergeable_again_keeps_ksmd_busy() -> None:
+    acts = [
+        {"after": 1, "do": "unmergeable", "process": "p1"},
+        {"after": 1, "do": "unmergeable", "process": "p2", "start": 0, "count": 2},
+        {"after": 2, "do": "mergeable", "process": "p1", "start": 2},
+        {"after": 2, "do": "unmergeable", "process": "p2", "start": 2},
+    ]
+    # p2 keeps page 2 mergeable through F=1; p1's page 2 is mergeable again from F=2 on.
+    assert len(Scenario.from_mapping(base(actions=acts)).actions) == 4
 
 
 def test_describe_mentions_seed_and_actions() -> None:
