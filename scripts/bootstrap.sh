@@ -35,9 +35,11 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # Reinstall only when a dependency declaration changed since the last install.
 stamp=.venv/.stamp-install
-if [[ ! -f $stamp || pyproject.toml -nt $stamp || kernel-model/pyproject.toml -nt $stamp ]]; then
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || kernel-model/pyproject.toml -nt $stamp ||
+      constraints.txt -nt $stamp ]]; then
   echo "ksm-harness: installing Python dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ./kernel-model -e '.[dev]'
+  # constraints.txt pins the transitive dependencies too, so every machine gets one tree.
+  .venv/bin/python -m pip install -q -c constraints.txt -e ./kernel-model -e '.[dev]'
   touch "$stamp"
 fi

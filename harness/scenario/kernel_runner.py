@@ -116,14 +116,10 @@ class KernelRunner:
             b.write_tunables(run=1)
             for scan in range(1, scenario.scans + 1):
                 seen = self._wait_change(fd, last, scan)
+                visits = self._visits()
                 b.write_tunables(run=0)
                 end = self._snapshot(pool, base)
-                if end.counters["full_scans"] != seen:
-                    raise SamplingError(
-                        f"F={scan}: full_scans moved from {seen} to "
-                        f"{end.counters['full_scans']} before ksmd could be paused",
-                        hint="the host is too loaded for a frozen read; raise sleep_millisecs",
-                    )
+                self._check_frozen(scan, seen, visits, end)
                 self._check_accounting(scan, end, {h.pid for h in pool.live()})
                 actions = scenario.actions_after(scan)
                 outcomes = tuple(self._apply(scenario, a, pool) for a in actions)
@@ -207,6 +203,26 @@ class KernelRunner:
                     hint="is another process driving /sys/kernel/mm/ksm without the lock?",
                 )
             time.sleep(self.poll_seconds)
+
+    def _visits(self) -> tuple[int | None, int | None]:
+        c = self.backend.read_counters()
+        return c.pages_scanned, c.pages_skipped
+
+    def _check_frozen(
+        self, scan: int, seen: int, visits: tuple[int | None, int | None], end: Snapshot
+    ) -> None:
+        """Prove the sample is the end-of-scan state: ksmd did not start the next batch.
+
+        A batch started before run=0 took effect either completes a scan (full_scans moves
+        again, with one batch per scan) or visits pages (pages_scanned/skipped move).
+        """
+        now = self._visits()
+        if end.counters["full_scans"] != seen or now != visits:
+            raise SamplingError(
+                f"F={scan}: ksmd went on before it could be paused (full_scans {seen} -> "
+                f"{end.counters['full_scans']}, scanned/skipped {visits} -> {now})",
+                hint="the host is too loaded for a frozen read; raise sleep_millisecs",
+            )
 
     def _check_reset(self) -> None:
         c = self.backend.read_counters().as_dict()

@@ -11,14 +11,13 @@ import contextlib
 import os
 import select
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
-from harness.run import PIPE, spawn
+from harness.run import PIPE, Popen, TimeoutExpired, spawn
 from harness.scenario import tokens as tk
 from harness.scenario.errors import WorkerError
 
@@ -28,7 +27,7 @@ WORKER_MODULE = "harness.scenario.worker"
 class WorkerHandle:
     """One worker process: send a request line, get its reply line."""
 
-    def __init__(self, name: str, rfd: int, wfd: int, proc: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, name: str, rfd: int, wfd: int, proc: Popen[bytes] | None) -> None:
         self.name = name
         self.rfd = rfd
         self.wfd = wfd
@@ -213,7 +212,7 @@ class WorkerPool:
                 os.killpg(pgid, signal.SIGKILL)
         for handle in self.workers.values():
             if handle.proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
+                with contextlib.suppress(TimeoutExpired):
                     handle.proc.wait(10)
             handle.close()
         deadline = time.monotonic() + 10

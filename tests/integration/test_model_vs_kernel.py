@@ -6,7 +6,7 @@ series, so the kernel side is itself verified, and then requires the model's ser
 identical at every sample: every sysfs counter (pages_scanned and pages_skipped as deltas from
 the start) and every live process's ksm_stat, plus the state right after each scan's actions.
 
-KSM_DIFF_SEEDS (default 300) sets how many random scenarios run; KSM_DIFF_SEED_START (default
+KSM_DIFF_SEEDS (default 500) sets how many random scenarios run; KSM_DIFF_SEED_START (default
 0) the first seed. A failure prints the seed, the scenario and the first differing counter.
 """
 
@@ -22,7 +22,7 @@ import pytest
 from harness.ksm.sysfs import SysfsBackend
 from harness.pytest_plugin import add_failure_artefact
 from harness.scenario.compare import compare
-from harness.scenario.errors import ForeignKsmActivity
+from harness.scenario.errors import ForeignKsmActivity, SamplingError
 from harness.scenario.generate import generate
 from harness.scenario.kernel_runner import KernelRunner
 from harness.scenario.model_runner import run_on_model
@@ -32,7 +32,7 @@ from harness.scenario.workers import WorkerPool, process_alive
 
 pytestmark = pytest.mark.ksm_kernel
 
-SEEDS = int(os.environ.get("KSM_DIFF_SEEDS", "300"))
+SEEDS = int(os.environ.get("KSM_DIFF_SEEDS", "500"))
 SEED_START = int(os.environ.get("KSM_DIFF_SEED_START", "0"))
 PAGE = 4096
 RMAP = 64  # sizeof(struct ksm_rmap_item) on 64-bit
@@ -402,6 +402,24 @@ def test_madv_dontneed_pages_vanish(differential: Differential) -> None:
     differential.check(ks)
 
 
+def test_small_batches_give_the_same_end_of_scan_state(differential: Differential) -> None:
+    # 300 pages in batches of 64: five batches per scan, the sample still at each scan's end.
+    tun = {"pages_to_scan": 64, "sleep_millisecs": 100}
+    ks = differential(scenario("example-1-batches", 3, procs(3, 100, "a"), tunables=tun))
+    counters(ks.at(1).end, pages_volatile=300, pages_scanned=300)
+    counters(ks.at(2).end, pages_shared=2, pages_sharing=298, stable_node_dups=2)
+    differential.check(ks)
+
+
+def test_merge_across_nodes_0_on_one_node(differential: Differential) -> None:
+    if differential.kernel.read_tunables().merge_across_nodes is None:
+        pytest.skip("this kernel has no merge_across_nodes (not a NUMA build)")
+    tun = {"merge_across_nodes": 0}
+    ks = differential(scenario("mano0", 3, procs(3, 100, "a"), tunables=tun))
+    counters(ks.at(2).end, pages_shared=2, pages_sharing=298)  # one node: as Example 1
+    differential.check(ks)
+
+
 # -- max_page_sharing sweep (spec section 8, closed form) ------------------------------------
 
 
@@ -451,6 +469,16 @@ def test_runner_normalises_knobs_left_by_others(differential: Differential) -> N
     ks = differential(scenario("dirty-host", 2, procs(3, 100, "a")))
     counters(ks.at(2).end, pages_shared=2, pages_sharing=298, general_profit=1201408)
     differential.check(ks)
+
+
+def test_a_sample_that_is_not_frozen_is_refused(kernel: SysfsBackend) -> None:
+    # With sleep_millisecs=0 ksmd starts the next scan at once, before run=0 can take effect:
+    # the runner must notice (visits or full_scans moved) instead of returning wrong values.
+    s = scenario("no-sleep", 3, procs(2, 200, "a"), tunables={"sleep_millisecs": 0})
+    with pytest.raises(SamplingError, match="ksmd went on before it could be paused"):
+        KernelRunner(kernel).run(s)
+    c = kernel.read_counters()
+    assert (c.pages_shared, c.pages_sharing, c.pages_volatile) == (0, 0, 0)
 
 
 def test_foreign_ksm_user_is_detected(kernel: SysfsBackend) -> None:
