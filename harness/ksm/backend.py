@@ -178,6 +178,10 @@ class BackendBase:
             if getattr(current, name) == value and name != "run":
                 continue  # an unchanged knob is never rewritten (and cannot EBUSY)
             self._write_one(name, value, current)
+            if name == "advisor_mode":
+                # The kernel resets pages_to_scan when the mode changes (to 100, or to the
+                # advisor's minimum): what "unchanged" means for it must be read again.
+                current = self.read_tunables()
 
     def _write_one(self, name: str, value: int | str, current: Tunables) -> None:
         try:
@@ -240,15 +244,15 @@ class BackendBase:
 
     def restore(self, before: Tunables) -> None:
         """Bring every knob back to `before`; run last, after a run=2 if EBUSY forces one."""
+        # Every knob is passed: apply() skips the ones already right, and re-reads after an
+        # advisor_mode change, which resets pages_to_scan behind our back.
         want = {k: v for k, v in before.present().items() if k != "run"}
-        now = self.read_tunables()
-        changed = {k: v for k, v in want.items() if getattr(now, k) != v}
         try:
-            self.apply(changed)
+            self.apply(want)
         except KsmBusy:
             # max_page_sharing / merge_across_nodes can only go back once nothing is merged.
             self.apply({"run": 2}, force=True)
-            self.apply(changed)
+            self.apply(want)
         if before.run is not None and self.read_tunables().run != before.run:
             self.write_tunables(run=before.run, force=True)
 

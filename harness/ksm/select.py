@@ -25,12 +25,13 @@ def open_model() -> BackendBase:
 
 
 def open_backend(
-    name: str = "auto", *, root: Path = KSM_ROOT, proc: Path = PROC_ROOT, writable: bool = False
+    name: str = "auto", *, root: Path = KSM_ROOT, proc: Path = PROC_ROOT
 ) -> BackendBase:
     """Return the backend called `name`.
 
-    auto picks the real kernel when its KSM is present (and writable, if `writable`), and the
-    model otherwise; the caller can tell which from `backend.source`.
+    auto picks the real kernel when its KSM is present and the model otherwise; the caller can
+    tell which from `backend.source`. Reading needs no root, so a read-only kernel KSM is still
+    the kernel (writes then fail with KsmPermissionDenied and its hint).
     """
     if name not in BACKENDS:
         raise KsmUnavailable(f"unknown backend {name!r}", hint="choose auto, kernel or model")
@@ -41,7 +42,5 @@ def open_backend(
     except KsmUnavailable:
         if name == "kernel":
             raise
-        return open_model()
-    if name == "auto" and writable and not kernel.writable():
         return open_model()
     return kernel

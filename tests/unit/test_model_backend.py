@@ -173,3 +173,18 @@ def test_ksm_stat_unknown_and_61_pid() -> None:
     p.exit()
     with pytest.raises(HarnessError, match="no model process"):
         b.ksm_stat(p.pid)
+
+
+def test_restore_after_advisor_reset_pages_to_scan() -> None:
+    # The model resets pages_to_scan on an advisor_mode change exactly as 6.18 does (to the
+    # advisor minimum, 500, then back to 100). Before the mode switch pages_to_scan is 500,
+    # so it looks unchanged while scan-time is on; restore must still write it back.
+    from harness.ksm.model import ModelBackend
+
+    b = ModelBackend()
+    b.write_tunables(pages_to_scan=500)
+    with b.saved():
+        b.write_tunables(advisor_mode="scan-time")
+        assert b.read_tunables().pages_to_scan == 500
+    t = b.read_tunables()
+    assert (t.advisor_mode, t.pages_to_scan) == ("none", 500)
