@@ -14,6 +14,7 @@ from harness.ksm.backend import BackendBase
 from harness.ksm.select import BACKENDS, open_backend
 from harness.ksm.sysfs import KSM_ROOT, PROC_ROOT
 from harness.ksm.types import Counters, derive
+from harness.units import human_bytes
 
 
 def register(sub: Any) -> None:
@@ -70,17 +71,6 @@ def status_dict(backend: BackendBase) -> dict[str, Any]:
     }
 
 
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1024
-    return f"{n} B"
-
-
 def format_status(s: dict[str, Any]) -> str:
     width = 36
     lines = [f"KSM ({s['source']}, page size {s['page_size']})", "", "counters"]
@@ -93,7 +83,7 @@ def format_status(s: dict[str, Any]) -> str:
     lines += [
         "",
         "derived",
-        f"  {'saved':<{width}}{_human_bytes(d['saved_bytes'])}",
+        f"  {'saved':<{width}}{human_bytes(d['saved_bytes'])}",
         f"  {'sharing ratio (sharing/shared)':<{width}}{ratio}",
         f"  {'waste ratio (unshared/sharing)':<{width}}{waste}",
     ]
@@ -164,7 +154,7 @@ def _comm(proc: Path, pid: int) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from harness.exporter import ExportTarget, serve
+    from harness.exporter import ExportTarget, parse_listen, serve
 
     backend = _backend(args)
     pids = {pid: _comm(args.proc_root, pid) for pid in args.pid}
@@ -172,7 +162,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.host:
         target.host = args.host
     server, _thread = serve([target], args.listen)
-    url = f"http://{args.listen}/metrics"
+    host, port = parse_listen(args.listen)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
     print(f"ksmh: exporting {backend.source} KSM metrics on {url}", flush=True)
     try:
         while True:

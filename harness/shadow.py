@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -175,12 +175,6 @@ class ProcessCapture:
     def present(self) -> int:
         return sum(v.present for v in self.vmas)
 
-    def key_set(self) -> set[bytes]:
-        out: set[bytes] = set()
-        for v in self.vmas:
-            out.update(k for k in np.unique(v.keys).tolist() if k != ABSENT)
-        return out
-
     def key_counts(self) -> dict[bytes, int]:
         counts: dict[bytes, int] = {}
         for v in self.vmas:
@@ -290,21 +284,6 @@ _ZERO_KEY = page_key(bytes(PAGE))
 _ZERO_KEY_NP = np.array(_ZERO_KEY, dtype=f"S{KEY_SIZE}")
 
 
-class ModelProcess(Protocol):
-    pid: int
-
-    def mmap(self, length: int, node: int = 0) -> int: ...
-    def write(self, addr: int, data: bytes) -> None: ...
-    def fill(self, addr: int, length: int, byte: int) -> None: ...
-    def madvise(self, addr: int, length: int, advice: int) -> None: ...
-    def ksm_stat(self) -> dict[str, Any]: ...
-
-
-class ModelKernel(Protocol):
-    def spawn(self, name: str) -> Any: ...
-    def run_until(self, full_scans: int) -> None: ...
-
-
 @dataclass
 class _Shadowed:
     """A real process's model twin: VMA start -> model address, and the last keys written."""
@@ -318,7 +297,7 @@ class _Shadowed:
 @dataclass
 class ReplayStats:
     pages_written: int = 0
-    pages_vanished: int = 0  # present before, absent now: dropped with MADV_DONTNEED
+    pages_vanished: int = 0  # present before, absent now: dropped (MADV_DONTNEED or munmap)
     seconds: float = 0.0
 
 
@@ -335,10 +314,9 @@ class Shadow:
         self.kernel = kernel
         self.proc = proc
         self.fallback_hugepage = fallback_hugepage
-        self.madv = madv_mergeable if madv_mergeable is not None else _model_madv()
-        self.dontneed = MADV_DONTNEED
+        # ksm_model takes the Linux madvise numbers.
+        self.madv = MADV_MERGEABLE if madv_mergeable is None else madv_mergeable
         self.twins: dict[int, _Shadowed] = {}
-        self.last: dict[int, ProcessCapture] = {}
 
     def capture(self, targets: Mapping[int, str]) -> list[ProcessCapture]:
         """Capture every target (pid -> name) in the kernel's registration order."""
@@ -356,8 +334,10 @@ class Shadow:
     def replay(self, caps: Iterable[ProcessCapture]) -> ReplayStats:
         """Write what changed since the last capture into the model.
 
-        New VMAs are mapped highest address first: the model places mmaps top-down, so this
-        keeps their ascending order (the order ksmd walks them) the same as in the real process.
+        A VMA that went away, or changed size, is unmapped from the model (a resized one is
+        then mapped afresh). New VMAs are mapped highest address first: the model places mmaps
+        top-down, so this keeps their ascending order (the order ksmd walks them) the same as
+        in the real process.
         A page that was present and is now absent (swapped out, discarded, a zero-filled THP
         subpage remapped to the zero page by a split) is dropped from the model with
         MADV_DONTNEED, except, with use_zero_pages=1, when it last held zeros: that is what a
@@ -365,14 +345,20 @@ class Shadow:
         """
         t0 = time.perf_counter()
         stats = ReplayStats()
+        zero_merge = self._use_zero_pages()
         for cap in caps:
             twin = self.twins.get(cap.pid)
             if twin is None:
                 twin = _Shadowed(self.kernel.spawn(name=cap.name), cap.name)
                 self.twins[cap.pid] = twin
+            now = {vc.vma.start: vc.vma.pages for vc in cap.vmas}
+            for start, known in list(twin.keys.items()):
+                if now.get(start) != len(known):
+                    twin.proc.munmap(twin.maps.pop(start), len(known) * PAGE)
+                    del twin.keys[start]
+                    stats.pages_vanished += int(np.count_nonzero(known != ABSENT))
             for vc in sorted(cap.vmas, key=lambda c: -c.vma.start):
-                known = twin.keys.get(vc.vma.start)
-                if known is None or len(known) != vc.vma.pages:
+                if vc.vma.start not in twin.keys:
                     length = vc.vma.pages * PAGE
                     addr = twin.proc.mmap(length)
                     twin.maps[vc.vma.start] = addr
@@ -382,17 +368,15 @@ class Shadow:
                 addr = twin.maps[vc.vma.start]
                 old = twin.keys[vc.vma.start]
                 changed = (old != vc.keys) & (vc.keys != ABSENT)
-                zero_merge = self._use_zero_pages()
                 gone = (old != ABSENT) & (vc.keys == ABSENT)
                 if zero_merge:
                     gone &= old != _ZERO_KEY_NP
                 stats.pages_written += _write_pages(twin.proc, addr, vc.keys, changed)
                 for lo, hi in _runs(gone):
-                    twin.proc.madvise(addr + lo * PAGE, (hi - lo) * PAGE, self.dontneed)
+                    twin.proc.madvise(addr + lo * PAGE, (hi - lo) * PAGE, MADV_DONTNEED)
                     stats.pages_vanished += hi - lo
                 keep = (vc.keys == ABSENT) & (old == _ZERO_KEY_NP) & zero_merge
                 twin.keys[vc.vma.start] = np.where(keep, old, vc.keys)
-            self.last[cap.pid] = cap
         stats.seconds = time.perf_counter() - t0
         return stats
 
@@ -408,7 +392,6 @@ class Shadow:
         gone = [pid for pid in self.twins if pid not in keep]
         for pid in gone:
             self.twins.pop(pid).proc.exit()
-            self.last.pop(pid, None)
         return gone
 
     def step(self, full_scans: int) -> None:
@@ -444,14 +427,6 @@ def _write_pages(proc: Any, addr: int, keys: np.ndarray, changed: np.ndarray) ->
 def _full(k: bytes) -> bytes:
     """numpy S16 drops trailing NUL bytes on access; put them back."""
     return k.ljust(KEY_SIZE, b"\0")
-
-
-def _model_madv() -> int:
-    try:
-        import ksm_model
-    except ImportError:
-        return MADV_MERGEABLE
-    return int(vars(ksm_model).get("MADV_MERGEABLE", MADV_MERGEABLE))
 
 
 def sharing_matrix(caps: list[ProcessCapture]) -> np.ndarray:

@@ -182,7 +182,7 @@ static int parse_pattern(const char *s, struct pattern *p, char *err, size_t err
 		unsigned c, z;
 		int n = 0;
 		if (sscanf(s + 4, "%31[0-9xa-fA-F]:common=%u,zero=%u%n", seed, &c, &z, &n) != 3 ||
-		    s[4 + n] || parse_u64(seed, &p->seed, 0) || c + z > 100)
+		    s[4 + n] || parse_u64(seed, &p->seed, 0) || c > 100 || z > 100 - c) /* no wrap */
 			goto bad;
 		p->kind = P_MIX;
 		p->common = c;
@@ -301,15 +301,20 @@ static void cmd_fill(const char *id, int argc, char **argv)
 		reply(id, "err %s", err);
 		return;
 	}
+	/*
+	 * Refuse what would OOM the guest: the agent is init, so an OOM would panic it. The region
+	 * this fill replaces counts as available (its pages are all resident), but it is freed only
+	 * once the fill is accepted: a refused fill leaves it as it was.
+	 */
 	struct region *r = find_region(argv[1]);
-	if (r)
-		free_region(r); /* fill replaces a region of the same name */
-	/* Refuse what would OOM the guest: the agent is init, so an OOM would panic it. */
 	long avail = mem_available_kib();
-	if (avail >= 0 && (long long)(size / 1024) + 16 * 1024 > avail) {
+	long long reclaim = r ? (long long)(r->pages * (PAGE / 1024)) : 0;
+	if (avail >= 0 && (long long)(size / 1024) + 16 * 1024 > avail + reclaim) {
 		reply(id, "err %zu bytes requested but only %ld KiB available in the guest", size, avail);
 		return;
 	}
+	if (r)
+		free_region(r); /* fill replaces a region of the same name */
 	for (r = regions; r < regions + MAXREG && r->used; r++)
 		;
 	if (r == regions + MAXREG) {
@@ -321,7 +326,12 @@ static void cmd_fill(const char *id, int argc, char **argv)
 	void *gen = mmap(NULL, pages * sizeof(uint32_t), PROT_READ | PROT_WRITE,
 			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED || gen == MAP_FAILED) {
-		reply(id, "err mmap %zu bytes: %s", size, strerror(errno));
+		int e = errno;
+		if (mem != MAP_FAILED)
+			munmap(mem, size);
+		if (gen != MAP_FAILED)
+			munmap(gen, pages * sizeof(uint32_t));
+		reply(id, "err mmap %zu bytes: %s", size, strerror(e));
 		return;
 	}
 	double t0 = now_ms();
@@ -376,7 +386,8 @@ static void cmd_rewrite(const char *id, int argc, char **argv)
 	char *end;
 	double frac = strtod(argv[2], &end);
 	uint64_t seed = 0;
-	if (*end || frac < 0 || frac > 1 || (argc == 4 && parse_u64(argv[3], &seed, 0))) {
+	/* Written as !(in range) so that "nan" is refused too. */
+	if (*end || !(frac >= 0 && frac <= 1) || (argc == 4 && parse_u64(argv[3], &seed, 0))) {
 		reply(id, "err usage: rewrite NAME FRACTION [SEED] (FRACTION in 0..1)");
 		return;
 	}
@@ -400,7 +411,7 @@ static void cmd_hold(const char *id, int argc, char **argv)
 		return;
 	char *end;
 	double s = strtod(argv[2], &end);
-	if (*end || s < 0 || s > 86400) {
+	if (*end || !(s >= 0 && s <= 86400)) { /* !(in range): refuses "nan" */
 		reply(id, "err bad SECONDS '%s'", argv[2]);
 		return;
 	}
@@ -590,14 +601,19 @@ int main(void)
 	for (;;) {
 		struct pollfd pfd = {.fd = port, .events = POLLIN};
 		int rc = poll(&pfd, 1, 1000);
-		if (rc <= 0 || !(pfd.revents & POLLIN)) {
-			/* POLLHUP: no host connected right now; wait for the next client. */
-			if (rc > 0)
-				usleep(100000);
+		if (rc <= 0)
 			continue;
-		}
-		ssize_t n = read(port, buf + len, LINEMAX - len);
+		ssize_t n = (pfd.revents & POLLIN) ? read(port, buf + len, LINEMAX - len) : 0;
 		if (n <= 0) {
+			/*
+			 * EOF / POLLHUP: no host connected right now; wait for the next client. Drop
+			 * what the last one left unfinished, or it would prefix the next client's
+			 * first request and that request would never get its reply.
+			 */
+			if (n == 0) {
+				len = 0;
+				discarding = 0;
+			}
 			usleep(100000);
 			continue;
 		}

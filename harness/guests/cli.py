@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import GuestBootTimeout, GuestError, HarnessError
-from harness.guests.backend import RUNTIME_ROOT, Leftover, is_ours
+from harness.guests.backend import RUNTIME_ROOT, Leftover
 from harness.guests.fleet import Fleet, FleetResult, list_runs, sigterm_to_interrupt
 
 
@@ -224,13 +224,14 @@ def cmd_down(args: argparse.Namespace) -> int:
     # Directories without a readable run.json (a crash mid-write) go too.
     if args.runtime_dir.exists():
         for d in args.runtime_dir.iterdir():
-            # Skip very recent ones: a probe or a fleet of another process may be starting.
-            fresh = time.time() - d.stat().st_mtime < 120
+            try:
+                # Skip very recent ones: a probe or a fleet of another process may be starting.
+                fresh = time.time() - d.stat().st_mtime < 120
+            except FileNotFoundError:
+                continue  # removed meanwhile, e.g. by its own fleet's down
             if d.is_dir() and not fresh and not (d / "run.json").exists():
                 shutil.rmtree(d, ignore_errors=True)
-    for lo in _leftovers(args.runtime_dir):
-        if not is_ours(lo.name):
-            continue
+    for lo in _leftovers(args.runtime_dir):  # both backends list only ksmh- names
         try:
             _remove(lo)
             print(f"removed leftover {lo.name} ({lo.backend}, pid {lo.pid or '-'})")

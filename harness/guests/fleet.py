@@ -46,7 +46,7 @@ from harness.guests.backend import (
     remove_quietly,
 )
 from harness.guests.results import FleetResult, GuestResult, Progress
-from harness.guests.spec import NAME_PREFIX, Accel, GuestImage, GuestSpec
+from harness.guests.spec import MIN_MEMORY_MIB, NAME_PREFIX, Accel, GuestImage, GuestSpec
 
 RUN_FILE = "run.json"
 # FleetResult and GuestResult live in harness.guests.results; re-exported for callers.
@@ -113,6 +113,13 @@ class Fleet:
     ) -> None:
         if count < 1:
             raise HarnessError(f"--count {count}: a fleet needs at least one guest")
+        # Checked here too (GuestSpec would refuse them later, as a traceback after the build).
+        if memory_mib < MIN_MEMORY_MIB:
+            raise HarnessError(
+                f"--memory {memory_mib}: a guest needs at least {MIN_MEMORY_MIB} MiB"
+            )
+        if vcpus < 1:
+            raise HarnessError(f"--vcpus {vcpus}: a guest needs at least one")
         self.count = count
         self.memory_mib = memory_mib
         self.backend = make_backend(backend, uri) if isinstance(backend, str) else backend

@@ -85,7 +85,6 @@ class LibvirtBackend:
                 f"cannot connect to libvirt at {uri}: {exc}",
                 hint="is libvirtd running? (no systemd here: `libvirtd -d` as root)",
             ) from exc
-        self._reasons: dict[str, str] = {}
 
     def _local(self) -> bool:
         return "://" in self.uri and self.uri.split("://", 1)[1].startswith("/")
@@ -106,10 +105,14 @@ class LibvirtBackend:
         return self.pid(spec)
 
     def pid(self, spec: GuestSpec) -> int | None:
+        return self._pid_of(spec.name)
+
+    def _pid_of(self, name: str) -> int | None:
+        """The QEMU PID from libvirt's pid file; None for a remote URI (no such file here)."""
         if not self._local():
             return None
         try:
-            return int((LIBVIRT_RUN / "qemu" / f"{spec.name}.pid").read_text().strip())
+            return int((LIBVIRT_RUN / "qemu" / f"{name}.pid").read_text().strip())
         except (OSError, ValueError):
             return None
 
@@ -138,13 +141,7 @@ class LibvirtBackend:
         for dom in self.conn.listAllDomains(0):
             name = dom.name()
             if is_ours(name):
-                pid = None
-                if self._local():
-                    try:
-                        pid = int((LIBVIRT_RUN / "qemu" / f"{name}.pid").read_text().strip())
-                    except (OSError, ValueError):
-                        pid = None
-                found.append(Leftover(name=name, pid=pid, backend=self.name))
+                found.append(Leftover(name=name, pid=self._pid_of(name), backend=self.name))
         return sorted(found, key=lambda lo: lo.name)
 
     def remove_leftover(self, leftover: Leftover) -> None:

@@ -18,6 +18,7 @@ ACCELS: tuple[Accel, ...] = ("kvm", "tcg")
 AGENT_PORT_NAME = "org.ksmh.agent"
 # Every guest name starts with this, then the run id: how leftovers are recognised.
 NAME_PREFIX = "ksmh-"
+MIN_MEMORY_MIB = 64
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -52,8 +53,10 @@ class GuestSpec:
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise ValueError(f"bad guest name {self.name!r}: use [A-Za-z0-9_.-], max 63")
-        if self.memory_mib < 64:
-            raise ValueError(f"memory_mib={self.memory_mib}: the guest needs at least 64 MiB")
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise ValueError(
+                f"memory_mib={self.memory_mib}: the guest needs at least {MIN_MEMORY_MIB} MiB"
+            )
         if self.vcpus < 1:
             raise ValueError(f"vcpus={self.vcpus}: must be >= 1")
         if self.accel not in ACCELS:

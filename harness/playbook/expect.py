@@ -40,7 +40,7 @@ _TERM = re.compile(
     rf"^\s*(?:(?P<num>{_NUM})\s*(?P<unit>[KMG]iB|B|%)?)?\s*(?:(?P<star>\*)\s*(?P<ref>[A-Za-z_.]+))?\s*$"
 )
 _PAIR = re.compile(
-    r"^\s*kernel\s*(?P<op>==|~=)\s*model\s*(?:within\s+(?P<tol>[\d.]+)\s*%)?\s*:\s*(?P<names>.+)$"
+    r"^\s*kernel\s*(?P<op>==|~=)\s*model\s*(?:within\s+(?P<tol>\d+(?:\.\d*)?|\.\d+)\s*%)?\s*:\s*(?P<names>.+)$"
 )
 _CMP = re.compile(r"^(?P<lhs>.+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<rhs>.+)$")
 

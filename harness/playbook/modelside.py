@@ -8,18 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.ksm.types import COUNTER_NAMES, TUNABLE_NAMES, KsmStat
+from harness.ksm.types import (
+    COUNTER_NAMES,
+    TUNABLE_NAMES,
+    KsmStat,
+    counters_from_mapping,
+    derive,
+)
 from harness.playbook.live import ModelSnapshot
 from harness.shadow import ProcessCapture, Shadow, registered_pids
-
-
-def _kernel(profile: str) -> Any:
-    from ksm_model import Kernel
-
-    try:
-        return Kernel(profile=profile)
-    except (ValueError, KeyError):
-        return Kernel()
 
 
 class ModelSide:
@@ -33,9 +30,11 @@ class ModelSide:
         include_others: bool = True,
         fallback_hugepage: bool = False,
     ) -> None:
+        from ksm_model import Kernel
+
         from harness.ksm.model import ModelBackend
 
-        self.kernel = _kernel(profile)
+        self.kernel = Kernel(profile=profile)
         self.backend = ModelBackend(self.kernel)
         self.shadow = Shadow(self.kernel, proc, fallback_hugepage=fallback_hugepage)
         self.snapshot = ModelSnapshot()
@@ -159,8 +158,6 @@ class ModelSide:
 
 def counters_with_derived(c: Mapping[str, int | None], page_size: int = 4096) -> dict[str, Any]:
     """Counters plus saved_bytes / sharing_ratio / waste_ratio (as in harness.ksm.types.derive)."""
-    from harness.ksm.types import counters_from_mapping, derive
-
     d = derive(counters_from_mapping(dict(c)), page_size)
     return {
         **c,

@@ -109,13 +109,11 @@ def choose_kernel(name: str, root: Path, proc: Path) -> tuple[SysfsBackend | Non
 
 def _sigterm_as_interrupt(stack: ExitStack) -> None:
     """SIGTERM raises KeyboardInterrupt while the run lasts, so teardown runs as for Ctrl-C."""
+    from harness.guests.fleet import sigterm_to_interrupt
+
     if threading.current_thread() is not threading.main_thread():
         return
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
     stack.callback(signal.signal, signal.SIGTERM, previous)
 
 
@@ -307,7 +305,7 @@ class Runner:
 
         sampler = Sampler(self.pb.sample_interval, self._sample_kernel)
         sampler.start()
-        stack.callback(sampler.stop)
+        stack.callback(self._stop_sampler, sampler)
         if not self.opts.export:
             return
         targets = []
@@ -326,6 +324,12 @@ class Runner:
             return
         stack.callback(server.shutdown)
         self.say(f"exporting kernel and model series on http://{self.opts.export}/metrics")
+
+    def _stop_sampler(self, sampler: Sampler) -> None:
+        sampler.stop()
+        if sampler.errors:
+            # Each failed sample is a gap in samples.csv: say so rather than leave it silent.
+            self.say(f"{len(sampler.errors)} samples failed; the last: {sampler.errors[-1]}")
 
     # -- sampling and sync points ------------------------------------------------------------
     def _sample_kernel(self) -> None:

@@ -103,8 +103,7 @@ def _converge(r: Runner, tolerance: float, timeout: float) -> tuple[bool, int, f
             limit = tolerance * max(cur, prev, 1) if tolerance < 1 else tolerance
             if abs(cur - prev) <= limit:
                 return True, scans, time.monotonic() - t0, cur
-            if r.opts.echo is not None:
-                r.say(f"  scan {scans}: pages_sharing {cur} ({cur - prev:+d})")
+            r.say(f"  scan {scans}: pages_sharing {cur} ({cur - prev:+d})")
             prev = cur
     except ScanTimeout:
         return False, scans, time.monotonic() - t0, sharing()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -59,13 +60,15 @@ class V:
 
     def tolerance(self, value: object, path: PathKey) -> float:
         """1% or 0.01 -> 0.01 (relative); 100 -> 100.0 pages (absolute)."""
+        number: float | None = None
         if isinstance(value, str) and value.strip().endswith("%"):
-            try:
-                return float(value.strip()[:-1]) / 100
-            except ValueError:
-                pass
-        elif isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-            return float(value)
+            with contextlib.suppress(ValueError):
+                number = float(value.strip()[:-1]) / 100
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        # A negative (or NaN) tolerance would make every convergence wait time out.
+        if number is not None and number >= 0:
+            return number
         raise self.src.error(
             path, f"expected a tolerance like 1% or 0.01 or 100 (pages), got {value!r}"
         )

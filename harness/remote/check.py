@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harness.errors import RemoteCommandFailed
+from harness.errors import HarnessError, RemoteCommandFailed
 from harness.remote.fleet import FleetResult
 from harness.remote.prepare import Layout, missing_packages
 from harness.remote.probe import KSM_RUN, Facts, read_facts
@@ -71,7 +71,7 @@ def check_host(s: Session) -> HostCheck:
     try:
         f = read_facts(s, h.prefix)
     except RemoteCommandFailed as exc:
-        c.problems.append(exc.message)
+        c.problems.append(_problem(exc))
         return c
     c.ksm_present = f.ksm_present
     if f.ksm_present:
@@ -121,9 +121,15 @@ def rows(result: FleetResult[HostCheck]) -> list[HostCheck]:
             out.append(o.value)
         else:
             c = HostCheck(name, f"{o.host.address}:{o.host.port}")
-            c.problems.append(str(o.error))
+            assert o.error is not None
+            c.problems.append(_problem(o.error))
             out.append(c)
     return out
+
+
+def _problem(exc: HarnessError) -> str:
+    """The error and its hint (e.g. how to record an unknown host key), as prepare prints."""
+    return f"{exc.message} (hint: {exc.hint})" if exc.hint else exc.message
 
 
 def _yn(v: bool | None) -> str:

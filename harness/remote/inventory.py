@@ -43,6 +43,7 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 RESERVED_LABELS = frozenset({"host", "instance", "job", "source", "counter", "pid", "name"})
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ADDRESS_RE = re.compile(r"^[A-Za-z0-9_:][A-Za-z0-9_.:-]*$")  # DNS name, IPv4 or bare IPv6
 _SECRET_FIELDS = ("password", "passphrase", "sudo_password", "become_password")
 
 HOST_FIELDS = (
@@ -103,23 +104,13 @@ class Inventory:
     hosts: tuple[Host, ...]
     known_hosts: Path
 
-    def host(self, name: str) -> Host:
-        for h in self.hosts:
-            if h.name == name:
-                return h
-        raise InventoryError(f"{self.path}: no host named {name!r}")
-
     def with_prefix(self, prefix: str | None) -> Inventory:
         """The same inventory with every host's prefix replaced (the CLI's --prefix)."""
         if prefix is None:
             return self
         _check_prefix(prefix, f"{self.path}: --prefix")
-        hosts = tuple(_replace(h, prefix=prefix) for h in self.hosts)
+        hosts = tuple(dataclasses.replace(h, prefix=prefix) for h in self.hosts)
         return Inventory(self.path, hosts, self.known_hosts)
-
-
-def _replace(h: Host, **changes: Any) -> Host:
-    return dataclasses.replace(h, **changes)
 
 
 def load_inventory(path: Path | str) -> Inventory:
@@ -155,7 +146,7 @@ def parse_inventory(text: str, path: Path) -> Inventory:
     )
     defaults: dict[str, yaml.Node] = {}
     if "defaults" in top:
-        defaults = v.mapping(top["defaults"], "defaults", tuple(f for f in HOST_FIELDS))
+        defaults = v.mapping(top["defaults"], "defaults", HOST_FIELDS)
         if "address" in defaults:
             v.fail(defaults["address"], "defaults.address", "address cannot have a default")
     if "hosts" not in top:
@@ -164,6 +155,7 @@ def parse_inventory(text: str, path: Path) -> Inventory:
     if not isinstance(hosts_node, yaml.MappingNode) or not hosts_node.value:
         v.fail(hosts_node, "hosts", "must be a non-empty mapping of host name to fields")
     hosts: list[Host] = []
+    key_nodes: list[yaml.Node] = []
     for key_node, value_node in hosts_node.value:
         name = v.string(key_node, "hosts")
         if any(h.name == name for h in hosts):
@@ -172,7 +164,8 @@ def parse_inventory(text: str, path: Path) -> Inventory:
             v.fail(key_node, f"hosts.{name}", "host names are letters, digits, '.', '_', '-'")
         fields = {**defaults, **v.mapping(value_node, f"hosts.{name}", HOST_FIELDS)}
         hosts.append(_host(v, name, fields, value_node, base))
-    _check_unique(v, hosts, hosts_node)
+        key_nodes.append(key_node)
+    _check_unique(v, hosts, key_nodes)
     return Inventory(path=path, hosts=tuple(hosts), known_hosts=known_hosts)
 
 
@@ -182,6 +175,9 @@ def _host(v: _Validator, name: str, f: dict[str, yaml.Node], node: yaml.Node, ba
         if required not in f:
             v.fail(node, f"{where}.{required}", "missing (set it on the host or in defaults)")
     address = v.string(f["address"], f"{where}.address")
+    if not _ADDRESS_RE.match(address):
+        # It ends up in known_hosts lines, the libvirt URI and the ssh-keyscan hint.
+        v.fail(f["address"], f"{where}.address", f"not a host name or IP address: {address!r}")
     user = v.string(f["user"], f"{where}.user")
     if not re.match(r"^[a-z_][a-z0-9_.-]*$", user):
         v.fail(f["user"], f"{where}.user", f"not a valid user name: {user!r}")
@@ -229,10 +225,12 @@ def _check_prefix(prefix: str, where: str) -> None:
         )
 
 
-def _check_unique(v: _Validator, hosts: list[Host], node: yaml.Node) -> None:
+def _check_unique(v: _Validator, hosts: list[Host], nodes: list[yaml.Node]) -> None:
+    """No two hosts share address:port, or an exporter address on one machine; an error
+    names the later host's line."""
     seen: dict[tuple[str, int], str] = {}
     listens: dict[tuple[str, str], str] = {}
-    for h in hosts:
+    for h, node in zip(hosts, nodes, strict=True):
         other = seen.setdefault((h.address, h.port), h.name)
         if other != h.name:
             v.fail(node, f"hosts.{h.name}", f"same address:port as host {other!r}")

@@ -106,10 +106,13 @@ def exporter_argv(host: Host, layout: Layout) -> list[str]:
 
 
 def render_unit(host: Host, layout: Layout, template: Path = UNIT_TEMPLATE) -> str:
-    """The systemd unit for this host: the template with @EXEC@ and @PREFIX@ filled in."""
+    """The systemd unit for this host: the template with @EXEC@ and @PREFIX@ filled in.
+
+    Both are quoted: systemd splits ExecStart= and ReadOnlyPaths= at whitespace.
+    """
     text = template.read_text()
     return text.replace("@EXEC@", shlex.join(exporter_argv(host, layout))).replace(
-        "@PREFIX@", layout.prefix
+        "@PREFIX@", shlex.quote(layout.prefix)
     )
 
 

@@ -80,11 +80,7 @@ class _Remote:
 def new_fleet_id(playbook_name: str, out: Path, now: float | None = None) -> str:
     """`<stamp>-<playbook>`, with `.N` added while OUT/fleet-<id> exists (as the runner does)."""
     base = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{playbook_name}"
-    fid, n = base, 1
-    while (out / f"fleet-{fid}").exists():
-        n += 1
-        fid = f"{base}.{n}"
-    return fid
+    return _unique(out / f"fleet-{base}").name.removeprefix("fleet-")
 
 
 def remote_workdir(host: Host, fleet_id: str, token: str) -> str:
@@ -129,6 +125,7 @@ def parse_error(stderr: str) -> tuple[str | None, str | None]:
 
 
 def _unique(path: Path) -> Path:
+    """path, or else path.2, path.3, ...: the first that does not exist."""
     candidate, n = path, 1
     while candidate.exists():
         n += 1
@@ -317,7 +314,8 @@ def cmd_run_fleet(args: Any) -> int:
     import sys
 
     from harness.remote.inventory import load_inventory
-    from harness.report.fleet import failure_lines, format_table, human_bytes
+    from harness.report.fleet import failure_lines, format_table
+    from harness.units import human_bytes
 
     inventory = load_inventory(args.inventory)
     opts = RemoteRunOptions(

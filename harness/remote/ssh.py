@@ -5,7 +5,8 @@ Security rules enforced here, not left to callers:
   unless the host says `trust_on_first_use: true`, in which case it is recorded there; a key
   that differs from the recorded one is always refused;
 - authentication is by the inventory's key file only (no agent, no ~/.ssh guessing, no
-  passwords), and ~/.ssh/config is not read, so what runs is what the inventory says;
+  passwords), and neither ~/.ssh/config nor fabric's config files are read, so what runs
+  is what the inventory says;
 - remote commands are argv lists, joined with shlex.join for the remote shell.
 """
 
@@ -183,8 +184,8 @@ class Session:
     def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
         """Copy the regular files under remote_dir into local_dir over SFTP, recursively.
 
-        Returns the relative paths copied. Symlinks and special files are skipped, so a
-        remote tree cannot make us write outside local_dir.
+        Returns the relative paths copied. Symlinks, special files and names with a "/" or
+        of "."/".." are skipped, so a remote tree cannot make us write outside local_dir.
         """
         sftp = self._conn.sftp()
         copied: list[str] = []
@@ -193,6 +194,8 @@ class Session:
             ldir.mkdir(parents=True, exist_ok=True)
             for entry in sorted(sftp.listdir_attr(rdir), key=lambda e: e.filename):
                 name = entry.filename
+                if "/" in name or name in (".", ".."):
+                    continue  # a server's name must not climb out of local_dir
                 mode = entry.st_mode or 0
                 if stat.S_ISDIR(mode):
                     walk(f"{rdir}/{name}", ldir / name, f"{rel}{name}/")
@@ -271,28 +274,12 @@ class _LineWriter:
 
 def connect(host: Host, known_hosts: Path, *, timeout: float = CONNECT_TIMEOUT) -> Session:
     """Open a session to host, checking its key against known_hosts (see module docstring)."""
-    from fabric import Config, Connection
-
     if not host.key_file.is_file():
         raise HostUnreachable(
             f"{host.name}: key file {host.key_file} does not exist",
             hint="generate one with ssh-keygen -t ed25519 and install its .pub on the host",
         )
-    config = Config(ssh_config=paramiko.SSHConfig())  # an empty ssh_config: read no files
-    conn = Connection(
-        host.address,
-        user=host.user,
-        port=host.port,
-        config=config,
-        connect_timeout=int(timeout),
-        connect_kwargs={
-            "key_filename": str(host.key_file),
-            "look_for_keys": False,
-            "allow_agent": False,
-            "banner_timeout": timeout,
-            "auth_timeout": timeout,
-        },
-    )
+    conn = _connection(host, timeout)
     client = paramiko.SSHClient()
     if known_hosts.exists():
         client.load_host_keys(str(known_hosts))
@@ -304,6 +291,31 @@ def connect(host: Host, known_hosts: Path, *, timeout: float = CONNECT_TIMEOUT) 
         client.close()  # a half-open transport would keep the server's session alive
         raise
     return Session(host, conn)
+
+
+def _connection(host: Host, timeout: float) -> Any:
+    """The (unopened) fabric.Connection for host, configured by the inventory alone.
+
+    An empty ssh_config reads no ~/.ssh/config; lazy=True reads no /etc/fabric.yaml or
+    ~/.fabric.yaml, whose connect_kwargs.key_filename, forward_agent or gateway would
+    otherwise be merged in (another key tried, the agent forwarded to every fleet host).
+    """
+    from fabric import Config, Connection
+
+    return Connection(
+        host.address,
+        user=host.user,
+        port=host.port,
+        config=Config(ssh_config=paramiko.SSHConfig(), lazy=True),
+        connect_timeout=int(timeout),
+        connect_kwargs={
+            "key_filename": str(host.key_file),
+            "look_for_keys": False,
+            "allow_agent": False,
+            "banner_timeout": timeout,
+            "auth_timeout": timeout,
+        },
+    )
 
 
 def _open(conn: Any, host: Host, known_hosts: Path) -> None:

@@ -69,12 +69,12 @@ def supervise(pidfile: Path, log: Path, argv: list[str]) -> int:
     os.write(fd, f"{os.getpid()}\n".encode())
     stopping = False
 
-    def stop(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     backoff = 1.0
     try:
         while not stopping:

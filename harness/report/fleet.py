@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.units import human_bytes
+
 FLEET_FILE = "fleet.json"
 REPORT_FILE = "report.md"
 
@@ -152,18 +154,6 @@ def fleet_document(
         },
         "hosts": [asdict(h) for h in hosts],
     }
-
-
-def human_bytes(n: int | None) -> str:
-    """1536 -> '1.5 KiB'; None -> '-'."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _cell(v: Any) -> str:

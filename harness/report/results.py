@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.ksm.types import COUNTER_NAMES
+from harness.ksm.types import COUNTER_NAMES, counters_from_mapping, derive
 
 SAMPLE_FIELDS = ("t", "phase", "source", *COUNTER_NAMES, "saved_bytes", "mem_available")
 GUEST_FIELDS = ("t", "phase", "source", "guest", "merging_pages", "rmap_items")
@@ -43,13 +43,9 @@ class Results:
     def add_sample(
         self, t: float, phase: str, source: str, values: Mapping[str, Any], mem: int | None
     ) -> None:
-        row: dict[str, Any] = {"t": round(t, 3), "phase": phase, "source": source}
-        for name in COUNTER_NAMES:
-            row[name] = values.get(name)
-        sharing = values.get("pages_sharing")
-        row["saved_bytes"] = (
-            None if sharing is None else (sharing + (values.get("ksm_zero_pages") or 0)) * 4096
-        )
+        counters = {name: values.get(name) for name in COUNTER_NAMES}
+        row: dict[str, Any] = {"t": round(t, 3), "phase": phase, "source": source, **counters}
+        row["saved_bytes"] = derive(counters_from_mapping(counters)).saved_bytes
         row["mem_available"] = mem
         self.samples.append(row)
 

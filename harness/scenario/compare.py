@@ -137,7 +137,7 @@ def _snapshots(scan: int, phase: str, k: Snapshot, m: Snapshot, out: list[Differ
         kv, mv = k.counters.get(name), m.counters.get(name)
         if kv != mv:
             out.append(Difference(scan, phase, name, kv, mv))
-    if list(k.processes) != list(m.processes) and set(k.processes) != set(m.processes):
+    if set(k.processes) != set(m.processes):
         out.append(Difference(scan, phase, "processes", sorted(k.processes), sorted(m.processes)))
     for proc in k.processes:
         if proc not in m.processes:

@@ -308,6 +308,7 @@ def foreign_ksm_users(proc: Path, ours: set[int]) -> list[tuple[int, str, str]]:
 
 
 def describe(found: list[tuple[int, str, str]]) -> str:
+    """foreign_ksm_users() output as one line for an error message."""
     return ", ".join(f"pid {pid} ({comm}, {why})" for pid, comm, why in found)
 
 

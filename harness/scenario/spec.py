@@ -379,9 +379,10 @@ def _check_write(a: Write, size: int, where: str) -> None:
 
 
 def _range(a: RangeAction, size: int, where: str) -> set[int]:
-    count = size - a.start if a.count is None else a.count
+    # start is checked before range_of() does arithmetic with it (a str start: TypeError).
     if not isinstance(a.start, int) or not 0 <= a.start < size:
         raise ScenarioError(f"{where}.start: {a.start!r} is outside 0..{size - 1}")
+    _, count = range_of(a, size)
     if not isinstance(count, int) or count < 1 or a.start + count > size:
         raise ScenarioError(f"{where}.count: {a.count!r} pages from {a.start} exceed {size}")
     return set(range(a.start, a.start + count))

@@ -58,7 +58,7 @@ class WorkerHandle:
                 raise WorkerError(
                     f"worker {self.name} (pid {self.pid}) gave no answer to {what!r} "
                     f"in {timeout:g} s",
-                    hint="is the host overloaded? the worker's stderr is in the run directory",
+                    hint="is the host overloaded? KernelRunner(worker_timeout=...) waits longer",
                 )
             ready, _, _ = select.select([self.rfd], [], [], min(left, 0.05))
             if not ready:

@@ -10,7 +10,7 @@ from ksm_model.pages import UTag
 from ksm_model.process import Process
 from ksm_model.profiles import Profile, resolve
 from ksm_model.rbtree import RBTree
-from ksm_model.sysfs import Sysfs
+from ksm_model.sysfs import COUNTER_FILES, Sysfs
 from ksm_model.unstable import Unstable
 
 KSM_RUN_MERGE = 1
@@ -194,9 +194,7 @@ class Kernel:
     def counters(self) -> dict[str, int]:
         """Every counter file of this profile, as ints."""
         return {
-            name: int(self.sysfs.read(name))
-            for name in self.profile.files
-            if name in _COUNTER_FILES
+            name: int(self.sysfs.read(name)) for name in self.profile.files if name in COUNTER_FILES
         }
 
     # -- ksmd and the clock -----------------------------------------------------------------
@@ -267,20 +265,3 @@ class Kernel:
                 self.now_ns = nxt
             self._batch(self.pages_to_scan)
             batches += 1
-
-
-_COUNTER_FILES = frozenset(
-    {
-        "pages_shared",
-        "pages_sharing",
-        "pages_unshared",
-        "pages_volatile",
-        "pages_scanned",
-        "pages_skipped",
-        "full_scans",
-        "stable_node_chains",
-        "stable_node_dups",
-        "ksm_zero_pages",
-        "general_profit",
-    }
-)

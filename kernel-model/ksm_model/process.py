@@ -98,12 +98,9 @@ class Process:
         out: list[Vma] = []
         changed = False
         for v in list(self.vmas):
-            if v.end <= lo or v.start >= hi:
-                continue
-            if v.start < lo:
+            if v.start < lo < v.end:
                 self.vmas.append(v.split(lo))
                 changed = True
-                continue
         if changed:
             self._reindex()
         for v in list(self.vmas):

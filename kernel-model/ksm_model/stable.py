@@ -242,14 +242,13 @@ def append(k: Kernel, item: Any, node: StableNode, mm: Any) -> None:
 
 
 def remove_stable_node(k: Kernel, node: StableNode) -> bool:
-    """remove_stable_node: True (busy) if its KSM page is still mapped."""
-    if not get_folio(k, node):
-        return False
-    assert node.page is not None
-    if node.page.mapcount > 0:
-        return True
-    remove_node(k, node)  # pragma: no cover - a model page is freed at mapcount 0
-    return False
+    """remove_stable_node: True (busy) if its KSM page is still mapped.
+
+    get_folio() removes the node when its page is gone. The kernel's third case (the folio
+    exists but is unmapped, e.g. in the swap cache: remove the node too) cannot occur here: a
+    model page exists exactly while it is mapped (it is freed at mapcount 0).
+    """
+    return get_folio(k, node)
 
 
 def remove_all(k: Kernel) -> bool:

@@ -14,7 +14,8 @@ U64 = (1 << 64) - 1
 S32_MAX = (1 << 31) - 1
 S32_MIN = -(1 << 31)
 
-_RO = frozenset(
+# The read-only counter files (every other file is a tunable); kernel.counters() reads these.
+COUNTER_FILES = frozenset(
     {
         "pages_shared",
         "pages_sharing",
@@ -157,7 +158,7 @@ class Sysfs:
     def write(self, name: str, value: object) -> None:
         """Store like the kernel's *_store; refusals raise OSError(errno)."""
         self._check(name)
-        if name in _RO:
+        if name in COUNTER_FILES:
             raise PermissionError(errno.EACCES, f"{name} is read-only", name)
         s = str(int(value)) if isinstance(value, bool) else str(value)
         if s == "":

@@ -10,7 +10,7 @@ allocated mid-scan (per-CPU LRU batches), exits of the mm under the cursor.
 
 from __future__ import annotations
 
-import glob
+import os
 import random
 import sys
 import time
@@ -101,19 +101,6 @@ class Child:
             self.proc.wait(timeout=30)
 
 
-def foreign_ksm_users() -> list[str]:
-    out = []
-    for path in glob.glob("/proc/[0-9]*/ksm_stat"):
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError:
-            continue
-        if "ksm_mergeable: yes" in text or (text and "ksm_rmap_items 0\n" not in text):
-            out.append(path)
-    return out
-
-
 def run_stepped(
     ksm: Any,
     pts: int,
@@ -123,12 +110,13 @@ def run_stepped(
     tunables: list[tuple[str, int]],
 ) -> None:
     from harness.ksm.sysfs import SysfsBackend
+    from harness.scenario.kernel_runner import foreign_ksm_users
 
     if not isinstance(ksm, SysfsBackend):
         pytest.skip("needs the real kernel backend, not the model")
     ksm._write("run", "0")
     ksm._write("run", "2")
-    if foreign_ksm_users():
+    if foreign_ksm_users(ksm.proc, {os.getpid()}):
         pytest.skip("another process on this host uses KSM; batch counts would not match")
     k = Kernel()
     for name, value in [

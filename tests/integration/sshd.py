@@ -19,14 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.run import run, spawn
+from tests.integration.conftest import free_port
 
 SSHD = "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keygen(path: Path) -> str:

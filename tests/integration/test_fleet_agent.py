@@ -68,6 +68,7 @@ def test_verify_counts_corrupted_bytes_and_rewrite_stays_consistent(fleet: Fleet
         (("fill", "x", "3000", "zero"), "bad size '3000'"),
         (("fill", "x", "1M", "byte:300"), "bad pattern 'byte:300'"),
         (("fill", "x", "1M", "mix:1:common=80,zero=30"), "bad pattern"),
+        (("fill", "x", "1M", "mix:1:common=4294967295,zero=2"), "bad pattern"),  # wraps to 1
         (("fill", "x", "1G", "zero"), "available in the guest"),
         (("rewrite", "nope", "0.5"), "no region 'nope'"),
         (("hold", "x"), "usage: hold NAME SECONDS"),
@@ -94,3 +95,37 @@ def test_malformed_and_overlong_lines_get_errors_never_a_hang(fleet: Fleet) -> N
         line = client._readline(time.monotonic() + 10, "a reply")
         assert line.encode().startswith(reply), line
     assert client.call("ping").text == "pong"
+
+
+def test_nan_fraction_and_seconds_are_refused(fleet: Fleet) -> None:
+    fleet.fill("n", "1M", "zero", guests="1").raise_if_failed()
+    for args, message in [
+        (("rewrite", "n", "nan"), "usage: rewrite NAME FRACTION"),
+        (("hold", "n", "nan"), "bad SECONDS 'nan'"),
+    ]:
+        [r] = fleet.run(*args, guests="1").values()
+        assert r.error is not None and message in str(r.error)
+    [r] = fleet.run("rewrite", "n", "0", guests="1").values()  # the refused one left no round
+    assert r.value is not None and r.value.fields["round"] == "1"
+    assert r.value.fields["rewritten"] == "0"
+
+
+def test_a_partial_line_of_a_closed_connection_does_not_swallow_the_next_request(
+    fleet: Fleet,
+) -> None:
+    guest = fleet.guests[1]
+    assert guest.client is not None
+    guest.client.channel.send(b"stale fil")  # no newline: the agent holds it as a partial line
+    guest.client.close()
+    guest.client = None
+    time.sleep(1.0)  # let the agent see the hang-up before the next client connects
+    assert fleet.run("ping", guests="1").ok  # reconnects; the ping is not glued to "stale fil"
+
+
+def test_a_refused_fill_leaves_the_region_it_would_replace(fleet: Fleet) -> None:
+    g1 = fleet.guests[1].spec.name
+    fleet.fill("keep", "1M", "byte:3", guests="1").raise_if_failed()
+    [r] = fleet.fill("keep", "1G", "zero", guests="1").values()
+    assert r.error is not None and "available in the guest" in str(r.error)
+    assert fleet.verify("keep", guests="1").field("pages") == {g1: 256}  # not freed
+    fleet.run("free", "keep", guests="1").raise_if_failed()

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
-import socket
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -31,7 +29,7 @@ from harness.monitoring.config import ScrapeSettings, write_config
 from harness.monitoring.dashboard import dashboard, queries
 from harness.monitoring.rules import RuleSettings
 from harness.remote.inventory import parse_inventory
-from harness.run import spawn
+from tests.integration.prom import Prometheus, prometheus
 
 pytestmark = pytest.mark.prometheus
 
@@ -124,29 +122,14 @@ SETTINGS = RuleSettings(rate_window="5s", stall_window="4s", interval=None).with
 SCRAPE = ScrapeSettings(scrape_interval="1s", evaluation_interval="1s", file_sd_refresh="1s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
 
 
-class Prom:
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        q = urllib.parse.urlencode({"query": expr})
-        data = _get(f"{self.base}/api/v1/query?{q}")
-        assert data["status"] == "success", data
-        return list(data["data"]["result"])
-
+class Prom(Prometheus):
     def firing(self) -> dict[str, set[str]]:
-        alerts = _get(f"{self.base}/api/v1/alerts")["data"]["alerts"]
+        alerts = _get(f"{self.url}/api/v1/alerts")["data"]["alerts"]
         out: dict[str, set[str]] = {}
         for a in alerts:
             if a["state"] == "firing":
@@ -158,7 +141,6 @@ class Prom:
 def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
     d = tmp_path_factory.mktemp("prom")
     stoppers: list[Callable[[], None]] = []
-    proc = None
     try:
         ports = {
             "alpha": _exporter(
@@ -187,42 +169,12 @@ def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
         )
         text = f"defaults: {{user: root, key_file: /dev/null}}\nhosts:\n{hosts}"
         inventory = parse_inventory(text, d / "inventory.yaml")
-        write_config(inventory, d / "cfg", SETTINGS, SCRAPE)
-        port = _free_port()
-        log = (d / "prometheus.log").open("wb")
-        proc = spawn(
-            [
-                "prometheus",
-                f"--config.file={d / 'cfg' / 'prometheus.yml'}",
-                f"--storage.tsdb.path={d / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stderr=log,
-        )
-        p = Prom(port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{p.base}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"prometheus did not start: {(d / 'prometheus.log').read_text()}"
-                )
-            time.sleep(0.2)
-        yield p
+        cfg = d / "cfg"
+        write_config(inventory, cfg, SETTINGS, SCRAPE)
+        # Rewritten in place: its rule and target paths are relative to cfg.
+        with prometheus((cfg / "prometheus.yml").read_text(), cfg) as p:
+            yield Prom(p.url)
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except Exception:
-                proc.kill()
-                proc.wait()
         for stop in stoppers:
             stop()
 
@@ -291,5 +243,5 @@ def test_every_dashboard_query_returns_data(prom: Prom) -> None:
         concrete = expr.replace("$host", ".*")
         _until(f"panel {title!r}: {concrete}", lambda e=concrete: prom.query(e))  # type: ignore[misc]
     # The host variable's own query lists every inventory host.
-    values = _get(f"{prom.base}/api/v1/label/host/values?match[]=ksm_run")["data"]
+    values = _get(f"{prom.url}/api/v1/label/host/values?match[]=ksm_run")["data"]
     assert values == ["alpha", "bravo", "charlie"]

@@ -28,7 +28,8 @@ from harness.ksm.lock import ksm_lock
 from harness.ksm.sysfs import SysfsBackend
 from harness.report.results import read_results
 from harness.run import PIPE, spawn
-from tests.integration.sshd import Fleet, free_port, sshd_fleet
+from tests.integration.conftest import free_port
+from tests.integration.sshd import Fleet, sshd_fleet
 
 pytestmark = [pytest.mark.ssh, pytest.mark.ksm_kernel, pytest.mark.qemu]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from tests.integration.sshd import Fleet, free_port, keygen, sshd_fleet
+from tests.integration.conftest import free_port
+from tests.integration.sshd import Fleet, keygen, sshd_fleet
 from tests.integration.sshd import children as _children
 
 pytestmark = pytest.mark.ssh

@@ -295,3 +295,21 @@ def test_second_client_is_told_the_channel_is_taken(
         assert r.error is not None and r.error.hint is not None
         assert "one client at a time" in r.error.hint
         assert fleet.run("ping").ok  # the first client is unaffected
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"count": 0}, "--count 0: a fleet needs at least one guest"),
+        ({"memory_mib": 32}, "--memory 32: a guest needs at least 64 MiB"),
+        ({"vcpus": 0}, "--vcpus 0: a guest needs at least one"),
+    ],
+)
+def test_bad_sizes_are_one_line_errors_before_anything_is_built(
+    kw: dict[str, int], message: str
+) -> None:
+    # Before the fix --memory 32 was a ValueError traceback from GuestSpec, after the build.
+    args: dict[str, int] = {"count": 1, "memory_mib": 128, "vcpus": 1, **kw}
+    with pytest.raises(HarnessError) as err:
+        Fleet(args["count"], args["memory_mib"], vcpus=args["vcpus"], backend=FakeBackend())
+    assert err.value.message == message

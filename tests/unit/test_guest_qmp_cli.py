@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import tempfile
 import threading
@@ -105,3 +106,20 @@ def test_list_when_empty(short_dir: Path, capsys: pytest.CaptureFixture[str]) ->
     data = json.loads(capsys.readouterr().out)
     assert data["runs"] == []
     assert all(lo["name"].startswith("ksmh-") for lo in data["leftovers"])
+
+
+def test_down_all_removes_stale_dirs_and_skips_entries_that_vanish(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Never look for (and kill) real leftover guests from a unit test.
+    monkeypatch.setattr(cli, "_leftovers", lambda root: [])
+    stale, fresh = short_dir / "rstale", short_dir / "rfresh"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (1, 1))
+    # An entry whose stat() fails like one another process removed after iterdir listed it
+    # (before the fix, a FileNotFoundError traceback).
+    (short_dir / "rgone").symlink_to(short_dir / "nowhere")
+    assert ksmh(short_dir, "down", "--all") == 0
+    assert not stale.exists() and fresh.exists()
+    assert capsys.readouterr().out == ""

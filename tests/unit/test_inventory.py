@@ -90,11 +90,13 @@ HOST_ERRORS = [
     (H + "    exporter: {listen: 'localhost:9'}\n", "inv.yaml:5: hosts.a.exporter.listen: must be"),
     (H + "    trust_on_first_use: maybe\n", "inv.yaml:5: hosts.a.trust_on_first_use: must be true"),
     (H + "    prefix: rel/dir\n", "inv.yaml:5: hosts.a.prefix: must be an absolute directory path"),
-    ("  a: {address: h}\n  b: {address: h}\n", "inv.yaml:3: hosts.b: same address:port as host"),
+    ("  a: {address: h}\n  b: {address: h}\n", "inv.yaml:4: hosts.b: same address:port as host"),
     ("  a: {address: h, port: 1}\n  a: {address: i}\n", "inv.yaml:4: hosts.a: given twice"),
     ("  a b: {address: h}\n", "inv.yaml:3: hosts.a b: host names are letters, digits"),
     ("  a: [1, 2]\n", "inv.yaml:3: hosts.a: must be a mapping"),
     ("  a: {address: h, user: 'Bad User'}\n", "inv.yaml:3: hosts.a.user: not a valid user name"),
+    ("  a: {address: '-oProxyCommand=x'}\n", "inv.yaml:3: hosts.a.address: not a host name or"),
+    ("  a: {address: 'u@h h'}\n", "inv.yaml:3: hosts.a.address: not a host name or IP address"),
 ]
 
 
@@ -135,5 +137,11 @@ def test_two_exporters_on_one_port_of_one_machine_are_refused() -> None:
         "  a: {address: h, port: 1, exporter: {listen: '127.0.0.1:9'}}\n"
         "  b: {address: h, port: 2, exporter: {listen: '127.0.0.1:9'}}\n"
     )
-    with pytest.raises(InventoryError, match=r"hosts\.b\.exporter\.listen: same as host 'a'"):
+    with pytest.raises(InventoryError, match=r":4: hosts\.b\.exporter\.listen: same as host 'a'"):
         parse_inventory(BASE + body, Path("/x/inv.yaml"))
+
+
+def test_addresses_may_be_names_ipv4_or_ipv6() -> None:
+    body = "  a: {address: kvm-a.example.org}\n  b: {address: 10.0.0.2}\n  c: {address: '::1'}\n"
+    inv = parse_inventory(BASE + body, Path("/x/inv.yaml"))
+    assert [h.address for h in inv.hosts] == ["kvm-a.example.org", "10.0.0.2", "::1"]

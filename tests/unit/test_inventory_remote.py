@@ -1,9 +1,10 @@
-"""Pure parts of harness.remote: host-key policy, the unit file, argv, the table, the bundle."""
+"""Pure parts of harness.remote: host keys, SSH config, fetch, unit file, argv, table, bundle."""
 
 from __future__ import annotations
 
 import io
 import json
+import stat
 import tarfile
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 
 from harness.errors import RemoteCommandFailed
 from harness.remote.bundle import Bundle, build_bundle, local_soabi
-from harness.remote.check import HostCheck, format_table
+from harness.remote.check import HostCheck, format_table, rows
+from harness.remote.fleet import FleetResult, HostOutcome
 from harness.remote.inventory import Host
 from harness.remote.prepare import (
     REMOTE_PACKAGES,
@@ -21,7 +23,14 @@ from harness.remote.prepare import (
     prepare_host,
     render_unit,
 )
-from harness.remote.ssh import CommandResult, HostKeyRefused, KnownHostsPolicy, fingerprint
+from harness.remote.ssh import (
+    CommandResult,
+    HostKeyRefused,
+    KnownHostsPolicy,
+    Session,
+    _connection,
+    fingerprint,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,7 +102,7 @@ def test_unit_file_is_rendered_with_quoted_exec() -> None:
         "ExecStart='/opt/my dir/venv/bin/python' -m harness.cli export --backend kernel "
         "--listen 10.0.0.1:9712 --host kvm-a\n"
     ) in unit
-    assert "ReadOnlyPaths=/opt/my dir\n" in unit
+    assert "ReadOnlyPaths='/opt/my dir'\n" in unit  # one path to systemd, not two
     assert "@" not in unit.replace("WantedBy", "")
 
 
@@ -252,3 +261,76 @@ def test_prepare_refuses_an_old_python() -> None:
     s = FakeSession(_host(), {**FACTS, "version": [3, 9]}, set(REMOTE_PACKAGES))
     with pytest.raises(RemoteCommandFailed, match=r"python3 is 3\.9, ksm-harness needs 3\.11\+"):
         prepare_host(s, lambda soabi: BUNDLE)  # type: ignore[arg-type]
+
+
+def test_connection_ignores_fabric_config_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ~/.fabric.yaml must not add a key, forward the agent or route through a gateway.
+    (tmp_path / ".fabric.yaml").write_text(
+        "connect_kwargs: {key_filename: /other/id}\nforward_agent: true\ngateway: jump\n"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))
+    conn = _connection(_host(), 10.0)
+    assert conn.connect_kwargs == {
+        "key_filename": ["/k"],
+        "look_for_keys": False,
+        "allow_agent": False,
+        "banner_timeout": 10.0,
+        "auth_timeout": 10.0,
+    }
+    assert conn.forward_agent is False and conn.gateway is None
+    assert (conn.host, conn.user, conn.port) == ("10.0.0.1", "ksm", 2222)
+
+
+class _Entry:
+    def __init__(self, name: str, mode: int) -> None:
+        self.filename, self.st_mode = name, mode
+
+
+class _Sftp:
+    """listdir_attr/get over a dict of remote dir -> entries (what a server may claim)."""
+
+    def __init__(self, tree: dict[str, list[_Entry]]) -> None:
+        self.tree = tree
+        self.got: list[str] = []
+
+    def listdir_attr(self, path: str) -> list[_Entry]:
+        return self.tree[path]
+
+    def get(self, remote: str, local: str) -> None:
+        self.got.append(remote)
+        Path(local).write_text(remote)
+
+
+def test_fetch_dir_copies_regular_files_and_never_leaves_local_dir(tmp_path: Path) -> None:
+    reg, lnk, dr = stat.S_IFREG | 0o644, stat.S_IFLNK | 0o777, stat.S_IFDIR | 0o755
+    sftp = _Sftp(
+        {
+            "/r": [
+                _Entry("run.json", reg),
+                _Entry("link", lnk),
+                _Entry("..", dr),
+                _Entry("../escape", reg),
+                _Entry("sub", dr),
+            ],
+            "/r/sub": [_Entry("a.csv", reg)],
+        }
+    )
+    conn = type("Conn", (), {"sftp": lambda self: sftp, "close": lambda self: None})()
+    local = tmp_path / "out" / "run"
+    copied = Session(_host(), conn).fetch_dir("/r", local)
+    assert copied == ["run.json", "sub/a.csv"]
+    assert sftp.got == ["/r/run.json", "/r/sub/a.csv"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "out", "out/run", "out/run/run.json", "out/run/sub", "out/run/sub/a.csv",
+    ]  # fmt: skip
+
+
+def test_check_rows_keep_the_hint_of_a_host_that_failed() -> None:
+    refused = HostKeyRefused("kvm-a: unknown host key", hint="ssh-keyscan it")
+    result = FleetResult([HostOutcome(_host(), error=refused)])
+    (row,) = rows(result)
+    assert (row.host, row.address, row.reachable) == ("kvm-a", "10.0.0.1:2222", False)
+    assert row.problems == ["kvm-a: unknown host key (hint: ssh-keyscan it)"]
+    assert format_table([row]).splitlines()[-1] == "kvm-a: unknown host key (hint: ssh-keyscan it)"

@@ -94,6 +94,10 @@ def test_verify_clean(verify: dict[str, int | str] | None, status: str, detail: 
         ("verify: dirty", "verify accepts only 'clean'"),
         ("pages_sharing", "cannot read expectation 'pages_sharing'"),
         ("pages_sharing >= model.", "cannot read 'model.' as a value"),
+        (
+            "kernel ~= model within 1.2.3%: pages_sharing",
+            "cannot read expectation 'kernel ~= model within 1.2.3%: pages_sharing'",
+        ),
     ],
 )
 def test_syntax_errors(text: str, message: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,3 +277,27 @@ def test_interrupt_tears_down_and_records(tmp_path: Path, fleets: list[FakeFleet
         "failed": [],
         "error": "interrupted (signal 15)",
     }
+
+
+def test_failed_samples_are_reported_at_the_end(tmp_path: Path) -> None:
+    from harness.errors import HarnessError
+    from harness.playbook.live import Sampler
+
+    lines: list[str] = []
+    runner = Runner(
+        loads_playbook(PLAYBOOK, "tiny.yaml"), RunOptions(out=tmp_path, echo=lines.append)
+    )
+    failed = threading.Event()
+
+    def sample() -> None:
+        failed.set()
+        raise HarnessError("cannot read pages_sharing")
+
+    sampler = Sampler(0.01, sample)
+    sampler.start()
+    assert failed.wait(10)
+    runner._stop_sampler(sampler)
+    assert not sampler.is_alive()
+    n = len(sampler.errors)
+    assert n >= 1
+    assert lines[-1].endswith(f"] {n} samples failed; the last: cannot read pages_sharing")

@@ -154,3 +154,14 @@ def test_steps_of_every_kind() -> None:
         0.02,
     )
     assert isinstance(e, ExpectStep) and e.expectations[0].kind == "verify"
+
+
+@pytest.mark.parametrize(("tolerance", "shown"), [('"-5%"', "'-5%'"), ('"nan%"', "'nan%'")])
+def test_negative_tolerance_is_refused(tolerance: str, shown: str) -> None:
+    # A tolerance below zero (or NaN) could never be met: every convergence wait would time out.
+    with pytest.raises(PlaybookError) as info:
+        loads_playbook(BASE + f"      - wait: {{converged: {{tolerance: {tolerance}}}}}\n")
+    assert info.value.message == (
+        "<string>:6: phases[0].steps[0].wait.converged.tolerance: expected a tolerance like "
+        f"1% or 0.01 or 100 (pages), got {shown}"
+    )

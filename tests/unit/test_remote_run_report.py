@@ -12,10 +12,10 @@ from harness.report.fleet import (
     fleet_document,
     fleet_exit_status,
     format_table,
-    human_bytes,
     summarize_host,
     write_fleet_report,
 )
+from harness.units import human_bytes
 
 
 def _run(

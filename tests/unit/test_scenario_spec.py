@@ -296,3 +296,10 @@ def test_describe_mentions_seed_and_actions() -> None:
     assert "seed=42" in text
     assert "process p2: a*2 u:7*1" in text
     assert "after F=1: fork p1 -> c1" in text
+
+
+def test_range_start_of_wrong_type_names_the_field() -> None:
+    # Built directly (not via from_mapping), a str start used to escape as a TypeError.
+    bad = Unmergeable(after=1, process="p1", start="1")  # type: ignore[arg-type]
+    with pytest.raises(ScenarioError, match=re.escape("actions[0].start: '1' is outside 0..2")):
+        Scenario(processes=(ProcessSpec("p1", ("a", "a", "a")),), scans=3, actions=(bad,))

@@ -118,6 +118,9 @@ class FakeProcess:
     def madvise(self, addr: int, length: int, advice: int) -> None:
         self.calls.append(("madvise", addr, length, advice))
 
+    def munmap(self, addr: int, length: int) -> None:
+        self.calls.append(("munmap", addr, length))
+
     def exit(self) -> None:
         self.calls.append(("exit",))
 
@@ -197,6 +200,28 @@ def test_vanished_zero_page_is_kept_with_use_zero_pages() -> None:
     # Page 0 was zeros: KSM put the zero page there, which the model did too. Page 1 went away.
     assert p.calls == [("madvise", 0x7F0000000000 - PAGE, PAGE, 4)]
     assert stats.pages_vanished == 1
+
+
+def test_vma_gone_or_resized_is_unmapped_from_the_model() -> None:
+    k = FakeKernel()
+    sh = Shadow(k, madv_mergeable=12)
+    sh.replay([cap_of(7, 1, [(0x1000, [A, ABSENT]), (0x100000, [B])])])
+    (p,) = k.procs
+    hi, lo = 0x7F0000000000 - PAGE, 0x7F0000000000 - 3 * PAGE
+    p.calls.clear()
+    # The low VMA grew to 3 pages; the high one went away.
+    stats = sh.replay([cap_of(7, 1, [(0x1000, [A, B, A])])])
+    assert p.calls == [
+        ("munmap", hi, PAGE),
+        ("munmap", lo, 2 * PAGE),
+        ("mmap", 3 * PAGE),
+        ("madvise", lo - 3 * PAGE, 3 * PAGE, 12),
+        ("write", lo - 3 * PAGE, PAGE, A),
+        ("write", lo - 2 * PAGE, PAGE, B),
+        ("write", lo - PAGE, PAGE, A),
+    ]
+    assert (stats.pages_written, stats.pages_vanished) == (3, 2)
+    assert list(sh.twins[7].maps) == [0x1000]
 
 
 def test_registration_order_and_reap(tmp_path: Path) -> None:
