@@ -6,13 +6,13 @@ import json
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.run import spawn
+from harness.run import Popen, spawn
 from tests.integration.conftest import free_port
 
 
@@ -38,6 +38,21 @@ class Prometheus:
             time.sleep(0.25)
 
 
+def wait_http(
+    url: str, proc: Popen[bytes], timeout: float, why: Callable[[], str] = lambda: ""
+) -> None:
+    """Poll url until it answers; fail at once if proc exits, or after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer: {why()}") from None
+            time.sleep(0.1)
+
+
 @contextmanager
 def prometheus(config: str, workdir: Path) -> Iterator[Prometheus]:
     """Run prometheus with `config` (YAML text) until the with-block ends."""
@@ -57,17 +72,10 @@ def prometheus(config: str, workdir: Path) -> Iterator[Prometheus]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/-/ready", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "prometheus did not start: " + (workdir / "prometheus.log").read_text()
-                    ) from None
-                time.sleep(0.2)
+        log_path = workdir / "prometheus.log"
+        wait_http(
+            f"{url}/-/ready", proc, 30, lambda: "prometheus did not start: " + log_path.read_text()
+        )
         yield Prometheus(url)
     finally:
         proc.terminate()

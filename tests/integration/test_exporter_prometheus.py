@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from subprocess import Popen
@@ -14,7 +12,7 @@ import pytest
 from harness.ksm.sysfs import KSM_ROOT, SysfsBackend
 from harness.run import spawn
 from tests.integration.conftest import free_port
-from tests.integration.prom import prometheus
+from tests.integration.prom import prometheus, wait_http
 
 Child = Callable[[int, int], Popen[bytes]]
 
@@ -60,14 +58,7 @@ def test_prometheus_stores_the_sysfs_value(
         ],
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).close()
-                break
-            except OSError:
-                assert exporter.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_http(f"http://127.0.0.1:{port}/metrics", exporter, 20)
         with prometheus(CONFIG.format(port=port), tmp_path / "prom") as prom:
             result = prom.wait_for('ksm_pages_sharing{source="kernel"}')
             assert len(result) == 1
