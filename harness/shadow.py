@@ -5,14 +5,22 @@ For each target process (a guest's QEMU, or any PID):
 2. which pages in them KSM would look at: /proc/PID/pagemap says present (bit 63) and not
    file/shared-anon (bit 61); pages mapping the shared zero page (or the huge zero page, or a
    zero page KSM placed there with use_zero_pages=1) are excluded by their PFN's KPF_ZERO_PAGE
-   flag in /proc/kpageflags, because ksmd ignores them too (spec section 3);
+   flag in /proc/kpageflags, because ksmd ignores them too (spec section 3). Zero-filled
+   subpages of a transparent huge page are present anonymous pages and are kept;
+   the THP layout: every aligned 2 MiB block whose 512 PFNs are one huge page (contiguous,
+   the first an aligned KPF_COMPOUND_HEAD, all KPF_THP), and whether the process has THP
+   disabled (THP_enabled in /proc/PID/status);
 3. their contents, read through /proc/PID/mem and reduced at once to a 16-byte BLAKE2b content
    key: the bytes are never kept;
 4. replay into the model: one model process per real process, registered in the kernel's order
    (process start time, then PID: the order in which QEMU processes madvised their RAM), each
    mergeable VMA mapped in ascending address order, each present page written with a content
    that is equal exactly when the real contents are equal (uniform pages keep their byte, so
-   use_zero_pages behaves as in the kernel). Later captures write only the pages that changed;
+   use_zero_pages behaves as in the kernel). Each twin VMA has the real one's offset inside a
+   2 MiB block and its MADV_HUGEPAGE/NOHUGEPAGE advice, so the model faults in a huge page
+   exactly where the kernel has one; where the kernel has small pages in a block the model
+   could have made huge, the model is told the huge page allocation failed. Later captures
+   write only the pages that changed;
 5. the model is then stepped through as many full scans as the kernel made meanwhile.
 
 Disturbance, and why it is acceptable: nothing is stopped or ptrace-attached. Reading pagemap
@@ -48,11 +56,15 @@ PM_EXCLUSIVE = 1 << 56
 PFN_MASK = (1 << 55) - 1
 KPF_ZERO_PAGE = 1 << 24
 KPF_THP = 1 << 22
+KPF_COMPOUND_HEAD = 1 << 15
+HPAGE = 512  # pages per PMD-mapped transparent huge page (x86-64, 4 KiB pages)
 KEY_SIZE = 16
 READ_CHUNK = 8 << 20  # bytes per pread of /proc/PID/mem
 ABSENT = b""  # the key of a page KSM would not look at (numpy S16 reads it back as b"")
 MADV_MERGEABLE = 12
 MADV_DONTNEED = 4
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
 
 
 class ShadowError(HarnessError):
@@ -152,10 +164,12 @@ def start_time(pid: int, proc: Path = Path("/proc")) -> int:
 
 @dataclass
 class VmaCapture:
-    """One VMA's pages at one capture: key per page (b"" when KSM would not look at it)."""
+    """One VMA's pages at one capture: key per page (b"" when KSM would not look at it), and
+    the blocks (address // 2 MiB) a transparent huge page covers."""
 
     vma: Vma
     keys: np.ndarray  # dtype S16, one per page
+    huge: frozenset[int] = frozenset()
 
     @property
     def present(self) -> int:
@@ -170,6 +184,7 @@ class ProcessCapture:
     vmas: list[VmaCapture]
     bytes_read: int = 0
     seconds: float = 0.0
+    thp_disabled: bool = False  # PR_SET_THP_DISABLE (THP_enabled: 0 in /proc/PID/status)
 
     @property
     def present(self) -> int:
@@ -186,10 +201,10 @@ class ProcessCapture:
 
 
 class _ZeroPfns:
-    """For a page holding zeros: should KSM's view skip it? Yes when its PFN is a zero page
-    (KPF_ZERO_PAGE), or a subpage of a THP (KPF_THP): measured on 6.18, zero-filled subpages
-    of a THP never merge (splitting the THP maps them to the shared zero page instead), so
-    they are left out of the model. Cached by PFN for one capture."""
+    """kpageflags lookups for one capture. For a page holding zeros: is its PFN a zero page
+    (KPF_ZERO_PAGE: the zero page, the huge zero page or a KSM zero page), which ksmd skips?
+    Cached by PFN. Zero-filled subpages of a THP are ordinary anonymous pages to ksmd; the
+    model splits their huge page (and, 6.12+, maps them to the zero page) as the kernel does."""
 
     def __init__(self, proc: Path) -> None:
         self.cache: dict[int, bool] = {}
@@ -205,9 +220,24 @@ class _ZeroPfns:
             # No kpageflags (or no PFN without CAP_SYS_ADMIN): a zero page is never exclusive.
             return not entry & PM_EXCLUSIVE
         data = os.pread(self.fd, 8, pfn * 8)
-        zero = len(data) == 8 and bool(int.from_bytes(data, "little") & (KPF_ZERO_PAGE | KPF_THP))
+        zero = len(data) == 8 and bool(int.from_bytes(data, "little") & KPF_ZERO_PAGE)
         self.cache[pfn] = zero
         return zero
+
+    def is_huge(self, head: int) -> bool:
+        """Are PFNs head..head+511 one transparent huge page (not the huge zero page)?"""
+        if self.fd is None or head == 0:
+            return False
+        data = os.pread(self.fd, HPAGE * 8, head * 8)
+        if len(data) != HPAGE * 8:
+            return False
+        flags = np.frombuffer(data, "<u8")
+        thp, zero = np.uint64(KPF_THP), np.uint64(KPF_ZERO_PAGE)
+        return (
+            bool(flags[0] & np.uint64(KPF_COMPOUND_HEAD))
+            and bool(np.all(flags & thp))
+            and not bool(np.any(flags & zero))
+        )
 
     def close(self) -> None:
         if self.fd is not None:
@@ -221,6 +251,40 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     m = np.concatenate(([False], mask, [False])).astype(np.int8)
     edges = np.flatnonzero(np.diff(m))
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def huge_blocks(vma: Vma, entries: np.ndarray, pfns: _ZeroPfns) -> frozenset[int]:
+    """Blocks (address // 2 MiB) of `vma` mapped by one THP: whole blocks inside the VMA whose
+    512 pagemap entries are present anonymous pages with contiguous PFNs from an aligned head
+    (only those are read from kpageflags)."""
+    first = -(-vma.start // (HPAGE * PAGE))
+    last = vma.end // (HPAGE * PAGE)
+    out = set()
+    present = np.uint64(PM_PRESENT | PM_FILE)
+    for block in range(first, last):
+        lo = block * HPAGE - vma.start // PAGE
+        e = entries[lo : lo + HPAGE]
+        if len(e) != HPAGE or not np.all((e & present) == np.uint64(PM_PRESENT)):
+            continue
+        pfn = e & np.uint64(PFN_MASK)
+        head = int(pfn[0])
+        if head % HPAGE or not np.array_equal(pfn - pfn[0], np.arange(HPAGE, dtype="<u8")):
+            continue
+        if pfns.is_huge(head):
+            out.add(block)
+    return frozenset(out)
+
+
+def thp_disabled(pid: int, proc: Path = Path("/proc")) -> bool:
+    """prctl(PR_SET_THP_DISABLE) is set: THP_enabled is 0 in /proc/PID/status."""
+    try:
+        text = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("THP_enabled:"):
+            return line.split()[1] == "0"
+    return False
 
 
 def capture_process(
@@ -265,7 +329,7 @@ def capture_process(
                             if zero.is_zero(e & PFN_MASK, e):
                                 continue
                         keys[off + i] = k
-            out.append(VmaCapture(vma, keys))
+            out.append(VmaCapture(vma, keys, huge_blocks(vma, entries, zero)))
     finally:
         os.close(pagemap)
         os.close(mem)
@@ -277,6 +341,7 @@ def capture_process(
         vmas=out,
         bytes_read=nbytes,
         seconds=time.perf_counter() - t0,
+        thp_disabled=thp_disabled(pid, proc),
     )
 
 
@@ -292,6 +357,7 @@ class _Shadowed:
     name: str
     maps: dict[int, int] = field(default_factory=dict)
     keys: dict[int, np.ndarray] = field(default_factory=dict)
+    huge: set[int] = field(default_factory=set)  # real blocks ever seen as one THP
 
 
 @dataclass
@@ -338,10 +404,10 @@ class Shadow:
         then mapped afresh). New VMAs are mapped highest address first: the model places mmaps
         top-down, so this keeps their ascending order (the order ksmd walks them) the same as
         in the real process.
-        A page that was present and is now absent (swapped out, discarded, a zero-filled THP
-        subpage remapped to the zero page by a split) is dropped from the model with
-        MADV_DONTNEED, except, with use_zero_pages=1, when it last held zeros: that is what a
-        page looks like after KSM merged it with the zero page, which the model did itself.
+        A page that was present and is now absent (swapped out, discarded) is dropped from the
+        model with MADV_DONTNEED, except when it last held zeros and KSM took it away itself
+        (with use_zero_pages=1, or as a zero-filled subpage of a huge page KSM split): the
+        model's ksmd does that too.
         """
         t0 = time.perf_counter()
         stats = ReplayStats()
@@ -351,6 +417,8 @@ class Shadow:
             if twin is None:
                 twin = _Shadowed(self.kernel.spawn(name=cap.name), cap.name)
                 self.twins[cap.pid] = twin
+                if cap.thp_disabled and hasattr(twin.proc, "set_thp_disable"):
+                    twin.proc.set_thp_disable(True)
             now = {vc.vma.start: vc.vma.pages for vc in cap.vmas}
             for start, known in list(twin.keys.items()):
                 if now.get(start) != len(known):
@@ -359,26 +427,61 @@ class Shadow:
                     stats.pages_vanished += int(np.count_nonzero(known != ABSENT))
             for vc in sorted(cap.vmas, key=lambda c: -c.vma.start):
                 if vc.vma.start not in twin.keys:
-                    length = vc.vma.pages * PAGE
-                    addr = twin.proc.mmap(length)
-                    twin.maps[vc.vma.start] = addr
+                    twin.maps[vc.vma.start] = self._map(twin.proc, vc.vma)
                     twin.keys[vc.vma.start] = np.zeros(vc.vma.pages, dtype=f"S{KEY_SIZE}")
-                    twin.proc.madvise(addr, length, self.madv)
             for vc in cap.vmas:
                 addr = twin.maps[vc.vma.start]
                 old = twin.keys[vc.vma.start]
                 changed = (old != vc.keys) & (vc.keys != ABSENT)
                 gone = (old != ABSENT) & (vc.keys == ABSENT)
-                if zero_merge:
-                    gone &= old != _ZERO_KEY_NP
+                twin.huge |= vc.huge
+                # Zeros gone to the zero page: KSM did it (use_zero_pages, or 6.12+ a THP
+                # split), and so does the model's ksmd.
+                done_by_ksm = self._in_huge(vc.vma, twin.huge) | zero_merge
+                gone &= ~((old == _ZERO_KEY_NP) & done_by_ksm)
+                self._small_blocks(twin.proc, addr, vc, changed)
                 stats.pages_written += _write_pages(twin.proc, addr, vc.keys, changed)
                 for lo, hi in _runs(gone):
                     twin.proc.madvise(addr + lo * PAGE, (hi - lo) * PAGE, MADV_DONTNEED)
                     stats.pages_vanished += hi - lo
-                keep = (vc.keys == ABSENT) & (old == _ZERO_KEY_NP) & zero_merge
+                keep = (vc.keys == ABSENT) & (old == _ZERO_KEY_NP) & done_by_ksm
                 twin.keys[vc.vma.start] = np.where(keep, old, vc.keys)
         stats.seconds = time.perf_counter() - t0
         return stats
+
+    def _map(self, proc: Any, vma: Vma) -> int:
+        """A twin VMA at the real one's offset inside a huge page, with its THP advice."""
+        skip = (vma.start // PAGE) % HPAGE * PAGE
+        length = vma.pages * PAGE
+        base = proc.mmap(length + skip, align=HPAGE * PAGE)
+        if skip:
+            proc.munmap(base, skip)
+        addr = base + skip
+        if "hg" in vma.flags or "nh" in vma.flags:
+            proc.madvise(addr, length, MADV_HUGEPAGE if "hg" in vma.flags else MADV_NOHUGEPAGE)
+        proc.madvise(addr, length, self.madv)
+        return int(addr)
+
+    @staticmethod
+    def _in_huge(vma: Vma, blocks: set[int]) -> np.ndarray:
+        """Per page of vma: inside a block that was seen as a THP."""
+        pn = np.arange(vma.start // PAGE, vma.end // PAGE)
+        if not blocks:
+            return np.zeros(len(pn), dtype=bool)
+        return np.isin(pn // HPAGE, np.fromiter(blocks, dtype=np.int64))
+
+    @staticmethod
+    def _small_blocks(proc: Any, addr: int, vc: VmaCapture, changed: np.ndarray) -> None:
+        """Blocks about to get pages that the kernel maps with small pages: tell the model
+        its huge page allocation failed there (it only marks blocks still empty)."""
+        if not hasattr(proc, "thp_fault_fails") or not changed.any():
+            return
+        first = vc.vma.start // PAGE
+        for block in np.unique((np.flatnonzero(changed) + first) // HPAGE).tolist():
+            if block not in vc.huge:
+                lo = max(block * HPAGE, first) - first
+                hi = min((block + 1) * HPAGE, vc.vma.end // PAGE) - first
+                proc.thp_fault_fails(addr + lo * PAGE, (hi - lo) * PAGE)
 
     def _use_zero_pages(self) -> bool:
         try:

@@ -10,6 +10,12 @@ also uses partial ranges, MADV_MERGEABLE again, MADV_DONTNEED and late-joining p
 
 Fork after use_zero_pages was on is included: the spec (section 18) left it open, and the real
 kernel (6.18) showed that fork copies and counts KSM zero-page PTEs (diff-findings F1).
+
+About a third of the scenarios turn one starting process (and some late joiners) into a THP
+process (`thp: true`, 512..1100 pages: whole huge pages, often a partial one after them) with
+contents built for huge pages: uniform, half identical, zero-filled heads or tails, runs. Those
+choices come from a second random stream, so everything else in a seed's scenario is what it
+was before THP processes existed.
 """
 
 from __future__ import annotations
@@ -34,11 +40,15 @@ from harness.scenario.spec import (
 BYTES = ("a", "b", "c")
 SHARED_UNIQUE = ("u:0", "u:1", "u:2", "u:3")
 MAX_LIVE = 6
+THP_SIZES = (512, 512, 700, 1024, 1100)  # pages: whole 2 MiB blocks, some with a small tail
 
 
 class _Gen:
-    def __init__(self, seed: int, max_processes: int, max_pages: int, max_scans: int) -> None:
+    def __init__(
+        self, seed: int, max_processes: int, max_pages: int, max_scans: int, thp: bool
+    ) -> None:
         self.rng = random.Random(seed)
+        self.thp = thp
         self.max_processes = max_processes
         self.max_pages = max_pages
         self.max_scans = max_scans
@@ -95,6 +105,8 @@ class _Gen:
             tunables["stable_node_chains_prune_millisecs"] = 0
         scans = rng.randint(2, self.max_scans)
         actions = self.actions(procs, scans)
+        if self.thp:
+            procs, actions = _Thp(seed).apply(procs, actions)
         return Scenario(
             processes=procs,
             scans=scans,
@@ -181,8 +193,70 @@ class _Gen:
         return Write(f, name, tuple(pages), self.token())
 
 
+class _Thp:
+    """Turns some processes into THP processes, from its own random stream."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(f"thp-{seed}")
+        self.fresh = 5000  # u:<k> for k >= 5000: unique pages of THP processes
+
+    def apply(
+        self, procs: tuple[ProcessSpec, ...], actions: list[Action]
+    ) -> tuple[tuple[ProcessSpec, ...], list[Action]]:
+        rng = self.rng
+        if rng.random() >= 0.35:
+            return procs, actions
+        which = rng.randrange(len(procs))
+        procs = tuple(self.huge(p) if i == which else p for i, p in enumerate(procs))
+        out: list[Action] = []
+        for a in actions:
+            if isinstance(a, Spawn) and rng.random() < 0.3:
+                a = Spawn(a.after, self.huge(a.spec))
+            out.append(a)
+        return procs, out
+
+    def huge(self, p: ProcessSpec) -> ProcessSpec:
+        """p as a THP process; its old pages stay at the start when they fit a style."""
+        rng = self.rng
+        n = max(len(p.pages), rng.choice(THP_SIZES))
+        tok = rng.choice((*BYTES, "zero", "u:0"))
+        style = rng.choice(("uniform", "half", "zero-tail", "zero-head", "runs", "extended"))
+        if style == "uniform":
+            pages = [tok] * n
+        elif style == "half":
+            pages = [tok] * (n // 2) + [self.unique() for _ in range(n - n // 2)]
+        elif style == "zero-tail":
+            k = rng.randint(1, n - 1)
+            pages = [tok] * k + ["zero"] * (n - k)
+        elif style == "zero-head":
+            k = rng.randint(1, n - 1)
+            pages = ["zero"] * k + [tok] * (n - k)
+        elif style == "runs":
+            pages = []
+            while len(pages) < n:
+                t = self.unique() if rng.random() < 0.2 else rng.choice((*BYTES, "zero"))
+                pages += [t] * rng.randint(1, 300)
+            pages = pages[:n]
+        else:  # the old contents, then zero-filled pages up to n
+            pages = list(p.pages) + ["zero"] * (n - len(p.pages))
+        return ProcessSpec(p.name, tuple(pages), thp=True)
+
+    def unique(self) -> str:
+        self.fresh += 1
+        return f"u:{self.fresh}"
+
+
 def generate(
-    seed: int, *, max_processes: int = 4, max_pages: int = 300, max_scans: int = 10
+    seed: int,
+    *,
+    max_processes: int = 4,
+    max_pages: int = 300,
+    max_scans: int = 10,
+    thp: bool = True,
 ) -> Scenario:
-    """The random scenario for `seed` (deterministic across runs and machines)."""
-    return _Gen(seed, max_processes, max_pages, max_scans).scenario(seed)
+    """The random scenario for `seed` (deterministic across runs and machines).
+
+    `max_pages` bounds ordinary processes; THP processes (512..1100 pages) come only with
+    `thp`, and without it a seed gives exactly its scenario from before they existed.
+    """
+    return _Gen(seed, max_processes, max_pages, max_scans, thp).scenario(seed)

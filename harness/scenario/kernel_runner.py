@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from harness.scenario.spec import (
     range_of,
 )
 from harness.scenario.workers import WorkerPool
+from harness.thp import khugepaged_pinned
 
 # One batch must cover a whole scan; the kernel takes any u32 here.
 BIG_PAGES_TO_SCAN = 4_000_000
@@ -79,13 +80,22 @@ class KernelRunner:
     last_pids: list[int] = field(default_factory=list, init=False, repr=False)
 
     def run(self, scenario: Scenario) -> Series:
-        """Run the scenario and return its kernel series; always kills the workers."""
+        """Run the scenario and return its kernel series; always kills the workers.
+
+        With THP processes, khugepaged is pinned for the run (harness.thp).
+        """
         b = self.backend
         self.check_no_foreign(set())
+        huge = any(p.thp for p in scenario.processes) or any(
+            isinstance(a, Spawn) and a.spec.thp for a in scenario.actions
+        )
         try:
-            with WorkerPool(
-                python=self.python, page_size=b.page_size, timeout=self.worker_timeout
-            ) as pool:
+            with (
+                khugepaged_pinned() if huge else nullcontext(),
+                WorkerPool(
+                    python=self.python, page_size=b.page_size, timeout=self.worker_timeout
+                ) as pool,
+            ):
                 self.last_pids = pool.pids  # every worker pid of this run, for leak checks
                 return self._run(scenario, pool)
         finally:
@@ -106,7 +116,7 @@ class KernelRunner:
         b.write_tunables(**tunables)  # type: ignore[arg-type]
         self._sleep = int(tunables["sleep_millisecs"])
         for p in scenario.processes:
-            pool.start(p.name, p.pages)
+            pool.start(p.name, p.pages, p.thp)
         self.check_no_foreign({h.pid for h in pool.live()})
         base = b.read_counters().as_dict()
         initial = self._snapshot(pool, base)
@@ -146,7 +156,7 @@ class KernelRunner:
             first, count = range_of(action, scenario.page_count(action.process))
             pool[action.process].request(f"madvise {action.kind} {first} {count}", t)
         elif isinstance(action, Spawn):
-            pool.start(action.spec.name, action.spec.pages)
+            pool.start(action.spec.name, action.spec.pages, action.spec.thp)
         elif isinstance(action, Fork):
             pool.fork(action.process, action.child)
         elif isinstance(action, Exit):
@@ -166,7 +176,10 @@ class KernelRunner:
     # -- reading ---------------------------------------------------------------------------
     def _snapshot(self, pool: WorkerPool, base: dict[str, int | None]) -> Snapshot:
         counters = relative(self.backend.read_counters().as_dict(), base)
-        procs = {h.name: self.read_stat(h.pid) for h in pool.live()}
+        procs = {}
+        for h in pool.live():
+            procs[h.name] = self.read_stat(h.pid)
+            procs[h.name]["anon_huge_kb"] = anon_huge_kb(self.backend.proc, h.pid, h.addr, h.length)
         return Snapshot(counters=counters, processes=procs)
 
     def read_stat(self, pid: int) -> dict[str, StatValue]:
@@ -279,6 +292,20 @@ def runner_tunables(
         "stable_node_chains_prune_millisecs": DEFAULT_PRUNE_MS,
         **scenario.tunable_values,
     }
+
+
+def anon_huge_kb(proc: Path, pid: int, addr: int, length: int) -> int:
+    """AnonHugePages (kB) of the VMAs of `pid` inside [addr, addr+length), from smaps."""
+    total = 0
+    inside = False
+    for line in (proc / str(pid) / "smaps").read_text().splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            lo, _, hi = head.partition("-")
+            inside = addr <= int(lo, 16) and int(hi, 16) <= addr + length
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1])
+    return total
 
 
 def refusal(code: int | None) -> str:

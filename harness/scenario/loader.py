@@ -77,7 +77,7 @@ def _no_extra(m: Mapping[str, Any], allowed: set[str], where: str) -> None:
 def _process(p: object, where: str) -> ProcessSpec:
     if not isinstance(p, Mapping):
         raise ScenarioError(f"{where}: expected a mapping with name and pages/fill or contents")
-    _no_extra(p, {"name", "pages", "fill", "contents"}, where)
+    _no_extra(p, {"name", "pages", "fill", "contents", "thp"}, where)
     name = p.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ScenarioError(f"{where}.name: {name!r} must be 1-32 letters, digits, '_', '.', '-'")
@@ -107,7 +107,10 @@ def _process(p: object, where: str) -> ProcessSpec:
             raise ScenarioError(f"{where}.fill: {exc}") from None
     if not 1 <= len(pages) <= MAX_PAGES:
         raise ScenarioError(f"{where}.contents: {len(pages)} pages, must be 1..{MAX_PAGES}")
-    return ProcessSpec(name=name, pages=tuple(pages))
+    thp = p.get("thp", False)
+    if not isinstance(thp, bool):
+        raise ScenarioError(f"{where}.thp: {thp!r} must be true or false")
+    return ProcessSpec(name=name, pages=tuple(pages), thp=thp)
 
 
 _RANGE = {"process", "start", "count"}
@@ -116,7 +119,7 @@ _ACTION_FIELDS: dict[str, set[str]] = {
     "unmergeable": _RANGE,
     "mergeable": _RANGE,
     "dontneed": _RANGE,
-    "spawn": {"process", "pages", "fill", "contents"},
+    "spawn": {"process", "pages", "fill", "contents", "thp"},
     "fork": {"process", "child"},
     "exit": {"process"},
     "rerun": set(),
@@ -136,7 +139,8 @@ def _action(a: object, where: str) -> Action:
     after = a.get("after")
     if not isinstance(after, int) or isinstance(after, bool):
         raise ScenarioError(f"{where}.after: {after!r} must be an integer (a full-scan count)")
-    for key in _ACTION_FIELDS[kind] - {"pages", "page", "start", "count", "fill", "contents"}:
+    optional = {"pages", "page", "start", "count", "fill", "contents", "thp"}
+    for key in _ACTION_FIELDS[kind] - optional:
         if key not in a:
             raise ScenarioError(f"{where}.{key}: missing for do: {kind}")
     if kind == "write":

@@ -3,8 +3,8 @@
 The kernel runner's sequence is mirrored step by step through the model's public API (issue 3):
 run=0, run=2, the tunables (with the same huge pages_to_scan), the processes created, filled and
 madvised one at a time, run=1, then per full scan: run until full_scans moves, run=0, sample,
-actions, run=1. Only the kernel runner's sleep_millisecs toggling is left out: it shortens
-wall-clock waits and has no counter effect.
+actions, run=1 and the sleep_millisecs toggle that ends ksmd's sleep (so the next scan starts
+at once, on both sides: what is jiffies-exact between scans is then the same).
 
 The model is reached through a Protocol rather than its concrete classes, so this module
 depends on the documented API only.
@@ -39,18 +39,20 @@ from harness.scenario.spec import (
     Write,
     range_of,
 )
+from harness.scenario.worker import HPAGE
 
 
 class ModelProcess(Protocol):
     pid: int
 
-    def mmap(self, length: int, node: int = 0) -> int: ...
+    def mmap(self, length: int, node: int = 0, align: int = 0) -> int: ...
     def write(self, addr: int, data: bytes) -> None: ...
     def fill(self, addr: int, length: int, byte: int) -> None: ...
     def madvise(self, addr: int, length: int, advice: int) -> None: ...
     def fork(self) -> ModelProcess: ...
     def exit(self) -> None: ...
     def ksm_stat(self) -> Mapping[str, StatValue]: ...
+    def anon_huge_bytes(self, addr: int | None = None, length: int | None = None) -> int: ...
 
 
 class ModelSysfs(Protocol):
@@ -83,14 +85,28 @@ class ModelRunner:
         page_size: int = 4096,
         sleep_millisecs: int = DEFAULT_SLEEP_MS,
         pages_to_scan: int = BIG_PAGES_TO_SCAN,
+        *,
+        hz: int = 250,
+        thp: str = "madvise",
     ) -> None:
         self.profile = profile
         self.page_size = page_size
         self.sleep_millisecs = sleep_millisecs
         self.pages_to_scan = pages_to_scan
+        self.hz = hz
+        self.thp = thp
         self._mod = _import_model()
         self._kernel_cls = self._mod.Kernel
         self.MERGEABLE = int(self._mod.MADV_MERGEABLE)
+
+    @classmethod
+    def for_host(cls, **kw: Any) -> ModelRunner:
+        """A runner whose model is this host's kernel: profile "host", and the running
+        kernel's CONFIG_HZ and THP mode (ksm_model.hostprobe)."""
+        from ksm_model.hostprobe import probe
+
+        host = probe()
+        return cls(profile="host", hz=host.hz, thp=host.thp, **kw)
 
     def advice(self, kind: str) -> int:
         """The model's MADV_* value for 'mergeable', 'unmergeable' or 'dontneed'."""
@@ -101,7 +117,13 @@ class ModelRunner:
         return int(value)
 
     def new_kernel(self) -> ModelKernel:
-        kernel = self._kernel_cls(profile=self.profile, numa_nodes=1, page_size=self.page_size)
+        kernel = self._kernel_cls(
+            profile=self.profile,
+            numa_nodes=1,
+            page_size=self.page_size,
+            hz=self.hz,
+            thp=self.thp,
+        )
         return cast(ModelKernel, kernel)
 
     def run(self, scenario: Scenario) -> Series:
@@ -120,10 +142,11 @@ class ModelRunner:
                 sysfs.write(name, str(tunables[name]))
         procs: dict[str, _Proc] = {}
         for spec in scenario.processes:
-            procs[spec.name] = self._start(k, spec.name, spec.pages)
+            procs[spec.name] = self._start(k, spec.name, spec.pages, spec.thp)
         base = self._counters(k)
         initial = self._snapshot(k, procs, base)
         samples: list[ScanSample] = []
+        sleep = int(tunables["sleep_millisecs"])
         sysfs.write("run", "1")
         for scan in range(1, scenario.scans + 1):
             k.run_until(full_scans=int(sysfs.read("full_scans")) + 1)
@@ -131,16 +154,24 @@ class ModelRunner:
             end = self._snapshot(k, procs, base)
             actions = scenario.actions_after(scan)
             outcomes = tuple(self._apply(k, a, procs) for a in actions)
+            for a in actions:
+                if isinstance(a, SetTunable) and a.name == "sleep_millisecs":
+                    sleep = a.value
             after = self._snapshot(k, procs, base) if actions else None
             samples.append(ScanSample(scan, end, after, outcomes))
             if scan < scenario.scans:
                 sysfs.write("run", "1")
+                # KernelRunner._resume: a changed sleep_millisecs ends ksmd's sleep now.
+                current = int(sysfs.read("sleep_millisecs"))
+                sysfs.write("sleep_millisecs", str(sleep + 1 if current == sleep else sleep))
         return Series("model", scenario, initial, tuple(samples))
 
-    def _start(self, k: ModelKernel, name: str, pages: tuple[str, ...]) -> _Proc:
+    def _start(self, k: ModelKernel, name: str, pages: tuple[str, ...], thp: bool) -> _Proc:
         ps = self.page_size
         proc = k.spawn(name=name)
-        addr = proc.mmap(len(pages) * ps)
+        # As the worker: a THP buffer starts on a 2 MiB boundary and is advised before use.
+        addr = proc.mmap(len(pages) * ps, align=HPAGE if thp else 0)
+        proc.madvise(addr, len(pages) * ps, self.advice("hugepage" if thp else "nohugepage"))
         i = 0
         for run in tk.encode_runs(pages):
             token, _, count = run.rpartition("*")
@@ -170,7 +201,8 @@ class ModelRunner:
             ps = self.page_size
             p.proc.madvise(p.addr + first * ps, count * ps, self.advice(action.kind))
         elif isinstance(action, Spawn):
-            procs[action.spec.name] = self._start(k, action.spec.name, action.spec.pages)
+            spec = action.spec
+            procs[spec.name] = self._start(k, spec.name, spec.pages, spec.thp)
         elif isinstance(action, Fork):
             p = procs[action.process]
             procs[action.child] = _Proc(p.proc.fork(), p.addr, p.pages)
@@ -200,7 +232,8 @@ class ModelRunner:
         counters = relative(self._counters(k), base)
         stats = {}
         for name, p in procs.items():
-            stat = p.proc.ksm_stat()
+            stat = dict(p.proc.ksm_stat())
+            stat["anon_huge_kb"] = p.proc.anon_huge_bytes(p.addr, p.pages * self.page_size) >> 10
             stats[name] = {f: _stat_value(stat.get(f)) for f in STAT_FIELDS}
         return Snapshot(counters=counters, processes=stats)
 

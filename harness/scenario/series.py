@@ -12,7 +12,10 @@ from typing import Any
 from harness.ksm.types import COUNTER_NAMES
 from harness.scenario.spec import Scenario
 
-# /proc/PID/ksm_stat fields, with the kernel's names (the model's ksm_stat() uses them too).
+# Per process: /proc/PID/ksm_stat fields, with the kernel's names (the model's ksm_stat() uses
+# them too), and the AnonHugePages of the process's buffer in kB (from /proc/PID/smaps; in the
+# model, Process.anon_huge_bytes()): PMD-mapped transparent huge pages, which a KSM merge
+# splits.
 STAT_FIELDS = (
     "ksm_rmap_items",
     "ksm_zero_pages",
@@ -20,6 +23,7 @@ STAT_FIELDS = (
     "ksm_process_profit",
     "ksm_merge_any",
     "ksm_mergeable",
+    "anon_huge_kb",
 )
 # Cumulative counters that run=2 does not reset; reported relative to the start of the run.
 DELTA_COUNTERS = ("pages_scanned", "pages_skipped")

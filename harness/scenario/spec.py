@@ -11,12 +11,19 @@ it directly or with `Scenario.from_mapping()` from a plain dict (e.g. loaded fro
     processes:
       - {name: p1, pages: 1, fill: a}
       - {name: p2, contents: ["a*1"]}
+      - {name: p3, pages: 1024, fill: a, thp: true}
     actions:
       - {after: 2, do: write, process: p2, pages: [0], content: b}
 
 Actions (`do:`): write, unmergeable / mergeable / dontneed (optional page range start, count),
 fork (child), exit, spawn (a late joiner: process, pages + fill or contents), rerun (run=2
 then run=1), set (tunable, value).
+
+A process with `thp: true` advises its buffer MADV_HUGEPAGE (else MADV_NOHUGEPAGE) and its
+buffer starts on a 2 MiB boundary, so each whole 2 MiB block of it is faulted in as one
+transparent huge page at its first write (if the host's THP mode allows and the kernel finds a
+huge page; the kernel runner records what it got, see Snapshot). A spawned process takes
+`thp` too.
 
 Semantics shared by both runners:
 - processes register with KSM one at a time in list order while ksmd is idle, then run=1;
@@ -55,10 +62,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 @dataclass(frozen=True)
 class ProcessSpec:
-    """One process with one buffer; pages[i] is the token of page i."""
+    """One process with one buffer; pages[i] is the token of page i; thp: MADV_HUGEPAGE."""
 
     name: str
     pages: tuple[str, ...]
+    thp: bool = False
 
     def __post_init__(self) -> None:
         where = f"process {self.name!r}"
@@ -68,6 +76,8 @@ class ProcessSpec:
             )
         if not 1 <= len(self.pages) <= MAX_PAGES:
             raise ScenarioError(f"{where}: pages must hold 1..{MAX_PAGES} pages")
+        if not isinstance(self.thp, bool):
+            raise ScenarioError(f"{where}: thp {self.thp!r} must be true or false")
         for i, token in enumerate(self.pages):
             if not _canonical(token):
                 raise ScenarioError(f"{where}: page {i} token {token!r} is not canonical")
@@ -226,9 +236,7 @@ class Scenario:
             out["seed"] = self.seed
         out["scans"] = self.scans
         out["tunables"] = dict(self.tunables)
-        out["processes"] = [
-            {"name": p.name, "contents": tk.encode_runs(p.pages)} for p in self.processes
-        ]
+        out["processes"] = [_process_mapping(p) for p in self.processes]
         out["actions"] = [_action_mapping(a) for a in self.actions]
         return out
 
@@ -239,7 +247,8 @@ class Scenario:
         ]
         lines.append(f"  scans={self.scans} tunables={dict(self.tunables)}")
         for p in self.processes:
-            lines.append(f"  process {p.name}: {' '.join(tk.encode_runs(p.pages))}")
+            thp = " (thp)" if p.thp else ""
+            lines.append(f"  process {p.name}{thp}: {' '.join(tk.encode_runs(p.pages))}")
         for a in self.actions:
             lines.append(f"  after F={a.after}: {action_text(a)}")
         return "\n".join(lines)
@@ -257,7 +266,8 @@ def action_text(a: Action) -> str:
     if isinstance(a, Exit):
         return f"exit {a.process}"
     if isinstance(a, Spawn):
-        return f"spawn {a.spec.name}: {' '.join(tk.encode_runs(a.spec.pages))}"
+        thp = " (thp)" if a.spec.thp else ""
+        return f"spawn {a.spec.name}{thp}: {' '.join(tk.encode_runs(a.spec.pages))}"
     if isinstance(a, SetTunable):
         return f"set {a.name}={a.value}"
     return "run=2 then run=1"
@@ -276,9 +286,17 @@ def _action_mapping(a: Action) -> dict[str, Any]:
     elif isinstance(a, Exit):
         out["process"] = a.process
     elif isinstance(a, Spawn):
-        out.update(process=a.spec.name, contents=tk.encode_runs(a.spec.pages))
+        out.update(_process_mapping(a.spec))
+        out["process"] = out.pop("name")
     elif isinstance(a, SetTunable):
         out.update(tunable=a.name, value=a.value)
+    return out
+
+
+def _process_mapping(p: ProcessSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": p.name, "contents": tk.encode_runs(p.pages)}
+    if p.thp:
+        out["thp"] = True
     return out
 
 

@@ -3,11 +3,15 @@
 Run as ``python -m harness.scenario.worker``; it speaks a line protocol, one request and one
 reply line at a time, on stdin/stdout (a root worker) or on two FIFOs (a fork child):
 
-    map <page_size> <tok*count>...   mmap + MADV_NOHUGEPAGE + write pages + MADV_MERGEABLE
-                                     -> "ok <pid>"
+    map <page_size> <huge|nohuge> <tok*count>...
+                                     mmap + MADV_[NO]HUGEPAGE + write pages + MADV_MERGEABLE
+                                     -> "ok <pid> <buffer address>"; a `huge` buffer starts
+                                     on a 2 MiB boundary, so every whole 2 MiB block of it
+                                     can be a transparent huge page
     write <token> <i>[,<i>...]       write that content into those pages -> "ok"
-    madvise <advice> <first> <count> MADV_<advice> (mergeable, unmergeable, dontneed) on
-                                     pages [first, first+count) of the buffer -> "ok"
+    madvise <advice> <first> <count> MADV_<advice> (mergeable, unmergeable, dontneed,
+                                     hugepage, nohugepage) on pages [first, first+count)
+                                     of the buffer -> "ok"
     fork <cmd_fifo> <reply_fifo>     fork(); the parent answers "ok <child pid>", the child
                                      opens the FIFOs and says "ok <pid>" there
     exit                             "ok", then _exit(0)
@@ -20,6 +24,7 @@ memory never becomes mergeable (only this buffer is madvised).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import signal
@@ -27,12 +32,49 @@ import sys
 
 from harness.scenario import tokens as tk
 
-_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _ADVICE = {
     "mergeable": mmap.MADV_MERGEABLE,
     "unmergeable": mmap.MADV_UNMERGEABLE,
     "dontneed": mmap.MADV_DONTNEED,
+    "hugepage": 14,  # MADV_HUGEPAGE
+    "nohugepage": 15,  # MADV_NOHUGEPAGE
 }
+HPAGE = 2 << 20  # a PMD-mapped transparent huge page on x86-64
+
+
+class Buffer:
+    """An anonymous private mapping at a known address (libc mmap, not the mmap module, so
+    a huge buffer can be cut to start on a 2 MiB boundary whatever its length)."""
+
+    def __init__(self, length: int, huge: bool) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_long,
+        )  # fmt: skip
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        self.libc = libc
+        span = length + (HPAGE if huge else 0)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        raw = libc.mmap(None, span, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if raw in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        start = raw
+        if huge:
+            start = (raw + HPAGE - 1) & ~(HPAGE - 1)
+            for lo, hi in ((raw, start), (start + length, raw + span)):
+                if hi > lo:
+                    libc.munmap(lo, hi - lo)
+        self.addr = start
+        self.length = length
+        self.view = memoryview((ctypes.c_char * length).from_address(start)).cast("B")
+
+    def madvise(self, advice: int, offset: int, length: int) -> None:
+        if self.libc.madvise(self.addr + offset, length, advice) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"madvise({advice}): {os.strerror(err)}")
 
 
 class Channel:
@@ -63,7 +105,7 @@ class Worker:
 
     def __init__(self, channel: Channel) -> None:
         self.chan = channel
-        self.buf: mmap.mmap | None = None
+        self.buf: Buffer | None = None
         self.page_size = 4096
 
     def serve(self) -> None:
@@ -85,7 +127,9 @@ class Worker:
         if cmd == "ping":
             return f"pong {os.getpid()}"
         if cmd == "map":
-            return self.map(int(args[0]), tk.decode_runs(args[1:]))
+            if args[1] not in ("huge", "nohuge"):
+                raise ValueError(f"map: {args[1]!r} must be huge or nohuge")
+            return self.map(int(args[0]), args[1] == "huge", tk.decode_runs(args[2:]))
         if cmd == "write":
             return self.write(tk.normalize(args[0]), [int(i) for i in args[1].split(",")])
         if cmd == "madvise":
@@ -99,33 +143,35 @@ class Worker:
             os._exit(0)
         return f"err unknown command {cmd!r}"
 
-    def buffer(self) -> mmap.mmap:
+    def buffer(self) -> Buffer:
         if self.buf is None:
             raise RuntimeError("no buffer yet: send map first")
         return self.buf
 
-    def map(self, page_size: int, pages: list[str]) -> str:
+    def map(self, page_size: int, huge: bool, pages: list[str]) -> str:
         if self.buf is not None:
             raise RuntimeError("the buffer is already mapped")
         self.page_size = page_size
-        buf = mmap.mmap(-1, page_size * len(pages), flags=_MAP_FLAGS)
-        # Before the first write, so no huge page is ever faulted in (THP would delay merges).
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
+        buf = Buffer(page_size * len(pages), huge)
+        # Before the first write: a huge buffer faults in whole 2 MiB THPs at first touch; a
+        # nohuge one never gets a huge page (THP would delay merges, spec section 13).
+        buf.madvise(_ADVICE["hugepage" if huge else "nohugepage"], 0, buf.length)
         cache: dict[str, bytes] = {}
+        view = buf.view
         for i, token in enumerate(pages):
             data = cache.get(token)
             if data is None:
                 data = cache[token] = tk.page_bytes(token, page_size)
-            buf[i * page_size : (i + 1) * page_size] = data
-        buf.madvise(mmap.MADV_MERGEABLE)
+            view[i * page_size : (i + 1) * page_size] = data
+        buf.madvise(mmap.MADV_MERGEABLE, 0, buf.length)
         self.buf = buf
-        return f"ok {os.getpid()}"
+        return f"ok {os.getpid()} {buf.addr}"
 
     def write(self, token: str, indexes: list[int]) -> str:
-        buf = self.buffer()
+        view = self.buffer().view
         data = tk.page_bytes(token, self.page_size)
         for i in indexes:
-            buf[i * self.page_size : (i + 1) * self.page_size] = data
+            view[i * self.page_size : (i + 1) * self.page_size] = data
         return "ok"
 
     def fork(self, cmd_fifo: str, reply_fifo: str) -> str | None:

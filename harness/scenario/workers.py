@@ -34,6 +34,8 @@ class WorkerHandle:
         self.proc = proc  # only for root workers; fork children are not our children
         self.pid = proc.pid if proc is not None else 0
         self.buf = b""
+        self.addr = 0  # the buffer's address and length in bytes, once mapped
+        self.length = 0
 
     def request(self, line: str, timeout: float) -> str:
         """Send one command and return the reply; an 'err' reply or silence raises."""
@@ -136,10 +138,16 @@ class WorkerPool:
     def live(self) -> list[WorkerHandle]:
         return list(self.workers.values())
 
-    def start(self, name: str, pages: tuple[str, ...] | list[str]) -> WorkerHandle:
-        """Start a root worker, fill its buffer and register it with KSM; returns when done."""
+    def start(
+        self, name: str, pages: tuple[str, ...] | list[str], huge: bool = False
+    ) -> WorkerHandle:
+        """Start a root worker, fill its buffer and register it with KSM; returns when done.
+
+        A `huge` buffer is MADV_HUGEPAGE and starts on a 2 MiB boundary; otherwise it is
+        MADV_NOHUGEPAGE.
+        """
         handle = self.spawn_worker(name)
-        self._map(handle, pages)
+        self._map(handle, pages, huge)
         return handle
 
     def spawn_worker(self, name: str) -> WorkerHandle:
@@ -162,15 +170,17 @@ class WorkerPool:
         self.workers[name] = handle
         return handle
 
-    def _map(self, handle: WorkerHandle, pages: tuple[str, ...] | list[str]) -> None:
+    def _map(self, handle: WorkerHandle, pages: tuple[str, ...] | list[str], huge: bool) -> None:
         runs = " ".join(tk.encode_runs(list(pages)))
+        mode = "huge" if huge else "nohuge"
         try:
-            reply = handle.request(f"map {self.page_size} {runs}", self.timeout)
+            reply = handle.request(f"map {self.page_size} {mode} {runs}", self.timeout)
         except WorkerError as exc:
             raise WorkerError(exc.message + self._stderr_tail(handle.name), exc.hint) from None
-        pid = int(reply.split()[1])
-        if pid != handle.pid:
+        _, pid, addr = reply.split()
+        if int(pid) != handle.pid:
             raise WorkerError(f"worker {handle.name}: answered as pid {pid}, started {handle.pid}")
+        handle.addr, handle.length = int(addr), len(pages) * self.page_size
 
     def fork(self, parent: str, child: str) -> WorkerHandle:
         """fork() worker `parent`; the child becomes worker `child` on its own FIFOs."""
@@ -182,6 +192,7 @@ class WorkerPool:
         wfd = os.open(cmd, os.O_RDWR)
         rfd = os.open(reply, os.O_RDWR)
         handle = WorkerHandle(child, rfd, wfd, None)
+        handle.addr, handle.length = self.workers[parent].addr, self.workers[parent].length
         answer = self.workers[parent].request(f"fork {cmd} {reply}", self.timeout)
         handle.pid = int(answer.split()[1])
         self.pids.append(handle.pid)

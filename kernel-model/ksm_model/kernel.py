@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 
-from ksm_model import scanner, stable
+from ksm_model import scanner, stable, thp
 from ksm_model.advisor import Advisor
+from ksm_model.jiffies import jiffies_at, msecs_to_jiffies, sleep_end_ns
+from ksm_model.lru import LruBatches
 from ksm_model.pages import UTag
 from ksm_model.process import Process
 from ksm_model.profiles import Profile, resolve
@@ -21,20 +23,43 @@ class Kernel:
     """A model of one kernel's KSM: sysfs knobs/counters, ksmd, processes.
 
     Virtual time: ksmd runs a batch of pages_to_scan, which costs ``cpu_ns_per_batch +
-    pages * cpu_ns_per_page`` of model CPU time, then sleeps sleep_millisecs. ``advance``
-    and ``run_until`` follow that timeline; ``now`` is the clock in seconds.
+    pages * cpu_ns_per_page`` of model CPU time, then sleeps sleep_millisecs as the kernel
+    does: rounded up to jiffies at ``hz`` and ended by the timer wheel (see jiffies.py).
+    ``advance`` and ``run_until`` follow that timeline; ``now`` is the clock in seconds.
+
+    ``hz`` is the kernel's CONFIG_HZ (the model does no I/O: ksm_model.hostprobe reads the
+    running kernel's). ``thp`` is /sys/kernel/mm/transparent_hugepage/enabled (always,
+    madvise or never; see thp.py), ``thp_use_zero_page`` its use_zero_page.
     """
 
     RMAP_ITEM_SIZE = 64  # sizeof(struct ksm_rmap_item) on 64-bit
 
-    def __init__(self, profile: str = "6.11", numa_nodes: int = 1, page_size: int = 4096) -> None:
+    def __init__(
+        self,
+        profile: str = "6.11",
+        numa_nodes: int = 1,
+        page_size: int = 4096,
+        *,
+        hz: int = 250,
+        thp: str = "madvise",
+        thp_use_zero_page: bool = True,
+    ) -> None:
         if numa_nodes < 1:
             raise ValueError("numa_nodes must be >= 1")
         if page_size < 16 or page_size > 65536 or page_size & (page_size - 1):
             raise ValueError("page_size must be a power of two, 16..65536")
+        if not isinstance(hz, int) or not 1 <= hz <= 10000:
+            raise ValueError("hz must be an integer, 1..10000 (CONFIG_HZ)")
         self.profile: Profile = resolve(profile)
         self.numa_nodes = numa_nodes
         self.page_size = page_size
+        self.hz = hz
+        # Transparent huge pages: a PMD maps page_size/8 pages (512 x 4 KiB on x86-64).
+        self.hp_shift = (page_size // 8).bit_length() - 1
+        self.hp_mask = (1 << self.hp_shift) - 1
+        self._thp = "never"
+        self.thp_enabled = thp
+        self.thp_use_zero_page = thp_use_zero_page
         # tunables
         self.run = 0
         self.pages_to_scan = 100
@@ -62,7 +87,7 @@ class Kernel:
         self.unstable = Unstable(numa_nodes)
         self.mm_list: list[Process] = []
         self.cursor: Process | None = None  # None: the list head (between full scans)
-        self.lru_pending: set[tuple[Process, int]] = set()  # see new_page()
+        self.lru = LruBatches(self.profile.lru_batch)  # see new_page()
         self.scan_addr = 0
         # processes and time
         self._procs: dict[int, Process] = {}
@@ -73,6 +98,17 @@ class Kernel:
         self.cpu_ns_per_batch = 10000
         self._next_batch_ns: int | None = None
         self.sysfs = Sysfs(self)
+
+    @property
+    def thp_enabled(self) -> str:
+        """transparent_hugepage/enabled: "always", "madvise" or "never"."""
+        return self._thp
+
+    @thp_enabled.setter
+    def thp_enabled(self, mode: str) -> None:
+        if mode not in thp.MODES:
+            raise ValueError(f"thp mode {mode!r}: use always, madvise or never")
+        self._thp = mode
 
     # -- processes ----------------------------------------------------------------------------
     def spawn(self, name: str = "proc") -> Process:
@@ -128,19 +164,33 @@ class Kernel:
 
     # -- per-CPU LRU batches -------------------------------------------------------------
     def new_page(self, mm: Process, pn: int) -> None:
-        """A page was just allocated at (mm, pn) (write fault, copy-on-write, unshare).
+        """A small page was just allocated at (mm, pn) (write fault, copy-on-write, unshare).
 
-        A new page sits in a per-CPU LRU batch, whose extra reference makes
-        write_protect_page() fail, until lru_add_drain_all() at the start of the next full
-        scan: so a page allocated in the middle of a scan cannot be merged in that scan
-        (measured on 6.18). Pages allocated between scans are drained before ksmd sees them.
+        It goes into the LRU batch of the CPU mm runs on (Process.cpu), whose extra reference
+        makes write_protect_page() fail until the batch fills up or is drained (lru.py). Pages
+        allocated between full scans are drained (lru_add_drain_all) before ksmd sees them.
         """
         if self.cursor is not None:
-            self.lru_pending.add((mm, pn))
+            self.lru.add(mm.cpu, (mm, pn))
 
     def merge_blocked(self, mm: Process, pn: int) -> bool:
         """write_protect_page() would fail: the page is still in an LRU batch."""
-        return bool(self.lru_pending) and (mm, pn) in self.lru_pending
+        return bool(self.lru.pending) and (mm, pn) in self.lru.pending
+
+    def lru_other_allocations(self, n: int, cpu: int = 0) -> None:
+        """`n` small folios allocated on `cpu` by tasks outside the model.
+
+        They share that CPU's LRU batch with the model's pages, so they decide when it fills
+        up and is drained: the real kernel's result for a page allocated mid-scan depends on
+        them, and a caller that knows nothing about them can try every count from 0 to
+        lru_batch-1 to get the kernel's possible outcomes.
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        if self.cursor is None:
+            return  # drained at the start of the next full scan anyway
+        for _ in range(n):
+            self.lru.add(cpu, None)
 
     # -- zero pages ---------------------------------------------------------------------------
     def map_zero_page(self, mm: Process) -> None:
@@ -169,7 +219,7 @@ class Kernel:
                 mm.merge_any = False
         stable.remove_all(self)
         self.unstable.reset(0, hard=True)
-        self.lru_pending.clear()
+        self.lru.drain_all()
         self.seqnr = 0
         self.cursor = None
         self.scan_addr = 0
@@ -203,8 +253,14 @@ class Kernel:
         """Virtual time in seconds."""
         return self.now_ns / 1e9
 
-    def now_ms(self) -> int:
-        return self.now_ns // 1_000_000
+    @property
+    def jiffies(self) -> int:
+        """The kernel's jiffies at the model's clock (jiffy 0 starts at time 0)."""
+        return jiffies_at(self.now_ns, self.hz)
+
+    def msecs_to_jiffies(self, ms: int) -> int:
+        """msecs_to_jiffies() at this kernel's hz (rounded up)."""
+        return msecs_to_jiffies(ms, self.hz)
 
     def ksmd_should_run(self) -> bool:
         return bool(self.run & KSM_RUN_MERGE) and bool(self.mm_list)
@@ -218,7 +274,7 @@ class Kernel:
         cost = self.cpu_ns_per_batch + done * self.cpu_ns_per_page
         self.now_ns += cost
         self.ksmd_runtime_ns += cost
-        self._next_batch_ns = self.now_ns + self.sleep_millisecs * 1_000_000
+        self._next_batch_ns = sleep_end_ns(self.now_ns, self.sleep_millisecs, self.hz)
         return done
 
     def scan_pages(self, n: int) -> int:

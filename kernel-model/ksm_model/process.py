@@ -9,9 +9,10 @@ from __future__ import annotations
 import errno
 import os
 from bisect import bisect_right
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ksm_model import content
+from ksm_model import content, thp
 from ksm_model.pages import KZERO, Page, RmapItem
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def _err(code: int) -> OSError:
 class Vma:
     """A private anonymous VMA [start, end) in page numbers."""
 
-    __slots__ = ("anon", "end", "mergeable", "nid", "pages", "start")
+    __slots__ = ("anon", "end", "mergeable", "nid", "pages", "start", "thp")
 
     def __init__(self, start: int, end: int, nid: int, mergeable: bool) -> None:
         self.start = start
@@ -42,13 +43,14 @@ class Vma:
         self.nid = nid
         self.mergeable = mergeable  # VM_MERGEABLE
         self.anon = False  # has an anon_vma (was ever write-faulted)
+        self.thp = 0  # thp.HUGE (VM_HUGEPAGE), thp.NOHUGE (VM_NOHUGEPAGE) or 0
         self.pages: list[Any] = [None] * (end - start)
 
     def split(self, at: int) -> Vma:
         """Cut at page `at`; self keeps [start, at), the returned VMA is [at, end)."""
         tail = Vma.__new__(Vma)
         tail.start, tail.end, tail.nid = at, self.end, self.nid
-        tail.mergeable, tail.anon = self.mergeable, self.anon
+        tail.mergeable, tail.anon, tail.thp = self.mergeable, self.anon, self.thp
         cut = at - self.start
         tail.pages = self.pages[cut:]
         del self.pages[cut:]
@@ -68,6 +70,10 @@ class Process:
         self.registered = False  # MMF_VM_MERGEABLE: has an mm_slot
         self.merge_any = False  # MMF_VM_MERGE_ANY (prctl)
         self.exiting = False
+        self.thp_disable = False  # PR_SET_THP_DISABLE (MMF_DISABLE_THP), inherited by fork
+        self.cpu = 0  # the CPU this process runs on (whose LRU batch its new pages join)
+        self.blocks: dict[int, Any] = {}  # huge-page block -> what its PMD holds (thp.py)
+        self.nlarge = 0  # blocks mapping a large folio (thp.HugeMap)
         self.ksm_rmap_items = 0
         self.ksm_merging_pages = 0
         self.ksm_zero_pages = 0
@@ -93,27 +99,30 @@ class Process:
             return self.vmas[i]
         return None
 
-    def _split_range(self, lo: int, hi: int) -> tuple[list[Vma], bool]:
-        """Split VMAs at lo and hi; return the VMAs inside [lo, hi) and whether gaps exist."""
+    def _split_range(
+        self, lo: int, hi: int, change: Callable[[Vma], bool] | None = None
+    ) -> tuple[list[Vma], bool]:
+        """Split VMAs at lo and hi; return the VMAs inside [lo, hi) and whether gaps exist.
+
+        With `change`, only the VMAs it is true for are split and returned (madvise leaves a
+        VMA whose flags would not change alone). A cut inside a huge page splits its PMD.
+        """
         out: list[Vma] = []
         changed = False
-        for v in list(self.vmas):
-            if v.start < lo < v.end:
-                self.vmas.append(v.split(lo))
-                changed = True
-        if changed:
-            self._reindex()
-        for v in list(self.vmas):
-            if v.start < hi < v.end:
-                self.vmas.append(v.split(hi))
-                changed = True
-        if changed:
-            self._reindex()
+        for at in (lo, hi):
+            for v in list(self.vmas):
+                if v.start < at < v.end and (change is None or change(v)):
+                    self.vmas.append(v.split(at))
+                    thp.split_pmd(self.kernel, self, at)
+                    changed = True
+            if changed:
+                self._reindex()
         covered = 0
         for v in self.vmas:
-            if v.start >= lo and v.end <= hi:
-                out.append(v)
-                covered += v.end - v.start
+            if v.start < hi and v.end > lo:
+                covered += min(v.end, hi) - max(v.start, lo)
+                if v.start >= lo and v.end <= hi and (change is None or change(v)):
+                    out.append(v)
         return out, covered != hi - lo
 
     def _range(self, addr: int, length: int) -> tuple[int, int]:
@@ -127,23 +136,31 @@ class Process:
             raise ProcessLookupError(errno.ESRCH, f"process {self.pid} has exited")
 
     # -- mmap / munmap ------------------------------------------------------------------------
-    def mmap(self, length: int, node: int = 0) -> int:
+    def mmap(self, length: int, node: int = 0, align: int = 0) -> int:
         """mmap(NULL, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS): the address.
 
-        Placed top-down like Linux (highest gap below the mmap base that fits).
+        Placed top-down like Linux (highest gap below the mmap base that fits). Like 6.7+
+        (profile thp_align_anon), a length that is a multiple of the huge page size starts on
+        a huge page boundary; `align` (bytes, a power of two) asks for that boundary for any
+        length, as a caller that maps more and trims gets.
         """
         self._check_alive()
         k = self.kernel
-        if length <= 0 or not 0 <= node < k.numa_nodes:
+        if length <= 0 or not 0 <= node < k.numa_nodes or align < 0 or align & (align - 1):
             raise _err(errno.EINVAL)
-        n = (length + k.page_size - 1) // k.page_size
-        top = _MMAP_BASE // k.page_size
+        ps = k.page_size
+        n = (length + ps - 1) // ps
+        huge = 1 << k.hp_shift
+        step = max(1, align // ps)
+        if k.profile.thp_align_anon and n % huge == 0:
+            step = max(step, huge)
+        top = _MMAP_BASE // ps
         for v in reversed(self.vmas):
-            if v.end <= top - n:
+            if v.end <= (top - n) // step * step:
                 break
             top = min(top, v.start)
-        start = top - n
-        vma = Vma(start, top, node, self.merge_any)  # ksm_add_vma under MERGE_ANY
+        start = (top - n) // step * step
+        vma = Vma(start, start + n, node, self.merge_any)  # ksm_add_vma under MERGE_ANY
         self.vmas.append(vma)
         self._reindex()
         return start * k.page_size
@@ -154,15 +171,20 @@ class Process:
         if length <= 0:
             raise _err(errno.EINVAL)
         lo, hi = self._range(addr, length)
-        self.kernel.unstable.touched(self.kernel, self)
+        k = self.kernel
+        k.unstable.touched(k, self)
+        k.lru.drain(self.cpu)  # unmap_region: lru_add_drain()
         vmas, _ = self._split_range(lo, hi)
         for v in vmas:
             self._zap(v, 0, v.end - v.start)
             self.vmas.remove(v)
         self._reindex()
+        thp.unmapped(k, self, lo, hi)
 
     def _zap(self, v: Vma, i0: int, i1: int) -> None:
         k = self.kernel
+        if self.blocks:
+            thp.zap(k, self, v, i0, i1)
         pages = v.pages
         for i in range(i0, i1):
             s = pages[i]
@@ -224,10 +246,14 @@ class Process:
     def read(self, addr: int, length: int) -> bytes:
         """Read bytes (unwritten memory reads as zeros)."""
         self._check_alive()
-        ps = self.kernel.page_size
+        k = self.kernel
+        ps = k.page_size
         out = bytearray()
         for v, i, off, n in self._pages_for(addr, length):
             s = v.pages[i]
+            if s is None:
+                thp.fault(k, self, v, i, False)  # the zero page, or a huge (zero) page
+                s = v.pages[i]
             if s is None or s is KZERO:
                 out += bytes(n)
             else:
@@ -241,20 +267,26 @@ class Process:
         if s.__class__ is bytes:
             v.pages[i] = key  # an exclusive anonymous page is written in place
             return
+        k = self.kernel
         if s is None:
-            pass  # a new page is faulted in
+            if thp.fault(k, self, v, i, True):
+                v.pages[i] = key  # a new huge page, written in place
+                return
+            # else a new small page is faulted in
         elif s is KZERO:
-            self.kernel.unmap_zero_page(self)  # wp_page_copy of a KSM zero page
+            k.unmap_zero_page(self)  # wp_page_copy of a KSM zero page
         elif s.node is not None or s.mapcount > 1:
             # KSM pages are never reused (wp_can_reuse_anon_folio); shared ones are copied.
             if s.node is not None:
-                self.kernel.cow_ksm += 1
+                k.cow_ksm += 1
+            elif self.nlarge:
+                thp.unmap_subpage(k, self, v.start + i)  # COW of a shared huge page's subpage
             s.mapcount -= 1
         else:
             v.pages[i] = key  # an anonymous page mapped only here is reused in place
             return
         v.pages[i] = key
-        self.kernel.new_page(self, v.start + i)
+        k.new_page(self, v.start + i)
 
     # -- madvise / prctl ------------------------------------------------------------------------
     def madvise(self, addr: int, length: int, advice: int) -> None:
@@ -274,20 +306,30 @@ class Process:
         k = self.kernel
         if advice in (MADV_UNMERGEABLE, MADV_DONTNEED):
             k.unstable.touched(k, self)
-        vmas, gaps = self._split_range(lo, hi)
-        for v in vmas:
-            if advice == MADV_MERGEABLE:
-                if not v.mergeable:
-                    if not self.registered:
-                        k.ksm_enter(self)
-                    v.mergeable = True
-            elif advice == MADV_UNMERGEABLE:
-                if v.mergeable:
-                    if v.anon:
-                        self._unmerge(v)
-                    v.mergeable = False
-            elif advice == MADV_DONTNEED:
-                self._zap(v, 0, v.end - v.start)
+        if advice == MADV_DONTNEED:
+            # Zaps without touching the VMAs; zap_page_range_single drains this CPU's batch.
+            k.lru.drain(self.cpu)
+            vmas, gaps = self._split_range(lo, hi, _never)
+            for v in self.vmas:
+                if v.start < hi and v.end > lo:
+                    self._zap(v, max(lo, v.start) - v.start, min(hi, v.end) - v.start)
+        elif advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+            flag = thp.HUGE if advice == MADV_HUGEPAGE else thp.NOHUGE
+            vmas, gaps = self._split_range(lo, hi, lambda v: v.thp != flag)
+            for v in vmas:
+                v.thp = flag  # VM_HUGEPAGE and VM_NOHUGEPAGE exclude each other
+        elif advice == MADV_MERGEABLE:
+            vmas, gaps = self._split_range(lo, hi, lambda v: not v.mergeable)
+            for v in vmas:
+                if not self.registered:
+                    k.ksm_enter(self)
+                v.mergeable = True
+        else:
+            vmas, gaps = self._split_range(lo, hi, lambda v: v.mergeable)
+            for v in vmas:
+                if v.anon:
+                    self._unmerge(v)
+                v.mergeable = False
         if gaps:
             raise _err(errno.ENOMEM)
 
@@ -349,9 +391,10 @@ class Process:
         if self.registered:
             k.ksm_enter(child)  # ksm_fork, before the VMAs are copied
             child.merge_any = self.merge_any
+        child.thp_disable, child.cpu = self.thp_disable, self.cpu
         for v in self.vmas:
             c = Vma(v.start, v.end, v.nid, v.mergeable)
-            c.anon = v.anon
+            c.anon, c.thp = v.anon, v.thp
             pages, cpages = v.pages, c.pages
             for i, s in enumerate(pages):
                 if s is None:
@@ -368,6 +411,8 @@ class Process:
                 cpages[i] = s
             child.vmas.append(c)
         child._reindex()
+        thp.forked(k, self, child)
+        k.lru.forked(self, child)
         return child
 
     def exit(self) -> None:
@@ -377,11 +422,48 @@ class Process:
         k.unstable.touched(k, self)
         self.exiting = True
         k.ksm_exit(self)
+        k.lru.drain(self.cpu)  # exit_mmap: lru_add_drain()
+        thp.exited(self)
         for v in self.vmas:
             self._zap(v, 0, v.end - v.start)
         self.vmas = []
         self._starts = []
         k._reap(self)
+
+    # -- THP and CPU ------------------------------------------------------------------------------
+    def set_thp_disable(self, disable: bool) -> None:
+        """prctl(PR_SET_THP_DISABLE): no huge page faults in this mm (inherited by fork)."""
+        self._check_alive()
+        self.thp_disable = bool(disable)
+
+    def thp_fault_fails(self, addr: int, length: int) -> None:
+        """The kernel could not allocate a huge page for these blocks: the next huge page
+        fault in each not yet faulted block of [addr, addr+length) falls back to a small page.
+
+        For replaying a real process's layout (a block that is not a THP there) and for
+        testing allocation failures.
+        """
+        self._check_alive()
+        lo, hi = self._range(addr, length)
+        shift = self.kernel.hp_shift
+        if hi > lo:
+            for b in range(lo >> shift, ((hi - 1) >> shift) + 1):
+                self.blocks.setdefault(b, thp.FAIL)
+
+    def set_cpu(self, cpu: int) -> None:
+        """sched_setaffinity to one CPU: its new pages join that CPU's LRU batch."""
+        self._check_alive()
+        if not isinstance(cpu, int) or cpu < 0:
+            raise ValueError("cpu must be an integer >= 0")
+        self.cpu = cpu
+
+    def anon_huge_bytes(self, addr: int | None = None, length: int | None = None) -> int:
+        """AnonHugePages of /proc/PID/smaps (bytes), over [addr, addr+length) or everything."""
+        self._check_alive()
+        if addr is None or length is None:
+            return thp.anon_huge_bytes(self.kernel, self, 0, 1 << 62)
+        lo, hi = self._range(addr, length)
+        return thp.anon_huge_bytes(self.kernel, self, lo, hi)
 
     # -- /proc/PID/ksm_stat ---------------------------------------------------------------------
     def ksm_mergeable(self) -> bool:
@@ -421,6 +503,10 @@ class Process:
         """/proc/PID/ksm_merging_pages (5.19+)."""
         self._check_alive()
         return self.ksm_merging_pages
+
+
+def _never(v: Vma) -> bool:
+    return False
 
 
 def _key(s: Any) -> bytes:

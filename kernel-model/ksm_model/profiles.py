@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 COMMON_FILES = (
     "run",
@@ -49,6 +49,9 @@ class Profile:
     general_profit: bool  # 6.4+: general_profit, ksm_stat merging/profit
     prctl: bool  # 6.4+: PR_SET_MEMORY_MERGE
     ksm_stat_flags: bool  # ksm_stat "ksm_merge_any:" / "ksm_mergeable:" lines
+    lru_batch: int  # folios per per-CPU LRU batch: PAGEVEC_SIZE 15, FOLIO_BATCH_SIZE 31 (6.11)
+    thp_split_remaps_zero: bool  # 6.12+: a THP split maps zero-filled subpages to the zero page
+    thp_align_anon: bool  # 6.7+: anonymous mmaps of a multiple of the PMD size are PMD-aligned
 
 
 PROFILES = {
@@ -63,6 +66,9 @@ PROFILES = {
         general_profit=True,
         prctl=True,
         ksm_stat_flags=True,
+        lru_batch=31,
+        thp_split_remaps_zero=False,
+        thp_align_anon=True,
     ),
     "6.1": Profile(
         name="6.1",
@@ -75,8 +81,15 @@ PROFILES = {
         general_profit=False,
         prctl=False,
         ksm_stat_flags=False,
+        lru_batch=15,
+        thp_split_remaps_zero=False,
+        thp_align_anon=False,
     ),
 }
+# 6.12 (b1f202060afe "mm: remap unused subpages to shared zeropage when splitting isolated
+# thp"): the same KSM as 6.11, but a huge page split maps its zero-filled subpages to the
+# shared zero page, so they leave KSM's view (measured on 6.18).
+PROFILES["6.12"] = replace(PROFILES["6.11"], name="6.12", thp_split_remaps_zero=True)
 
 
 def _release_tuple(release: str) -> tuple[int, int]:
@@ -91,15 +104,16 @@ def _release_tuple(release: str) -> tuple[int, int]:
 
 
 def resolve(name: str, release: str | None = None) -> Profile:
-    """A profile by name; "host" picks "6.11" for a running kernel >= 6.11, else "6.1".
+    """A profile by name; "host" picks "6.12" for a running kernel >= 6.12, "6.11" for 6.11,
+    else "6.1".
 
     A 6.6-6.10 host therefore gets the 6.1 behaviour (stable search before the checksum, no
-    smart_scan/advisor/zero-page counting), which is the closest of the two profiles.
+    smart_scan/advisor/zero-page counting), which is the closest of the profiles.
     """
     if name == "host":
-        rel = release if release is not None else os.uname().release
-        name = "6.11" if _release_tuple(rel) >= (6, 11) else "6.1"
+        rel = _release_tuple(release if release is not None else os.uname().release)
+        name = "6.12" if rel >= (6, 12) else "6.11" if rel >= (6, 11) else "6.1"
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown profile {name!r}: use 6.11, 6.1 or host") from None
+        raise ValueError(f"unknown profile {name!r}: use 6.12, 6.11, 6.1 or host") from None

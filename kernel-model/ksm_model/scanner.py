@@ -15,7 +15,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
-from ksm_model import stable
+from ksm_model import stable, thp
 from ksm_model.content import ZERO
 from ksm_model.pages import ASK, KZERO, SEQNR_MASK, Page, RmapItem, UTag
 from ksm_model.stable import StableNode
@@ -234,6 +234,8 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
             mm.r = r
             k.scan_addr = addr + 1
             merge(k, mm, v, addr - base, it)
+            if unstable.slow:
+                fast = False  # a huge page split took pages from under the unstable tree
             n += 1
             addr += 1
             if n == budget:
@@ -254,7 +256,7 @@ def do_scan(k: Kernel, budget: int) -> int:
     mm = k.cursor
     if mm is None:  # start of a full scan
         k.advisor.start_scan(k)
-        k.lru_pending.clear()  # lru_add_drain_all()
+        k.lru.drain_all()  # lru_add_drain_all()
         k.unstable.reset(k.seqnr)
         mm = k.mm_list[0]
         _next_mm(k, mm)
@@ -300,9 +302,31 @@ def _release(s: Any) -> None:
         s.mapcount -= 1
 
 
+def _one_page(
+    k: Kernel, mm: Process, v: Vma, i: int, s: Any, pinned: thp.Folio | None = None
+) -> bool:
+    """try_to_merge_one_page up to write_protect_page(): can page s at (mm, i) be merged?
+
+    A page of a large folio needs split_huge_page first; that fails while ksmd holds a
+    reference to another page of the same folio (`pinned`). A split may have mapped the page
+    itself to the zero page (6.12+): then it is no longer mapped there and nothing merges.
+    A page still in an LRU batch cannot be write-protected.
+    """
+    pn = v.start + i
+    if mm.nlarge:
+        folio = thp.folio_at(k, mm, pn)
+        if folio is not None:
+            if folio is pinned:
+                return False
+            thp.split(k, folio)
+    if v.pages[i] is not s:
+        return False
+    return not k.merge_blocked(mm, pn)
+
+
 def _merge_zero(k: Kernel, mm: Process, v: Vma, i: int, s: Any) -> bool:
     """try_to_merge_with_zero_page; False if the page could not be write-protected."""
-    if k.merge_blocked(mm, v.start + i):
+    if not _one_page(k, mm, v, i, s):
         return False
     v.pages[i] = KZERO
     _release(s)
@@ -315,7 +339,7 @@ def _merge_into(
 ) -> None:
     kp = dup.page
     assert kp is not None
-    if k.merge_blocked(mm, v.start + i):
+    if not _one_page(k, mm, v, i, s):
         return  # try_to_merge_one_page failed: the item stays out of every tree (volatile)
     v.pages[i] = kp
     kp.mapcount += 1
@@ -327,6 +351,10 @@ def _unstable(
     k: Kernel, mm: Process, v: Vma, i: int, s: Any, it: RmapItem, key: bytes, nid: int
 ) -> None:
     """unstable_tree_search_insert and, on a match, try_to_merge_two_pages + insert."""
+    if v.pages[i] is not s:
+        # A failed zero-page merge split its huge page and the page went to the zero page:
+        # it is still inserted (ksmd holds it), and every later walk through it stops.
+        k.unstable.go_exact(k)
     got = k.unstable.search_insert(k, mm, s, it, key, nid)
     if got is not None:
         t, (tmm, tv, ti, ts) = got
@@ -346,11 +374,16 @@ def _merge_two(
     ts: Any,
     t: RmapItem,
 ) -> None:
-    if k.merge_blocked(mm, v.start + i):
-        return  # the page cannot be write-protected: no merge, the tree item stays
-    if k.merge_blocked(tmm, tv.start + ti):
+    tfolio = thp.folio_at(k, tmm, tv.start + ti) if tmm.nlarge else None
+    if not _one_page(k, mm, v, i, s, tfolio):
+        # No merge, the tree item stays. Both pages in one huge page: the split failed for
+        # the reference ksmd holds on the tree page; split it now (the pair merges later).
+        if tfolio is not None and thp.folio_at(k, mm, v.start + i) is tfolio:
+            thp.split(k, tfolio)
+        return
+    if not _one_page(k, tmm, tv, ti, ts):
         # The tree page cannot be replaced: break_cow() undoes the new KSM page, leaving
-        # a fresh private copy (itself new, so blocked until the next scan).
+        # a fresh private copy (itself new, so in an LRU batch).
         k.new_page(mm, v.start + i)
         return
     if s.__class__ is bytes:

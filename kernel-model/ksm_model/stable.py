@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ksm_model.content import compare
+from ksm_model.jiffies import time_before
 from ksm_model.pages import Page
 from ksm_model.rbtree import RBTree
 
@@ -49,7 +50,7 @@ class StableNode:
         self.page = page
         self.chain = False
         self.dups: list[StableNode] = []  # chain only; index 0 is the hlist head
-        self.prune_time = 0
+        self.prune_time = 0  # chain_prune_time, in jiffies
         self.in_chain: StableNode | None = None  # dup only: its chain
         self.length = 0  # rmap_hlist_len
         self.mms: dict[Any, int] = {}  # mm -> number of its rmap_items on this node
@@ -104,8 +105,10 @@ def _node_dup(
     candidate in list order, or (when the prune interval has elapsed) the candidate with the
     most mappings; this only matters for later collapse/prune behaviour.
     """
-    now = k.now_ms()
-    if not prune or now < chain.prune_time + k.stable_node_chains_prune_millisecs:
+    now = k.jiffies
+    if not prune or time_before(
+        now, chain.prune_time + k.msecs_to_jiffies(k.stable_node_chains_prune_millisecs)
+    ):
         prune = False
     else:
         chain.prune_time = now
@@ -216,7 +219,7 @@ def insert(k: Kernel, page: Page) -> StableNode:
         if not chain.chain:
             chain = StableNode(node.key, nid, None)
             chain.chain = True
-            chain.prune_time = k.now_ms()
+            chain.prune_time = k.jiffies
             k.stable_node_chains += 1
             tree.replace(node, chain)
             chain.dups.insert(0, node)

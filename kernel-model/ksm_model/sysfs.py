@@ -186,8 +186,9 @@ class Sysfs:
 
     def _w_sleep_millisecs(self, s: str) -> None:
         k = self.k
-        k.sleep_millisecs = _einval(_uint, s)
-        if k._next_batch_ns is not None:
+        old, k.sleep_millisecs = k.sleep_millisecs, _einval(_uint, s)
+        # ksmd sleeps until the value differs from the one it went to sleep with.
+        if k._next_batch_ns is not None and k.sleep_millisecs != old:
             k.wake_ksmd()
 
     def _busy_change(self) -> None:

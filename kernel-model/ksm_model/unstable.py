@@ -119,6 +119,12 @@ class Unstable:
         if tag is not None and tag.seq == k.seqnr:
             self._go_slow(k)
 
+    def go_exact(self, k: Kernel) -> None:
+        """Switch to the exact rbtree for the rest of this scan (a page is going into the
+        tree that is not mapped where its item says)."""
+        if not self.slow and k.cursor is not None:
+            self._go_slow(k)
+
     def _history(self) -> list[tuple[RmapItem, int]]:
         """This scan's inserts in order, as (item, nid): the walk order."""
         erased: dict[Process, list[tuple[RmapItem, int]]] = {}

@@ -30,8 +30,10 @@ def test_madvise_errors() -> None:
     assert oserr(p.madvise, a + 2 * PS, 4 * PS, MADV_MERGEABLE) == errno.ENOMEM
     assert p.registered and p.ksm_stat()["ksm_mergeable"] is True
     assert [v.mergeable for v in p.vmas] == [False, True]  # the VMA was split
-    p.madvise(a, 1, MADV_UNMERGEABLE)  # length rounds up to a page
-    assert [v.mergeable for v in p.vmas] == [False, False, True]
+    p.madvise(a, 1, MADV_UNMERGEABLE)  # length rounds up to a page; no flag changes there,
+    assert [v.mergeable for v in p.vmas] == [False, True]  # so no split (madvise_update_vma)
+    p.madvise(a + 3 * PS, 1, MADV_UNMERGEABLE)
+    assert [v.mergeable for v in p.vmas] == [False, True, False]
 
 
 def test_memory_errors_and_contents() -> None:
@@ -170,8 +172,10 @@ def test_scan_pages_batches_and_end_of_scan() -> None:
 
 def test_advance_virtual_time() -> None:
     # 100 pages, pages_to_scan 100, sleep 20 ms: each scan is 2 batches (100 pages costing
-    # 10us + 500us, then the batch that only ends the scan, 10us), 20 ms sleep after each.
-    # Scan n ends at 20.52 + 40.52*(n-1) ms, so 25 scans end within 1 s.
+    # 10us + 500us, then the batch that only ends the scan, 10us). The sleep after each is
+    # msecs_to_jiffies(20) = 5 jiffies at HZ 250, armed within jiffy J: the timer wheel fires
+    # it at the tick that starts jiffy J+6, so batches start 24 ms apart. Scan n ends at
+    # 24.01 + 48*(n-1) ms, so 21 scans end within 1 s.
     k = Kernel()
     p = k.spawn(name="p")
     a = p.mmap(100 * PS)
@@ -179,13 +183,13 @@ def test_advance_virtual_time() -> None:
     p.madvise(a, 100 * PS, MADV_MERGEABLE)
     k.sysfs.write("run", "1")
     k.advance(1.0)
-    assert (k.full_scans, k.now) == (25, 1.0)
+    assert (k.full_scans, k.now) == (21, 1.0)
     k.sysfs.write("run", "0")
     k.advance(5.0)
-    assert k.full_scans == 25
+    assert k.full_scans == 21
     k.sysfs.write("run", "1")  # wakes ksmd at once
     k.advance(0.0)
-    assert k.counters()["pages_scanned"] == 25 * 100 + 100
+    assert k.counters()["pages_scanned"] == 21 * 100 + 100
 
 
 def test_unmergeable_breaks_ksm_pages_immediately() -> None:

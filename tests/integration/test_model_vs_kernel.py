@@ -25,7 +25,7 @@ from harness.scenario.compare import compare
 from harness.scenario.errors import ForeignKsmActivity, SamplingError
 from harness.scenario.generate import generate
 from harness.scenario.kernel_runner import KernelRunner
-from harness.scenario.model_runner import run_on_model
+from harness.scenario.model_runner import ModelRunner
 from harness.scenario.series import Series, Snapshot
 from harness.scenario.spec import Scenario
 from harness.scenario.workers import WorkerPool, process_alive
@@ -63,7 +63,8 @@ class Differential:
         return series
 
     def check(self, kernel_series: Series) -> None:
-        model_series = run_on_model(kernel_series.scenario)
+        # The model of this host's kernel: its profile (6.12+ here), CONFIG_HZ and THP mode.
+        model_series = ModelRunner.for_host().run(kernel_series.scenario)
         self.series.append(model_series)
         result = compare(kernel_series, model_series)
         if not result.ok:
@@ -89,7 +90,8 @@ def counters(snap: Snapshot, **expected: int) -> None:
 
 def stat(snap: Snapshot, process: str, **expected: object) -> None:
     got = snap.processes[process]
-    wrong = {k: (got[f"ksm_{k}"], v) for k, v in expected.items() if got[f"ksm_{k}"] != v}
+    field = {k: k if k == "anon_huge_kb" else f"ksm_{k}" for k in expected}
+    wrong = {k: (got[field[k]], v) for k, v in expected.items() if got[field[k]] != v}
     assert not wrong, f"{process} ksm_stat differs from the spec (got, expected): {wrong}"
 
 
@@ -444,6 +446,159 @@ def test_max_page_sharing_sweep(differential: Differential, m: int, k: int) -> N
         stable_node_chains=1 if shared >= 2 else 0,
         stable_node_dups=shared if shared >= 2 else 0,
     )  # fmt: skip
+    differential.check(ks)
+
+
+# -- transparent huge pages (THP) ------------------------------------------------------------
+
+HUGE_KB = 2048  # one PMD-mapped THP
+
+
+def thp(name: str, contents: list[str], **more: Any) -> dict[str, Any]:
+    return {"name": name, "contents": contents, "thp": True, **more}
+
+
+def huge_pages_given(series: Series, **expected_kb: int) -> None:
+    """The kernel really faulted the THP processes in as huge pages (AnonHugePages)."""
+    got = {p: series.initial.processes[p]["anon_huge_kb"] for p in expected_kb}
+    if got != expected_kb:
+        pytest.skip(
+            f"the kernel did not give huge pages (AnonHugePages kB {got}, wanted "
+            f"{expected_kb}): THP disabled or memory too fragmented"
+        )
+
+
+def test_thp_identical_pages(differential: Differential) -> None:
+    # Spec section 19 item 1: in scan 2 the first pair of the huge page fails (both pages in
+    # one folio) and splits it, the rest merge; that page merges in scan 3. Two processes.
+    procs = [thp("p1", ["a*1024"]), thp("p2", ["a*512"])]
+    ks = differential(scenario("thp-identical", 4, procs))
+    huge_pages_given(ks, p1=2 * HUGE_KB, p2=HUGE_KB)
+    counters(ks.at(1).end, pages_volatile=1536)
+    counters(ks.at(2).end, pages_volatile=1, pages_shared=6, pages_sharing=1529)
+    counters(ks.at(3).end, pages_volatile=0, pages_shared=6, pages_sharing=1530)
+    stat(ks.at(2).end, "p1", anon_huge_kb=0)  # every huge page was split
+    differential.check(ks)
+
+
+def test_thp_half_identical_half_unique(differential: Differential) -> None:
+    # Two huge pages, each 256 pages of 'a' and then 256 unique ones.
+    half = ["a*256", *[f"u:{i}" for i in range(256)], "a*256", *[f"u:{i}" for i in range(256, 512)]]
+    ks = differential(scenario("thp-half", 4, [thp("p1", half)]))
+    huge_pages_given(ks, p1=2 * HUGE_KB)
+    counters(ks.at(2).end, pages_unshared=512, pages_volatile=1)
+    differential.check(ks)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_thp_zero_filled_tails_and_heads(differential: Differential, zero: int) -> None:
+    # 6.12+: the split maps zero-filled subpages to the shared zero page: they never merge
+    # (not even with the zero page), and one inserted in the unstable tree before the split
+    # stops every later walk of that scan. p3 (no THP) has small zero pages that do merge.
+    procs = [
+        thp("p1", ["a*300", "zero*212"]),
+        thp("p2", ["zero*200", "b*312"]),
+        {"name": "p3", "contents": ["zero*16", "b*16"]},
+    ]
+    tun = {"use_zero_pages": zero}
+    ks = differential(scenario(f"thp-zero-{zero}", 4, procs, tunables=tun))
+    huge_pages_given(ks, p1=HUGE_KB, p2=HUGE_KB)
+    stat(ks.at(3).end, "p1", rmap_items=300, zero_pages=0)
+    stat(ks.at(3).end, "p2", rmap_items=312, zero_pages=0)
+    stat(ks.at(3).end, "p3", zero_pages=16 * zero)
+    differential.check(ks)
+
+
+def test_thp_writes_into_split_and_unsplit_huge_pages(differential: Differential) -> None:
+    # p1's unique pages never merge, so its huge page stays: a write changes it in place.
+    # p2's pages merged (split): writes copy KSM pages, one of them back to the same bytes.
+    acts = [
+        {"after": 2, "do": "write", "process": "p1", "pages": [5, 300], "content": "b"},
+        {"after": 2, "do": "write", "process": "p2", "pages": [3, 4], "content": "c"},
+        {"after": 2, "do": "write", "process": "p2", "pages": [7], "content": "a"},
+        {"after": 4, "do": "write", "process": "p1", "pages": [6], "content": "u:6"},
+    ]
+    procs = [thp("p1", [f"u:{i}" for i in range(512)]), thp("p2", ["a*512"])]
+    ks = differential(scenario("thp-writes", 6, procs, actions=acts))
+    huge_pages_given(ks, p1=HUGE_KB, p2=HUGE_KB)
+    after = ks.at(2).after_actions
+    assert after is not None
+    stat(after, "p1", anon_huge_kb=HUGE_KB)  # written in place: still a huge page
+    stat(after, "p2", anon_huge_kb=0)
+    differential.check(ks)
+
+
+def test_thp_and_small_pages_mixed(differential: Differential) -> None:
+    # Small-page processes first and last: their pages meet huge pages' in both trees.
+    procs = [
+        {"name": "s1", "contents": ["a*40", "u:1*3", "zero*5"]},
+        thp("h1", ["u:1*10", "a*600", "u:2*200", "zero*214"]),
+        {"name": "s2", "contents": ["u:2*7", "a*9"]},
+        thp("h2", ["a*100", "u:1*412", "b*40"]),
+    ]
+    acts = [
+        {"after": 2, "do": "fork", "process": "h2", "child": "c2"},
+        {"after": 3, "do": "write", "process": "c2", "pages": [500, 501], "content": "a"},
+        {"after": 3, "do": "dontneed", "process": "h1", "start": 512, "count": 512},
+    ]
+    ks = differential(scenario("thp-mixed", 6, procs, actions=acts))
+    huge_pages_given(ks, h1=2 * HUGE_KB, h2=HUGE_KB)
+    differential.check(ks)
+
+
+def test_thp_fork_before_the_merge(differential: Differential) -> None:
+    # The child maps the same huge page; the split (from the parent's pair) splits it in
+    # both, and the child's pages append to the KSM pages with the bypass.
+    acts = [
+        {"after": 1, "do": "fork", "process": "p1", "child": "c1"},
+        {"after": 3, "do": "write", "process": "c1", "pages": [7], "content": "b"},
+    ]
+    ks = differential(scenario("thp-fork", 5, [thp("p1", ["a*512"])], actions=acts))
+    huge_pages_given(ks, p1=HUGE_KB)
+    after = ks.at(1).after_actions
+    assert after is not None
+    stat(after, "c1", anon_huge_kb=HUGE_KB)
+    differential.check(ks)
+
+
+# -- jiffies ---------------------------------------------------------------------------------
+
+
+def test_chain_prune_in_jiffies(differential: Differential) -> None:
+    # A chain [N2, N1] is made in scan 2 by B's pages, one batch (pages_to_scan 3) before the
+    # scan ends; then A's writes free N1's page. In scan 3 L's page (first in the walk) looks
+    # the chain up. At HZ 250, sleep_millisecs 101 is 26 jiffies and the timer wheel fires
+    # strictly after that, so at least 27 jiffies pass between N2's creation and L's lookup;
+    # stable_node_chains_prune_millisecs 105 is msecs_to_jiffies = 27: the kernel must prune
+    # (N1 goes, the chain collapses: chains 0, dups 0). Exact milliseconds (101 < 105) would
+    # not prune, nor would 26 jiffies: chains 1, dups 1.
+    if differential.kernel.read_tunables().sleep_millisecs is None:
+        pytest.skip("no KSM")
+    from ksm_model.hostprobe import probe
+
+    if probe().hz != 250:
+        pytest.skip(f"the test's numbers are for HZ 250, this kernel has HZ {probe().hz}")
+    procs = [
+        {"name": "L", "contents": ["u:1"]},
+        {"name": "A", "pages": 3, "fill": "a"},
+        {"name": "B", "pages": 2, "fill": "a"},
+        {"name": "C", "contents": ["u:3"]},
+    ]
+    acts = [
+        {"after": 1, "do": "write", "process": "L", "pages": [0], "content": "a"},
+        {"after": 1, "do": "write", "process": "C", "pages": [0], "content": "u:4"},
+        {"after": 2, "do": "write", "process": "A", "pages": [0, 1, 2], "content": "b"},
+        {"after": 2, "do": "write", "process": "C", "pages": [0], "content": "u:5"},
+    ]
+    tun = {
+        "max_page_sharing": 3,
+        "pages_to_scan": 3,
+        "sleep_millisecs": 101,
+        "stable_node_chains_prune_millisecs": 105,
+    }
+    ks = differential(scenario("prune-jiffies", 4, procs, tunables=tun, actions=acts))
+    counters(ks.at(2).end, stable_node_chains=1, stable_node_dups=2)
+    counters(ks.at(3).end, stable_node_chains=0, stable_node_dups=0, pages_shared=1)
     differential.check(ks)
 
 

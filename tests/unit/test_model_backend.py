@@ -64,8 +64,10 @@ def test_wait_full_scans_in_virtual_time_and_counters() -> None:
     b.write_tunables(run=1)
     assert b.wait_full_scans(2, timeout=5.0) == 2
     # 300 pages / 100 per batch = 4 batches per scan (the last one only ends the scan), each
-    # followed by 20 ms of sleep: scan 2 ends at 143.08 ms, seen by the 10 ms poll at 150 ms.
-    assert k.now == pytest.approx(0.150, abs=1e-12)
+    # followed by a 20 ms sleep: 5 jiffies at HZ 250, which the timer wheel ends at the tick
+    # after them, so batches start 24 ms apart. Scan 2 ends at 168.01 ms, seen by the next
+    # 10 ms poll, at 170.51 ms.
+    assert k.now == pytest.approx(0.17051, abs=1e-12)
     assert b.read_counters() == Counters(
         pages_shared=2,
         pages_sharing=298,

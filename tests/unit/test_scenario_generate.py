@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from harness.scenario.generate import generate
-from harness.scenario.spec import Fork, Scenario, SetTunable
+from harness.scenario.spec import Fork, Scenario, SetTunable, Spawn
 
 
 def test_same_seed_same_scenario() -> None:
@@ -47,11 +47,17 @@ def test_ranges_and_coverage() -> None:
     zero, smart = set(), set()
     dup_groups = 0
     zero_forks = 0  # fork after use_zero_pages=1: KSM zero pages copied (diff-findings F1)
+    thp_seeds = thp_spawns = thp_zero = 0
     for seed in range(600):
         s = generate(seed)
         assert isinstance(s, Scenario)  # construction validates it
         assert 1 <= len(s.processes) <= 4
-        assert all(1 <= len(p.pages) <= 300 for p in s.processes)
+        assert all(1 <= len(p.pages) <= (1100 if p.thp else 300) for p in s.processes)
+        huge = [p for p in s.processes if p.thp]
+        assert len(huge) <= 1 and all(len(p.pages) >= 512 for p in huge)
+        thp_seeds += bool(huge)
+        thp_zero += any("zero" in p.pages and len(set(p.pages)) > 1 for p in huge)
+        thp_spawns += sum(isinstance(a, Spawn) and a.spec.thp for a in s.actions)
         assert 2 <= s.scans <= 10
         t = s.tunable_values
         mps.add(t["max_page_sharing"])
@@ -74,11 +80,27 @@ def test_ranges_and_coverage() -> None:
     }  # fmt: skip
     assert dup_groups > 600
     assert zero_forks > 10
+    assert 150 < thp_seeds < 270 and thp_zero > 40 and thp_spawns > 5
+
+
+def test_thp_processes_do_not_change_the_rest_of_a_seed() -> None:
+    # THP choices come from their own random stream: only THP processes differ.
+    changed = 0
+    for seed in range(100):
+        s, plain = generate(seed), generate(seed, thp=False)
+        assert not any(p.thp for p in plain.processes)
+        assert (s.scans, s.tunables) == (plain.scans, plain.tunables)
+        for p, q in zip(s.processes, plain.processes, strict=True):
+            assert p == q or (p.thp and p.name == q.name and len(p.pages) >= len(q.pages))
+        for a, b in zip(s.actions, plain.actions, strict=True):
+            assert a == b or (isinstance(a, Spawn) and a.spec.thp and a.spec.name == b.process)
+        changed += s != plain
+    assert 20 < changed < 50
 
 
 def test_limits_are_honoured() -> None:
     for seed in range(100):
-        s = generate(seed, max_processes=2, max_pages=10, max_scans=3)
+        s = generate(seed, max_processes=2, max_pages=10, max_scans=3, thp=False)
         assert len(s.processes) <= 2
         assert all(len(p.pages) <= 10 for p in s.processes)
         assert s.scans <= 3

@@ -47,9 +47,9 @@ class FakeProcess:
         self.k, self.name, self.pid = kernel, name, 100 + len(kernel.procs)
         kernel.procs.append(self)
 
-    def mmap(self, length: int, node: int = 0) -> int:
-        self.k.log.append(f"{self.name} mmap {length}")
-        return 0x10000
+    def mmap(self, length: int, node: int = 0, align: int = 0) -> int:
+        self.k.log.append(f"{self.name} mmap {length}" + (f" align {align:#x}" if align else ""))
+        return 0x200000
 
     def write(self, addr: int, data: bytes) -> None:
         self.k.log.append(f"{self.name} write {addr:#x} {len(data)} {data[:24]!r}")
@@ -70,12 +70,15 @@ class FakeProcess:
     def ksm_stat(self) -> dict[str, Any]:
         return {"ksm_rmap_items": self.pid, "ksm_mergeable": True}
 
+    def anon_huge_bytes(self, addr: int | None = None, length: int | None = None) -> int:
+        return 0x200000 if self.name == "h1" else 0
+
 
 class FakeKernel:
     instances: ClassVar[list[FakeKernel]] = []
 
-    def __init__(self, profile: str, numa_nodes: int, page_size: int) -> None:
-        self.args = (profile, numa_nodes, page_size)
+    def __init__(self, profile: str, numa_nodes: int, page_size: int, **kw: Any) -> None:
+        self.args = (profile, numa_nodes, page_size, kw)
         self.log: list[str] = []
         self.sysfs = FakeSysfs(self.log)
         self.procs: list[FakeProcess] = []
@@ -98,7 +101,12 @@ class FakeKernel:
 def fake_model(monkeypatch: pytest.MonkeyPatch) -> type[FakeKernel]:
     FakeKernel.instances.clear()
     mod = types.SimpleNamespace(
-        Kernel=FakeKernel, MADV_MERGEABLE=12, MADV_UNMERGEABLE=13, MADV_DONTNEED=4
+        Kernel=FakeKernel,
+        MADV_MERGEABLE=12,
+        MADV_UNMERGEABLE=13,
+        MADV_DONTNEED=4,
+        MADV_HUGEPAGE=14,
+        MADV_NOHUGEPAGE=15,
     )
     monkeypatch.setattr(model_runner, "_import_model", lambda: mod)
     return FakeKernel
@@ -123,12 +131,20 @@ def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) 
                 {"after": 2, "do": "exit", "process": "p2"},
                 {"after": 2, "do": "dontneed", "process": "p1", "start": 1, "count": 1},
                 {"after": 2, "do": "spawn", "process": "n1", "pages": 2, "fill": "0x7f"},
+                {
+                    "after": 2,
+                    "do": "spawn",
+                    "process": "h1",
+                    "pages": 512,
+                    "fill": "a",
+                    "thp": True,
+                },
             ],
         }
     )
     series = model_runner.run_on_model(s, profile="6.1")
     k = fake_model.instances[0]
-    assert k.args == ("6.1", 1, 4096)
+    assert k.args == ("6.1", 1, 4096, {"hz": 250, "thp": "madvise"})
     assert k.log == [
         "sysfs run=0",
         "sysfs run=2",
@@ -140,43 +156,54 @@ def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) 
         "sysfs sleep_millisecs=300",
         "spawn p1",
         "p1 mmap 12288",
-        "p1 fill 0x10000 8192 0x61",
-        "p1 write 0x12000 4096 b'ksm-harness unique page '",
-        "p1 madvise 0x10000 12288 12",
+        "p1 madvise 0x200000 12288 15",  # MADV_NOHUGEPAGE before the first write
+        "p1 fill 0x200000 8192 0x61",
+        "p1 write 0x202000 4096 b'ksm-harness unique page '",
+        "p1 madvise 0x200000 12288 12",
         "spawn p2",
         "p2 mmap 4096",
-        "p2 fill 0x10000 4096 0x0",
-        "p2 madvise 0x10000 4096 12",
+        "p2 madvise 0x200000 4096 15",
+        "p2 fill 0x200000 4096 0x0",
+        "p2 madvise 0x200000 4096 12",
         "sysfs run=1",
         "run_until 1",
         "sysfs run=0",
-        "p2 write 0x10000 4096 b'ksm-harness unique page '",
+        "p2 write 0x200000 4096 b'ksm-harness unique page '",
         "p1 fork",
         "sysfs run=1",
+        "sysfs sleep_millisecs=301",  # the kernel runner's toggle: ends ksmd's sleep
         "run_until 2",
         "sysfs run=0",
         "sysfs max_page_sharing=2",
         "sysfs run=2",
         "sysfs max_page_sharing=2",
-        "p1' madvise 0x10000 12288 13",
+        "p1' madvise 0x200000 12288 13",
         "p2 exit",
-        "p1 madvise 0x11000 4096 4",
+        "p1 madvise 0x201000 4096 4",
         "spawn n1",
         "n1 mmap 8192",
-        "n1 fill 0x10000 8192 0x7f",
-        "n1 madvise 0x10000 8192 12",
+        "n1 madvise 0x200000 8192 15",
+        "n1 fill 0x200000 8192 0x7f",
+        "n1 madvise 0x200000 8192 12",
+        "spawn h1",
+        "h1 mmap 2097152 align 0x200000",  # a THP buffer starts on a 2 MiB boundary
+        "h1 madvise 0x200000 2097152 14",  # MADV_HUGEPAGE
+        "h1 fill 0x200000 2097152 0x61",
+        "h1 madvise 0x200000 2097152 12",
         "sysfs run=1",
+        "sysfs sleep_millisecs=300",
         "run_until 1",  # full_scans restarted at 0 after run=2
         "sysfs run=0",
     ]
     assert series.source == "model"
     assert [x.scan for x in series.samples] == [1, 2, 3]
-    assert series.samples[1].outcomes == ("refused EBUSY",) + ("ok",) * 6
+    assert series.samples[1].outcomes == ("refused EBUSY",) + ("ok",) * 7
     assert series.samples[0].end.counters["pages_scanned"] == 10  # a delta from the start
     assert series.samples[2].end.counters["pages_scanned"] == 30
     assert series.samples[2].end.counters["full_scans"] == 1
     assert series.samples[2].end.counters["pages_sharing"] is None  # no such file in the fake
-    assert list(series.samples[2].end.processes) == ["p1", "c1", "n1"]
+    assert list(series.samples[2].end.processes) == ["p1", "c1", "n1", "h1"]
+    assert series.samples[2].end.processes["h1"]["anon_huge_kb"] == 2048
     assert list(series.samples[1].end.processes) == ["p1", "p2", "c1"]
     assert series.samples[2].after_actions is None
     assert series.samples[0].end.processes["p1"]["ksm_zero_pages"] is None

@@ -1,0 +1,128 @@
+"""Read the running kernel's settings that a model of it needs (the only ksm_model module
+that does I/O; the model's core never imports it).
+
+    from ksm_model.hostprobe import probe
+    host = probe()
+    k = Kernel(profile="host", **host.kernel_args())
+    k.ksmd_runtime_ns = host.ksmd_runtime_ns  # for the scan-time advisor's first step
+
+- hz: CONFIG_HZ from /proc/config.gz, else /boot/config-$(uname -r), else 250;
+- thp, thp_use_zero_page: /sys/kernel/mm/transparent_hugepage/{enabled,use_zero_page};
+- ksmd_runtime_ns: ksmd's accumulated CPU time (the first field of /proc/<ksmd>/schedstat,
+  its sum_exec_runtime: what task_sched_runtime() gives the advisor), or None.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HZ = 250
+_HZ_RE = re.compile(r"^CONFIG_HZ=(\d+)$", re.M)
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """What probe() found; `sources` says where each value came from."""
+
+    release: str
+    hz: int
+    thp: str
+    thp_use_zero_page: bool
+    ksmd_runtime_ns: int | None
+    sources: dict[str, str]
+
+    def kernel_args(self) -> dict[str, object]:
+        """Keyword arguments for ksm_model.Kernel."""
+        return {"hz": self.hz, "thp": self.thp, "thp_use_zero_page": self.thp_use_zero_page}
+
+
+def config_hz(text: str) -> int | None:
+    """CONFIG_HZ from a kernel .config text."""
+    m = _HZ_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def read_hz(proc: Path, boot: Path, release: str) -> tuple[int, str]:
+    """(CONFIG_HZ, where it came from)."""
+    try:
+        hz = config_hz(gzip.decompress((proc / "config.gz").read_bytes()).decode())
+        if hz:
+            return hz, str(proc / "config.gz")
+    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError):
+        pass
+    cfg = boot / f"config-{release}"
+    try:
+        hz = config_hz(cfg.read_text(errors="replace"))
+        if hz:
+            return hz, str(cfg)
+    except OSError:
+        pass
+    return DEFAULT_HZ, "default"
+
+
+def bracketed(text: str) -> str | None:
+    """The [selected] word of a sysfs choice file such as "always [madvise] never"."""
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else None
+
+
+def read_thp(sys_root: Path) -> tuple[str, bool, str]:
+    """(enabled mode, use_zero_page, where); a kernel without THP reads as never."""
+    base = sys_root / "kernel/mm/transparent_hugepage"
+    try:
+        mode = bracketed((base / "enabled").read_text()) or "never"
+    except OSError:
+        return "never", False, "absent"
+    try:
+        zero = (base / "use_zero_page").read_text().strip() == "1"
+    except OSError:
+        zero = False
+    return mode, zero, str(base)
+
+
+def ksmd_pid(proc: Path) -> int | None:
+    """The pid of the ksmd kernel thread."""
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "ksmd":
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def ksmd_runtime_ns(proc: Path) -> int | None:
+    """ksmd's sum_exec_runtime in ns (None without ksmd or schedstat)."""
+    pid = ksmd_pid(proc)
+    if pid is None:
+        return None
+    try:
+        return int((proc / str(pid) / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def probe(
+    proc: Path = Path("/proc"),
+    sys_root: Path = Path("/sys"),
+    boot: Path = Path("/boot"),
+    release: str | None = None,
+) -> HostSettings:
+    """The running kernel's model-relevant settings (every path injectable for tests)."""
+    rel = release if release is not None else os.uname().release
+    hz, hz_from = read_hz(proc, boot, rel)
+    thp, zero, thp_from = read_thp(sys_root)
+    return HostSettings(
+        release=rel,
+        hz=hz,
+        thp=thp,
+        thp_use_zero_page=zero,
+        ksmd_runtime_ns=ksmd_runtime_ns(proc),
+        sources={"hz": hz_from, "thp": thp_from},
+    )
