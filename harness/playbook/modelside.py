@@ -31,10 +31,16 @@ class ModelSide:
         fallback_hugepage: bool = False,
     ) -> None:
         from ksm_model import Kernel
+        from ksm_model.hostprobe import probe
 
         from harness.ksm.model import ModelBackend
 
-        self.kernel = Kernel(profile=profile)
+        # The running kernel's CONFIG_HZ and THP mode; ksmd's CPU time so far (the advisor's
+        # first step after it is switched on counts it, as the kernel does).
+        host = probe(proc) if profile == "host" else None
+        self.kernel = Kernel(profile=profile, **(host.kernel_args() if host else {}))
+        if host is not None and host.ksmd_runtime_ns is not None:
+            self.kernel.ksmd_runtime_ns = host.ksmd_runtime_ns
         self.backend = ModelBackend(self.kernel)
         self.shadow = Shadow(self.kernel, proc, fallback_hugepage=fallback_hugepage)
         self.snapshot = ModelSnapshot()

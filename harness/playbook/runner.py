@@ -35,6 +35,7 @@ from harness.playbook.schema import (
 from harness.report.render import render
 from harness.report.results import Results, write_results
 from harness.shadow import sharing_matrix
+from harness.thp import khugepaged_pinned
 
 
 class FleetLike(Protocol):
@@ -175,6 +176,9 @@ class Runner:
                     self._lock(stack)
                     stack.enter_context(self.kernel.saved())
                     stack.callback(self._drop_leftover_merges)
+                    if self.pb.fleet.thp:  # the model has no khugepaged: hold it off
+                        thp_root = self.opts.sysfs_root.parent / "transparent_hugepage"
+                        stack.enter_context(khugepaged_pinned(thp_root))
                 elif (self.opts.sysfs_root / "run").exists():
                     # Model only, but the guests' RAM is still mergeable on this host: hold the
                     # lock for their whole life so no one's real KSM test sees them.

@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_HZ = 250
 _HZ_RE = re.compile(r"^CONFIG_HZ=(\d+)$", re.M)
@@ -35,7 +36,7 @@ class HostSettings:
     ksmd_runtime_ns: int | None
     sources: dict[str, str]
 
-    def kernel_args(self) -> dict[str, object]:
+    def kernel_args(self) -> dict[str, Any]:
         """Keyword arguments for ksm_model.Kernel."""
         return {"hz": self.hz, "thp": self.thp, "thp_use_zero_page": self.thp_use_zero_page}
 

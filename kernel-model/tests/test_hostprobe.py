@@ -48,5 +48,5 @@ def test_parsers() -> None:
 def test_this_host() -> None:
     host = probe()
     assert host.hz in (100, 250, 300, 1000)
-    k = Kernel(profile="host", **host.kernel_args())  # type: ignore[arg-type]
+    k = Kernel(profile="host", **host.kernel_args())
     assert (k.hz, k.thp_enabled) == (host.hz, host.thp)
