@@ -88,6 +88,7 @@ class ModelRunner:
         *,
         hz: int = 250,
         thp: str = "madvise",
+        pt_reclaim: bool = False,
     ) -> None:
         self.profile = profile
         self.page_size = page_size
@@ -95,6 +96,7 @@ class ModelRunner:
         self.pages_to_scan = pages_to_scan
         self.hz = hz
         self.thp = thp
+        self.pt_reclaim = pt_reclaim
         self._mod = _import_model()
         self._kernel_cls = self._mod.Kernel
         self.MERGEABLE = int(self._mod.MADV_MERGEABLE)
@@ -102,11 +104,11 @@ class ModelRunner:
     @classmethod
     def for_host(cls, **kw: Any) -> ModelRunner:
         """A runner whose model is this host's kernel: profile "host", and the running
-        kernel's CONFIG_HZ and THP mode (ksm_model.hostprobe)."""
+        kernel's CONFIG_HZ, THP mode and CONFIG_PT_RECLAIM (ksm_model.hostprobe)."""
         from ksm_model.hostprobe import probe
 
         host = probe()
-        return cls(profile="host", hz=host.hz, thp=host.thp, **kw)
+        return cls(profile="host", hz=host.hz, thp=host.thp, pt_reclaim=host.pt_reclaim, **kw)
 
     def advice(self, kind: str) -> int:
         """The model's MADV_* value for 'mergeable', 'unmergeable' or 'dontneed'."""
@@ -123,6 +125,7 @@ class ModelRunner:
             page_size=self.page_size,
             hz=self.hz,
             thp=self.thp,
+            pt_reclaim=self.pt_reclaim,
         )
         return cast(ModelKernel, kernel)
 

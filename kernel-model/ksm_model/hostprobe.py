@@ -7,6 +7,7 @@ that does I/O; the model's core never imports it).
     k.ksmd_runtime_ns = host.ksmd_runtime_ns  # for the scan-time advisor's first step
 
 - hz: CONFIG_HZ from /proc/config.gz, else /boot/config-$(uname -r), else 250;
+- pt_reclaim: CONFIG_PT_RECLAIM=y in the same config (else False);
 - thp, thp_use_zero_page: /sys/kernel/mm/transparent_hugepage/{enabled,use_zero_page};
 - ksmd_runtime_ns: ksmd's accumulated CPU time (the first field of /proc/<ksmd>/schedstat,
   its sum_exec_runtime: what task_sched_runtime() gives the advisor), or None.
@@ -31,6 +32,7 @@ class HostSettings:
 
     release: str
     hz: int
+    pt_reclaim: bool
     thp: str
     thp_use_zero_page: bool
     ksmd_runtime_ns: int | None
@@ -38,7 +40,12 @@ class HostSettings:
 
     def kernel_args(self) -> dict[str, Any]:
         """Keyword arguments for ksm_model.Kernel."""
-        return {"hz": self.hz, "thp": self.thp, "thp_use_zero_page": self.thp_use_zero_page}
+        return {
+            "hz": self.hz,
+            "thp": self.thp,
+            "thp_use_zero_page": self.thp_use_zero_page,
+            "pt_reclaim": self.pt_reclaim,
+        }
 
 
 def config_hz(text: str) -> int | None:
@@ -47,22 +54,22 @@ def config_hz(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def read_hz(proc: Path, boot: Path, release: str) -> tuple[int, str]:
-    """(CONFIG_HZ, where it came from)."""
+def read_config(proc: Path, boot: Path, release: str) -> tuple[str, str]:
+    """(the kernel's .config text, where it came from); ("", "default") when unreadable."""
     try:
-        hz = config_hz(gzip.decompress((proc / "config.gz").read_bytes()).decode())
-        if hz:
-            return hz, str(proc / "config.gz")
+        text = gzip.decompress((proc / "config.gz").read_bytes()).decode()
+        if config_hz(text):
+            return text, str(proc / "config.gz")
     except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError):
         pass
     cfg = boot / f"config-{release}"
     try:
-        hz = config_hz(cfg.read_text(errors="replace"))
-        if hz:
-            return hz, str(cfg)
+        text = cfg.read_text(errors="replace")
+        if config_hz(text):
+            return text, str(cfg)
     except OSError:
         pass
-    return DEFAULT_HZ, "default"
+    return "", "default"
 
 
 def bracketed(text: str) -> str | None:
@@ -117,13 +124,14 @@ def probe(
 ) -> HostSettings:
     """The running kernel's model-relevant settings (every path injectable for tests)."""
     rel = release if release is not None else os.uname().release
-    hz, hz_from = read_hz(proc, boot, rel)
+    config, config_from = read_config(proc, boot, rel)
     thp, zero, thp_from = read_thp(sys_root)
     return HostSettings(
         release=rel,
-        hz=hz,
+        hz=config_hz(config) or DEFAULT_HZ,
+        pt_reclaim=re.search(r"^CONFIG_PT_RECLAIM=y$", config, re.M) is not None,
         thp=thp,
         thp_use_zero_page=zero,
         ksmd_runtime_ns=ksmd_runtime_ns(proc),
-        sources={"hz": hz_from, "thp": thp_from},
+        sources={"config": config_from, "thp": thp_from},
     )

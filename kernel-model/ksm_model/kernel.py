@@ -29,7 +29,8 @@ class Kernel:
 
     ``hz`` is the kernel's CONFIG_HZ (the model does no I/O: ksm_model.hostprobe reads the
     running kernel's). ``thp`` is /sys/kernel/mm/transparent_hugepage/enabled (always,
-    madvise or never; see thp.py), ``thp_use_zero_page`` its use_zero_page.
+    madvise or never; see thp.py), ``thp_use_zero_page`` its use_zero_page, ``pt_reclaim``
+    CONFIG_PT_RECLAIM (empty page tables freed by MADV_DONTNEED).
     """
 
     RMAP_ITEM_SIZE = 64  # sizeof(struct ksm_rmap_item) on 64-bit
@@ -43,6 +44,7 @@ class Kernel:
         hz: int = 250,
         thp: str = "madvise",
         thp_use_zero_page: bool = True,
+        pt_reclaim: bool = False,
     ) -> None:
         if numa_nodes < 1:
             raise ValueError("numa_nodes must be >= 1")
@@ -60,6 +62,8 @@ class Kernel:
         self._thp = "never"
         self.thp_enabled = thp
         self.thp_use_zero_page = thp_use_zero_page
+        # CONFIG_PT_RECLAIM (6.14+): MADV_DONTNEED of a whole block frees its page table.
+        self.pt_reclaim = pt_reclaim
         # tunables
         self.run = 0
         self.pages_to_scan = 100

@@ -181,10 +181,10 @@ class Process:
         self._reindex()
         thp.unmapped(k, self, lo, hi)
 
-    def _zap(self, v: Vma, i0: int, i1: int) -> None:
+    def _zap(self, v: Vma, i0: int, i1: int, reclaim: bool = False) -> None:
         k = self.kernel
         if self.blocks:
-            thp.zap(k, self, v, i0, i1)
+            thp.zap(k, self, v, i0, i1, reclaim)
         pages = v.pages
         for i in range(i0, i1):
             s = pages[i]
@@ -312,7 +312,8 @@ class Process:
             vmas, gaps = self._split_range(lo, hi, _never)
             for v in self.vmas:
                 if v.start < hi and v.end > lo:
-                    self._zap(v, max(lo, v.start) - v.start, min(hi, v.end) - v.start)
+                    i0, i1 = max(lo, v.start) - v.start, min(hi, v.end) - v.start
+                    self._zap(v, i0, i1, k.pt_reclaim)
         elif advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
             flag = thp.HUGE if advice == MADV_HUGEPAGE else thp.NOHUGE
             vmas, gaps = self._split_range(lo, hi, lambda v: v.thp != flag)

@@ -174,28 +174,34 @@ def split_pmd(k: Kernel, mm: Process, pn: int) -> None:
         mm.blocks[b] = PTE
 
 
-def zap(k: Kernel, mm: Process, v: Vma, i0: int, i1: int) -> None:
+def zap(k: Kernel, mm: Process, v: Vma, i0: int, i1: int, reclaim: bool = False) -> None:
     """Before pages [v.start+i0, v.start+i1) are zapped: update the blocks they touch.
 
     A whole PMD-mapped block goes with zap_huge_pmd (its PMD is empty again); a part of one
-    splits the PMD first.
+    splits the PMD first. With `reclaim` (MADV_DONTNEED on a CONFIG_PT_RECLAIM kernel, 6.14+)
+    a page table whose whole block was zapped is freed too, so the next fault there can map
+    a huge page again.
     """
     shift = k.hp_shift
     n = 1 << shift
     lo, hi = v.start + i0, v.start + i1
     for b in range(lo >> shift, ((hi - 1) >> shift) + 1):
         st = mm.blocks.get(b)
-        if st is None or st is PTE or st is FAIL:
-            continue
         base = b << shift
         whole = lo <= base and base + n <= hi
+        if st is None or st is FAIL:
+            continue
+        if st is PTE:
+            if whole and reclaim:
+                del mm.blocks[b]
+            continue
         if st is HZP:
             if whole:
                 del mm.blocks[b]
             else:
                 mm.blocks[b] = PTE
             continue
-        if whole and st.pmd:
+        if whole and (st.pmd or reclaim):
             _drop(mm, b, st, None)
             continue
         st.pmd = False

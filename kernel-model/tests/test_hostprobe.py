@@ -28,13 +28,17 @@ def tree(tmp_path: Path, config_gz: str | None, boot_config: str | None) -> tupl
 
 
 def test_hz_from_config_gz_then_boot_then_default(tmp_path: Path) -> None:
-    proc, sys_root, boot = tree(tmp_path, "CONFIG_HZ_1000=y\nCONFIG_HZ=1000\n", "CONFIG_HZ=100\n")
+    gz = "CONFIG_HZ_1000=y\nCONFIG_HZ=1000\nCONFIG_PT_RECLAIM=y\n"
+    proc, sys_root, boot = tree(tmp_path, gz, "CONFIG_HZ=100\n")
     host = probe(proc, sys_root, boot, release="6.18.0-test")
-    assert (host.hz, host.sources["hz"]) == (1000, str(proc / "config.gz"))
+    assert (host.hz, host.sources["config"]) == (1000, str(proc / "config.gz"))
     assert (host.thp, host.thp_use_zero_page, host.ksmd_runtime_ns) == ("madvise", False, 123456789)
-    assert host.kernel_args() == {"hz": 1000, "thp": "madvise", "thp_use_zero_page": False}
+    assert host.kernel_args() == {
+        "hz": 1000, "thp": "madvise", "thp_use_zero_page": False, "pt_reclaim": True,
+    }  # fmt: skip
     (proc / "config.gz").unlink()
-    assert probe(proc, sys_root, boot, release="6.18.0-test").hz == 100
+    from_boot = probe(proc, sys_root, boot, release="6.18.0-test")
+    assert (from_boot.hz, from_boot.pt_reclaim) == (100, False)
     assert probe(proc, sys_root, boot, release="other").hz == 250
 
 

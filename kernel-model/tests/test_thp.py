@@ -234,3 +234,19 @@ def test_partial_unmergeable_splits_the_pmd_and_dontneed_of_a_whole_block() -> N
     assert p.anon_huge_bytes() == 0
     p.fill(a + HP * PS, PS, 2)  # an empty PMD again: a new huge page
     assert p.anon_huge_bytes() == 2 << 20
+
+
+@pytest.mark.parametrize("reclaim", [True, False])
+def test_dontneed_of_a_whole_block_frees_its_page_table(reclaim: bool) -> None:
+    # CONFIG_PT_RECLAIM (6.14+, set on this 6.18 host): MADV_DONTNEED that covers a whole
+    # block frees its empty page table, so the next write faults in a huge page again
+    # (measured: random scenario seed 200, AnonHugePages 2048 kB after such a rewrite).
+    k = Kernel(pt_reclaim=reclaim)
+    p = k.spawn(name="p")
+    a = p.mmap(HP * PS)
+    p.madvise(a, HP * PS, MADV_HUGEPAGE)
+    p.thp_fault_fails(a, HP * PS)
+    p.fill(a, HP * PS, 1)  # small pages: a page table
+    p.madvise(a, HP * PS, 4)  # MADV_DONTNEED
+    p.fill(a, PS, 2)
+    assert p.anon_huge_bytes() == (2 << 20 if reclaim else 0)

@@ -6,8 +6,10 @@ the `ksm` fixture (a second flock in the same process would wait on the first).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import socket
 import urllib.request
 from pathlib import Path
@@ -101,6 +103,45 @@ def test_quickstart_on_the_real_kernel(tmp_path: Path) -> None:
     assert "ksm_model_delta{" in text
     assert 'ksm_guest_merging_pages{guest="ksmh-' in text
     print(json.dumps({"kernel": k, "model": m}))
+
+
+def anon_huge_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.ksm_kernel
+@pytest.mark.qemu
+def test_quickstart_with_thp_kernel_and_model_within_half_a_percent(tmp_path: Path) -> None:
+    # Production guests run on transparent huge pages (QEMU advises its RAM MADV_HUGEPAGE):
+    # quickstart with fleet.thp true. The guests must really have huge pages when KSM
+    # starts; at convergence the model must be within 0.5% of the kernel.
+    pb = load_playbook(QUICKSTART)
+    pb = dataclasses.replace(pb, fleet=dataclasses.replace(pb.fleet, thp=True))
+    huge: dict[int, int] = {}
+    fleet_id: list[str] = []
+
+    def echo(line: str) -> None:
+        m = re.search(r"fleet (\S+) ready", line)
+        if m:
+            fleet_id.append(m.group(1))
+        if "ksm run=1" in line:  # the fill is done, KSM not started yet
+            huge.update({pid: anon_huge_kb(pid) for pid in qemu_processes_of(fleet_id[0])})
+
+    opts = RunOptions(backend="kernel", out=tmp_path, export=None, echo=echo)
+    outcome = Runner(pb, opts).run()
+    assert outcome.exit_status == 0, outcome.failed
+    run = check_results_dir(outcome.directory)
+    assert all(g["thp"] is True for g in run["guests"])  # type: ignore[attr-defined]
+    assert len(huge) == 4 and all(kb >= 32 * 1024 for kb in huge.values()), huge
+    (phase,) = run["phases"]  # type: ignore[misc]
+    k, m = phase["counters"]["kernel"]["end"], phase["counters"]["model"]["end"]
+    for name in ("pages_shared", "pages_sharing", "stable_node_dups"):
+        assert abs(k[name] - m[name]) <= 0.005 * k[name], (name, k[name], m[name])
+    check_nothing_left(run)
+    print(json.dumps({"kernel": k, "model": m, "anon_huge_kb": huge}))
 
 
 @pytest.mark.qemu

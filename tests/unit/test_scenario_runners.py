@@ -144,7 +144,7 @@ def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) 
     )
     series = model_runner.run_on_model(s, profile="6.1")
     k = fake_model.instances[0]
-    assert k.args == ("6.1", 1, 4096, {"hz": 250, "thp": "madvise"})
+    assert k.args == ("6.1", 1, 4096, {"hz": 250, "thp": "madvise", "pt_reclaim": False})
     assert k.log == [
         "sysfs run=0",
         "sysfs run=2",
