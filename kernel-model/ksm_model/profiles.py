@@ -52,6 +52,7 @@ class Profile:
     lru_batch: int  # folios per per-CPU LRU batch: PAGEVEC_SIZE 15, FOLIO_BATCH_SIZE 31 (6.11)
     thp_split_remaps_zero: bool  # 6.12+: a THP split maps zero-filled subpages to the zero page
     thp_align_anon: bool  # 6.7+: anonymous mmaps of a multiple of the PMD size are PMD-aligned
+    thp_wp_zero_alloc: bool = False  # 6.13+: a write to the huge zero page maps a new THP
 
 
 PROFILES = {
@@ -90,6 +91,9 @@ PROFILES = {
 # thp"): the same KSM as 6.11, but a huge page split maps its zero-filled subpages to the
 # shared zero page, so they leave KSM's view (measured on 6.18).
 PROFILES["6.12"] = replace(PROFILES["6.11"], name="6.12", thp_split_remaps_zero=True)
+# 6.13 ("mm: allocate THP on hugezeropage wp-fault"): a write fault on the huge zero page
+# maps a new huge page instead of splitting the PMD (measured on 6.18).
+PROFILES["6.13"] = replace(PROFILES["6.12"], name="6.13", thp_wp_zero_alloc=True)
 
 
 def _release_tuple(release: str) -> tuple[int, int]:
@@ -104,16 +108,17 @@ def _release_tuple(release: str) -> tuple[int, int]:
 
 
 def resolve(name: str, release: str | None = None) -> Profile:
-    """A profile by name; "host" picks "6.12" for a running kernel >= 6.12, "6.11" for 6.11,
-    else "6.1".
+    """A profile by name; "host" picks the newest profile not newer than the running kernel
+    (6.13, 6.12, 6.11), else "6.1".
 
     A 6.6-6.10 host therefore gets the 6.1 behaviour (stable search before the checksum, no
     smart_scan/advisor/zero-page counting), which is the closest of the profiles.
     """
     if name == "host":
         rel = _release_tuple(release if release is not None else os.uname().release)
-        name = "6.12" if rel >= (6, 12) else "6.11" if rel >= (6, 11) else "6.1"
+        newer = [(6, 13), (6, 12), (6, 11)]
+        name = next((f"{a}.{b}" for a, b in newer if rel >= (a, b)), "6.1")
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown profile {name!r}: use 6.12, 6.11, 6.1 or host") from None
+        raise ValueError(f"unknown profile {name!r}: use 6.13, 6.12, 6.11, 6.1 or host") from None

@@ -112,7 +112,11 @@ def fault(k: Kernel, mm: Process, v: Vma, i: int, write: bool) -> bool:
     elif st is HZP:
         if not write:
             return True
-        blocks[b] = PTE  # a write to the huge zero page splits the PMD, then faults a page
+        if k.profile.thp_wp_zero_alloc:  # 6.13+: do_huge_zero_wp_pmd maps a new huge page
+            del blocks[b]
+            _huge_fault(k, mm, v, b)
+            return True
+        blocks[b] = PTE  # before: the write splits the zero PMD, then faults a small page
     return False
 
 

@@ -220,11 +220,12 @@ def test_profile_61_unmergeable_keeps_zero_pte() -> None:
 
 
 def test_host_profile_choice() -> None:
-    assert resolve("host", "6.18.44-fc-v769").name == "6.12"
+    assert resolve("host", "6.18.44-fc-v769").name == "6.13"
+    assert resolve("host", "6.13.2").name == "6.13"
     assert resolve("host", "6.12.0").name == "6.12"
     assert resolve("host", "6.11.0").name == "6.11"
     assert resolve("host", "6.10.14-amd64").name == "6.1"
     assert resolve("host", "5.15.0-91-generic").name == "6.1"
-    assert Kernel(profile="host").profile.name in ("6.12", "6.11", "6.1")
+    assert Kernel(profile="host").profile.name in ("6.13", "6.12", "6.11", "6.1")
     with pytest.raises(ValueError):
         Kernel(profile="5.4")
