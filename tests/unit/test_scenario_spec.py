@@ -120,6 +120,27 @@ def test_from_mapping_builds_the_value() -> None:
     assert Scenario.from_mapping(s.to_mapping()) == s
 
 
+def test_thp_processes_round_trip_and_describe() -> None:
+    s = Scenario.from_mapping(
+        base(
+            processes=[{"name": "h1", "contents": ["a*512", "zero*8"], "thp": True}],
+            actions=[{"after": 1, "do": "spawn", "process": "h2", "pages": 4, "fill": "b",
+                      "thp": True}],
+        )
+    )  # fmt: skip
+    assert s.processes[0].thp and s.processes[0].pages == ("a",) * 512 + ("zero",) * 8
+    assert s.to_mapping()["processes"] == [
+        {"name": "h1", "contents": ["a*512", "zero*8"], "thp": True}
+    ]
+    assert s.to_mapping()["actions"][0]["thp"] is True
+    assert Scenario.from_mapping(s.to_mapping()) == s
+    assert "process h1 (thp): a*512 zero*8" in s.describe()
+    assert "spawn h2 (thp): b*4" in s.describe()
+    plain = Scenario.from_mapping(base())
+    assert all(not p.thp for p in plain.processes)
+    assert all("thp" not in p for p in plain.to_mapping()["processes"])
+
+
 def test_scenario_is_frozen() -> None:
     s = Scenario.from_mapping(base())
     with pytest.raises(AttributeError):
@@ -139,6 +160,7 @@ def test_scenario_is_frozen() -> None:
         ({"processes": [{"name": "p1", "pages": 2, "fill": "xy"}]}, "processes[0].fill"),
         ({"processes": [{"name": "p1", "contents": ["a", "bad"]}]}, "processes[0].contents[1]"),
         ({"processes": [{"name": "p1", "contents": ["a"], "fill": "a"}]}, "processes[0]"),
+        ({"processes": [{"name": "p1", "pages": 1, "fill": "a", "thp": 1}]}, "processes[0].thp"),
         (
             {"processes": [{"name": "p1", "pages": 1, "fill": "a"}] * 2},
             "name 'p1' is used twice",
