@@ -269,7 +269,10 @@ class Process:
             return
         k = self.kernel
         if s is None:
-            if thp.fault(k, self, v, i, True):
+            # (A block that already has a page table needs no look at THP.)
+            if self.blocks.get((v.start + i) >> k.hp_shift) is not thp.PTE and thp.fault(
+                k, self, v, i, True
+            ):
                 v.pages[i] = key  # a new huge page, written in place
                 return
             # else a new small page is faulted in

@@ -326,7 +326,7 @@ def _one_page(
 
 def _merge_zero(k: Kernel, mm: Process, v: Vma, i: int, s: Any) -> bool:
     """try_to_merge_with_zero_page; False if the page could not be write-protected."""
-    if not _one_page(k, mm, v, i, s):
+    if (mm.nlarge or v.pages[i] is not s or k.lru.pending) and not _one_page(k, mm, v, i, s):
         return False
     v.pages[i] = KZERO
     _release(s)
@@ -339,7 +339,8 @@ def _merge_into(
 ) -> None:
     kp = dup.page
     assert kp is not None
-    if not _one_page(k, mm, v, i, s):
+    # (The common case, no huge page and nothing batched, needs no call.)
+    if (mm.nlarge or v.pages[i] is not s or k.lru.pending) and not _one_page(k, mm, v, i, s):
         return  # try_to_merge_one_page failed: the item stays out of every tree (volatile)
     v.pages[i] = kp
     kp.mapcount += 1
@@ -375,13 +376,14 @@ def _merge_two(
     t: RmapItem,
 ) -> None:
     tfolio = thp.folio_at(k, tmm, tv.start + ti) if tmm.nlarge else None
-    if not _one_page(k, mm, v, i, s, tfolio):
+    slow = mm.nlarge or tmm.nlarge or v.pages[i] is not s or k.lru.pending
+    if slow and not _one_page(k, mm, v, i, s, tfolio):
         # No merge, the tree item stays. Both pages in one huge page: the split failed for
         # the reference ksmd holds on the tree page; split it now (the pair merges later).
         if tfolio is not None and thp.folio_at(k, mm, v.start + i) is tfolio:
             thp.split(k, tfolio)
         return
-    if not _one_page(k, tmm, tv, ti, ts):
+    if slow and not _one_page(k, tmm, tv, ti, ts):
         # The tree page cannot be replaced: break_cow() undoes the new KSM page, leaving
         # a fresh private copy (itself new, so in an LRU batch).
         k.new_page(mm, v.start + i)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ksm_model.content import compare
-from ksm_model.jiffies import time_before
+from ksm_model.jiffies import NSEC_PER_SEC
 from ksm_model.pages import Page
 from ksm_model.rbtree import RBTree
 
@@ -105,13 +105,15 @@ def _node_dup(
     candidate in list order, or (when the prune interval has elapsed) the candidate with the
     most mappings; this only matters for later collapse/prune behaviour.
     """
-    now = k.jiffies
-    if not prune or time_before(
-        now, chain.prune_time + k.msecs_to_jiffies(k.stable_node_chains_prune_millisecs)
-    ):
-        prune = False
-    else:
-        chain.prune_time = now
+    if prune:
+        # time_before(jiffies, chain_prune_time + msecs_to_jiffies(prune_ms)) (inlined: this
+        # runs at every lookup through a chain)
+        hz = k.hz
+        now = k.now_ns * hz // NSEC_PER_SEC
+        if now - chain.prune_time - (k.stable_node_chains_prune_millisecs * hz + 999) // 1000 < 0:
+            prune = False
+        else:
+            chain.prune_time = now
     found: StableNode | None = None
     found_len = 0
     dups = chain.dups
