@@ -102,3 +102,88 @@ def test_shadow_matches_the_kernel(ksm: SysfsBackend, children: list[Popen[bytes
             assert twin.ksm_stat()["ksm_merging_pages"] == ksm.ksm_stat(p.pid).merging_pages
     # 250 groups of 3 identical pages plus 1500 x 0x5a in chains of 256 (6 dups).
     assert (kernel["pages_shared"], kernel["pages_sharing"]) == (256, 1994)
+
+
+CHILD_THP = """
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+H, n = 2 << 20, 1200
+raw = libc.mmap(None, n * 4096 + H, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+a = (raw + H - 1) & ~(H - 1)
+libc.madvise(a, n * 4096, 14)  # MADV_HUGEPAGE: two huge pages, then 176 small pages
+buf = memoryview((ctypes.c_char * (n * 4096)).from_address(a)).cast("B")
+for i in range(n):
+    if i < 300 or 512 <= i < 700:
+        buf[i * 4096:(i + 1) * 4096] = b"\\x5a" * 4096
+    elif 900 <= i < 1000 or i >= 1100:
+        buf[i * 4096:(i + 1) * 4096] = i.to_bytes(8, "little") * 512
+    else:
+        buf[i * 4096] = 0  # a zero-filled page (faulted in; in a THP it is already there)
+libc.madvise(a, n * 4096, 12)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.ksm_kernel
+def test_shadow_passes_the_thp_layout(ksm: SysfsBackend, children: list[Popen[bytes]]) -> None:
+    # Three processes with two huge pages each (0x5a, zero-filled tails, pages identical
+    # across processes) and small pages after them. The capture must see the huge pages
+    # (and their zero-filled subpages), the model must fault huge pages in the same
+    # blocks, and the counters must agree while KSM splits them.
+    from ksm_model import Kernel
+    from ksm_model.hostprobe import probe
+
+    from harness.thp import khugepaged_pinned
+
+    host = probe()
+    if host.thp == "never":
+        pytest.skip("transparent huge pages are disabled on this host")
+    ksm.write_tunables(run=2, force=True)
+    ksm.apply({"pages_to_scan": 5000, "sleep_millisecs": 10, "max_page_sharing": 256,
+               "smart_scan": 1, "use_zero_pages": 0, "run": 0})  # fmt: skip
+    with khugepaged_pinned():
+        for _ in range(3):
+            p = spawn([sys.executable, "-c", CHILD_THP], stdin=PIPE, stdout=PIPE)
+            children.append(p)
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        model = Kernel(profile="host", **host.kernel_args())
+        knobs = ksm.read_tunables()
+        for name in ("pages_to_scan", "max_page_sharing", "smart_scan", "use_zero_pages"):
+            model.sysfs.write(name, str(getattr(knobs, name)))
+        shadow = Shadow(model)
+        caps = shadow.capture({p.pid: f"c{i}" for i, p in enumerate(children)})
+        if any(len(v.huge) != 2 for c in caps for v in c.vmas):
+            pytest.skip("the kernel did not give the children huge pages (memory fragmented?)")
+        assert [c.present for c in caps] == [1200, 1200, 1200]  # zero subpages included
+        shadow.replay(caps)
+        for p in children:
+            assert shadow.model_pid(p.pid).anon_huge_bytes() == 4 << 20
+        start = ksm.read_counters().full_scans or 0
+        ksm.write_tunables(run=1)
+        model.sysfs.write("run", "1")
+        for step in (2, 1, 2):
+            ksm.wait_full_scans(step, 60)
+            # Paused (one batch is one full scan here) while the counters and every child's
+            # ksm_stat are read: after scan 2 one page per huge page pair still changes.
+            ksm.write_tunables(run=0)
+            try:
+                counters = ksm.read_counters()
+                stats = [ksm.ksm_stat(p.pid) for p in children]
+            finally:
+                ksm.write_tunables(run=1)
+            scans = (counters.full_scans or 0) - start
+            shadow.step(scans)
+            kernel = counters.as_dict()
+            got = model.counters()
+            assert {n: got.get(n) for n in COMPARED} == {n: kernel[n] for n in COMPARED}, scans
+            for p, stat in zip(children, stats, strict=True):
+                twin = shadow.model_pid(p.pid).ksm_stat()
+                assert (twin["ksm_merging_pages"], twin["ksm_rmap_items"]) == (
+                    stat.merging_pages,
+                    stat.rmap_items,
+                ), scans
