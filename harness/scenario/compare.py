@@ -152,14 +152,16 @@ def run_both(
     scenario: Scenario,
     backend: SysfsBackend | None = None,
     *,
-    profile: str = "6.11",
+    profile: str = "host",
 ) -> tuple[Series, Series, Comparison]:
     """Run on the kernel, then on the model, and compare.
 
     Without `backend` the KSM lock is taken and the knobs saved/restored here; with one (the
-    pytest `ksm` fixture) the caller already holds both.
+    pytest `ksm` fixture) the caller already holds both. The default profile "host" models
+    the running kernel: its version, CONFIG_HZ and THP settings (ModelRunner.for_host).
     """
-    model_runner = ModelRunner(profile=profile)  # fails fast if the model is missing
+    # Built first: fails fast if the model is missing.
+    model_runner = ModelRunner.for_host() if profile == "host" else ModelRunner(profile=profile)
     kernel = run_on_kernel(scenario) if backend is None else KernelRunner(backend).run(scenario)
     model = model_runner.run(scenario)
     return kernel, model, compare(kernel, model)
