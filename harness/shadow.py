@@ -48,16 +48,20 @@ from typing import Any
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.pagemap import (
+    HPAGE,
+    KPF_ZERO_PAGE,
+    PAGE,
+    PFN_MASK,
+    PM_EXCLUSIVE,
+    PM_FILE,
+    PM_PRESENT,
+    huge_blocks,
+    in_blocks,
+    is_huge_page,
+    thp_disabled,
+)
 
-PAGE = 4096
-PM_PRESENT = 1 << 63
-PM_FILE = 1 << 61
-PM_EXCLUSIVE = 1 << 56
-PFN_MASK = (1 << 55) - 1
-KPF_ZERO_PAGE = 1 << 24
-KPF_THP = 1 << 22
-KPF_COMPOUND_HEAD = 1 << 15
-HPAGE = 512  # pages per PMD-mapped transparent huge page (x86-64, 4 KiB pages)
 KEY_SIZE = 16
 READ_CHUNK = 8 << 20  # bytes per pread of /proc/PID/mem
 ABSENT = b""  # the key of a page KSM would not look at (numpy S16 reads it back as b"")
@@ -225,19 +229,8 @@ class _ZeroPfns:
         return zero
 
     def is_huge(self, head: int) -> bool:
-        """Are PFNs head..head+511 one transparent huge page (not the huge zero page)?"""
-        if self.fd is None or head == 0:
-            return False
-        data = os.pread(self.fd, HPAGE * 8, head * 8)
-        if len(data) != HPAGE * 8:
-            return False
-        flags = np.frombuffer(data, "<u8")
-        thp, zero = np.uint64(KPF_THP), np.uint64(KPF_ZERO_PAGE)
-        return (
-            bool(flags[0] & np.uint64(KPF_COMPOUND_HEAD))
-            and bool(np.all(flags & thp))
-            and not bool(np.any(flags & zero))
-        )
+        """Are PFNs head..head+511 one transparent huge page (harness.pagemap)?"""
+        return self.fd is not None and head != 0 and is_huge_page(self.fd, head)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -251,40 +244,6 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     m = np.concatenate(([False], mask, [False])).astype(np.int8)
     edges = np.flatnonzero(np.diff(m))
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
-
-
-def huge_blocks(vma: Vma, entries: np.ndarray, pfns: _ZeroPfns) -> frozenset[int]:
-    """Blocks (address // 2 MiB) of `vma` mapped by one THP: whole blocks inside the VMA whose
-    512 pagemap entries are present anonymous pages with contiguous PFNs from an aligned head
-    (only those are read from kpageflags)."""
-    first = -(-vma.start // (HPAGE * PAGE))
-    last = vma.end // (HPAGE * PAGE)
-    out = set()
-    present = np.uint64(PM_PRESENT | PM_FILE)
-    for block in range(first, last):
-        lo = block * HPAGE - vma.start // PAGE
-        e = entries[lo : lo + HPAGE]
-        if len(e) != HPAGE or not np.all((e & present) == np.uint64(PM_PRESENT)):
-            continue
-        pfn = e & np.uint64(PFN_MASK)
-        head = int(pfn[0])
-        if head % HPAGE or not np.array_equal(pfn - pfn[0], np.arange(HPAGE, dtype="<u8")):
-            continue
-        if pfns.is_huge(head):
-            out.add(block)
-    return frozenset(out)
-
-
-def thp_disabled(pid: int, proc: Path = Path("/proc")) -> bool:
-    """prctl(PR_SET_THP_DISABLE) is set: THP_enabled is 0 in /proc/PID/status."""
-    try:
-        text = (proc / str(pid) / "status").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("THP_enabled:"):
-            return line.split()[1] == "0"
-    return False
 
 
 def capture_process(
@@ -329,7 +288,8 @@ def capture_process(
                             if zero.is_zero(e & PFN_MASK, e):
                                 continue
                         keys[off + i] = k
-            out.append(VmaCapture(vma, keys, huge_blocks(vma, entries, zero)))
+            blocks = huge_blocks(vma.start, vma.end, entries, zero.is_huge)
+            out.append(VmaCapture(vma, keys, blocks))
     finally:
         os.close(pagemap)
         os.close(mem)
@@ -437,7 +397,7 @@ class Shadow:
                 twin.huge |= vc.huge
                 # Zeros gone to the zero page: KSM did it (use_zero_pages, or 6.12+ a THP
                 # split), and so does the model's ksmd.
-                done_by_ksm = self._in_huge(vc.vma, twin.huge) | zero_merge
+                done_by_ksm = in_blocks(vc.vma.start, vc.vma.end, twin.huge) | zero_merge
                 gone &= ~((old == _ZERO_KEY_NP) & done_by_ksm)
                 self._small_blocks(twin.proc, addr, vc, changed)
                 stats.pages_written += _write_pages(twin.proc, addr, vc.keys, changed)
@@ -461,14 +421,6 @@ class Shadow:
             proc.madvise(addr, length, MADV_HUGEPAGE if "hg" in vma.flags else MADV_NOHUGEPAGE)
         proc.madvise(addr, length, self.madv)
         return int(addr)
-
-    @staticmethod
-    def _in_huge(vma: Vma, blocks: set[int]) -> np.ndarray:
-        """Per page of vma: inside a block that was seen as a THP."""
-        pn = np.arange(vma.start // PAGE, vma.end // PAGE)
-        if not blocks:
-            return np.zeros(len(pn), dtype=bool)
-        return np.isin(pn // HPAGE, np.fromiter(blocks, dtype=np.int64))
 
     @staticmethod
     def _small_blocks(proc: Any, addr: int, vc: VmaCapture, changed: np.ndarray) -> None:

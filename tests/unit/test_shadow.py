@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from harness.pagemap import KPF_THP
 from harness.shadow import (
     ABSENT,
-    KPF_THP,
     KPF_ZERO_PAGE,
     PAGE,
     PM_FILE,
