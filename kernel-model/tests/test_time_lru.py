@@ -137,3 +137,24 @@ def test_other_cpus_and_drains() -> None:
     assert k.counters()["pages_volatile"] == 0
     with pytest.raises(ValueError):
         p2.set_cpu(-1)
+
+
+@pytest.mark.parametrize(("lifetime_s", "first_step"), [(0, 5000), (30, 10)])
+def test_advisor_first_step_counts_all_of_ksmds_cpu_time(lifetime_s: int, first_step: int) -> None:
+    # Switching advisor_mode on zeroes the saved CPU time, so the first scan_time_advisor()
+    # divides ksmd's whole CPU time (task_sched_runtime: the host probe reads it from
+    # /proc/<ksmd>/schedstat) by the scan time. A scan of 1000 pages here takes under a
+    # second (scan_time 1): with 5 ms of CPU, cpu_percent is 1 and the per-page floor gives
+    # 500 * 10 = 5000; with 30 s more, cpu_percent is 3000, so 1 * 10 = 10 pages.
+    k = Kernel()
+    k.ksmd_runtime_ns = lifetime_s * 1_000_000_000
+    p = k.spawn(name="p")
+    a = p.mmap(1000 * PS)
+    for i in range(1000):
+        p.write(a + i * PS, i.to_bytes(8, "little") + b"x")
+    p.madvise(a, 1000 * PS, MADV_MERGEABLE)
+    k.sysfs.write("advisor_mode", "scan-time")
+    assert k.pages_to_scan == 500
+    k.sysfs.write("run", "1")
+    k.run_until(full_scans=1)
+    assert k.pages_to_scan == first_step
