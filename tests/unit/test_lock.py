@@ -59,3 +59,33 @@ def test_reentrant_in_one_thread_exclusive_across_threads(tmp_path: Path) -> Non
         events.append("outer-end")
     t.join(10)
     assert events == ["inner", "outer-end", "other"]
+
+
+def test_refuses_a_world_writable_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with (
+        pytest.raises(HarnessError, match="writable by other users") as exc,
+        ksm_lock(shared / "ksm.lock", timeout=0.1),
+    ):
+        pass
+    assert exc.value.hint and "chmod 755" in exc.value.hint
+    assert not (shared / "ksm.lock").exists()
+
+
+def test_refuses_a_symlink_planted_as_the_lock(tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_text("keep me\n")
+    (tmp_path / "ksm.lock").symlink_to(target)
+    with pytest.raises(HarnessError, match="symlink"), ksm_lock(tmp_path / "ksm.lock"):
+        pass
+    assert target.read_text() == "keep me\n"
+
+
+def test_the_lock_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    lock = tmp_path / "run" / "ksm.lock"
+    with ksm_lock(lock):
+        pass
+    assert lock.stat().st_mode & 0o777 == 0o600
+    assert lock.parent.stat().st_mode & 0o777 == 0o755
