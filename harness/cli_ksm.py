@@ -1,9 +1,10 @@
-"""`ksmh status | set | watch | export`: read and drive one KSM backend from the shell."""
+"""`ksmh status | set | recover | watch | export`: read and drive one KSM backend."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.ksm.backend import BackendBase
 from harness.ksm.select import BACKENDS, open_backend
-from harness.ksm.sysfs import KSM_ROOT, PROC_ROOT
+from harness.ksm.sysfs import KSM_ROOT, PROC_ROOT, SysfsBackend
 from harness.ksm.types import Counters, derive
 from harness.units import human_bytes
 
@@ -38,6 +39,13 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="run=2 even if memory looks short")
     p.set_defaults(func=cmd_set)
 
+    p = sub.add_parser(
+        "recover",
+        help="undo what crashed runs left: their guests, leftover merges, original KSM knobs",
+        description="Reads every run journal whose owner is dead; never touches a live run's.",
+    )
+    p.set_defaults(func=cmd_recover)
+
     p = sub.add_parser("watch", parents=[common], help="refresh counters and rates live")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: forever)")
@@ -50,8 +58,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def _backend(args: argparse.Namespace) -> BackendBase:
-    return open_backend(args.backend, root=args.sysfs_root, proc=args.proc_root)
+def _backend(args: argparse.Namespace, need_write: bool = False) -> BackendBase:
+    return open_backend(
+        args.backend, need_write=need_write, root=args.sysfs_root, proc=args.proc_root
+    )
 
 
 def status_dict(backend: BackendBase) -> dict[str, Any]:
@@ -107,12 +117,38 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    backend = _backend(args)
     values = parse_assignments(args.assignments)
+    backend = _backend(args)
+    if isinstance(backend, SysfsBackend) and backend.root == KSM_ROOT:
+        # A crashed run's knobs would otherwise come back over ours at its recovery.
+        _recover_quietly(backend)
     backend.write_tunables(force=args.force, **values)
     now = backend.read_tunables()
     print(" ".join(f"{k}={getattr(now, k)}" for k in values))
     return 0
+
+
+def _recover_quietly(backend: SysfsBackend) -> None:
+    from harness.recovery import recover_first
+
+    try:
+        recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr), proc=backend.proc)
+    except HarnessError as exc:
+        if os.geteuid() == 0:
+            raise
+        del exc  # not root: the write below fails with its own clear message
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from harness.journal import JOURNAL_DIR
+    from harness.recovery import recover
+
+    lines = recover()
+    for line in lines:
+        print(line)
+    if not lines:
+        print(f"nothing to recover (no journal of a dead run in {JOURNAL_DIR})")
+    return 1 if any(line.startswith("could not") for line in lines) else 0
 
 
 def _watch_frame(prev: Counters | None, cur: Counters, dt: float, src: str) -> str:

@@ -131,19 +131,19 @@ def xdist_worker() -> str:
 
 @pytest.fixture(scope="session")
 def ksm_session_backend(request: pytest.FixtureRequest) -> BackendBase:
-    """The session's KSM backend, chosen once from --ksm-backend."""
+    """The session's KSM backend, chosen once from --ksm-backend (harness.ksm.select: auto is
+    the kernel when it has KSM and we may write it, else the model)."""
     from harness.errors import KsmUnavailable
-    from harness.ksm.select import open_backend
+    from harness.ksm.select import choose_backend
 
-    choice = str(request.config.getoption("--ksm-backend"))
-    if choice != "model":
+    kind = str(request.config.getoption("--ksm-backend"))
+    if kind != "model":
+        # Under KSM_HARNESS_REQUIRE a missing kernel KSM fails instead of falling back.
         reason = prereqs.missing_ksm_kernel()
-        if reason is not None:
-            if choice == "kernel" or "ksm_kernel" in prereqs.required():
-                require("ksm_kernel", reason)
-            choice = "model"  # auto without a usable kernel KSM: the model stands in
+        if reason is not None and (kind == "kernel" or "ksm_kernel" in prereqs.required()):
+            require("ksm_kernel", reason)
     try:
-        return open_backend(choice)
+        return choose_backend(kind, need_write=True).backend
     except KsmUnavailable as exc:
         pytest.skip(f"ksm: {exc}")
 
@@ -152,25 +152,25 @@ def ksm_session_backend(request: pytest.FixtureRequest) -> BackendBase:
 def ksm(request: pytest.FixtureRequest, ksm_session_backend: BackendBase) -> Iterator[BackendBase]:
     """The session's KsmBackend with the host-wide lock held and every tunable restored after.
 
-    The lock serialises real KSM across tests and pytest-xdist workers. After the test,
-    merged pages left by its (now dead) processes are dropped with run=2 so the next test starts
-    clean; then every knob, run included, goes back to what it was.
+    The lock serialises real KSM across tests and pytest-xdist workers; what crashed test runs
+    left behind is recovered first, and the test's knobs are journaled, so even a SIGKILLed
+    pytest leaves nothing that `ksmh recover` (or the next run) cannot undo. After the test,
+    merged pages left by its (now dead) processes are dropped with run=2 so the next test
+    starts clean; then every knob, run included, goes back to what it was.
     """
-    from harness.ksm.lock import ksm_lock
+    from harness.ksm.sysfs import SysfsBackend
+    from harness.recovery import run_session
 
     backend = ksm_session_backend
-    if backend.source == "model":
+    if not isinstance(backend, SysfsBackend):
         from harness.ksm.model import ModelBackend
 
-        backend = ModelBackend()  # a fresh model per test: no state leaks between tests
-        yield backend
+        yield ModelBackend()  # a fresh model per test: no state leaks between tests
         return
     add_failure_artefact(request, lambda d: _dump_sysfs(backend, d))
-    with ksm_lock(), backend.saved():
+    name = "pytest-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-80:]
+    with run_session(backend, name, "pytest", echo=lambda s: print(f"ksm-harness: {s}")):
         yield backend
-        counters = backend.read_counters()
-        if counters.pages_shared or counters.ksm_zero_pages:
-            backend.write_tunables(run=2, force=True)
 
 
 def _dump_sysfs(backend: BackendBase, where: Path) -> None:

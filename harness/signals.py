@@ -50,11 +50,11 @@ def signals_as_interrupt(signums: tuple[int, ...] = ENDING) -> Iterator[None]:
 
 
 @contextmanager
-def shielded() -> Iterator[list[int]]:
+def shielded(reraise: bool = True) -> Iterator[list[int]]:
     """Inside, SIGINT/SIGTERM/SIGHUP are recorded (the yielded list), not raised.
 
-    On a normal exit, if any arrived, one KeyboardInterrupt is raised then; if an exception is
-    already propagating, it wins and the recorded signals are only in the list.
+    On a normal exit, if any arrived and `reraise`, one KeyboardInterrupt is raised then; if an
+    exception is already propagating, it wins and the recorded signals are only in the list.
     """
     got: list[int] = []
 
@@ -63,5 +63,5 @@ def shielded() -> Iterator[list[int]]:
 
     with _handlers(ALL_ENDING, record):
         yield got
-    if got:
+    if got and reraise:
         raise KeyboardInterrupt(f"signal {signal.Signals(got[0]).name} during teardown")

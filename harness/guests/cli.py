@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,10 @@ def _print_result(result: FleetResult) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if os.geteuid() == 0:
+        from harness.recovery import recover_first
+
+        recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr))
     # SIGTERM like Ctrl-C: tear down what was booted rather than orphan QEMU processes.
     previous = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
     try:

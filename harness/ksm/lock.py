@@ -39,14 +39,14 @@ def _depths() -> dict[str, int]:
     return depths
 
 
-def private_dir(path: Path) -> Path:
-    """Create `path` (0755) if needed and check that only root or we can write it.
+def private_dir(path: Path, mode: int = 0o755) -> Path:
+    """Create `path` (`mode`) if needed and check that only root or we can write it.
 
     A world- or group-writable directory, a symlink, or one owned by another user would let
     someone else replace what we keep there; refuse it with the reason.
     """
     try:
-        path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
         st = os.lstat(path)
     except PermissionError:
         raise HarnessError(

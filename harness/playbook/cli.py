@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         export_required=args.export not in (None, "off"),
         sysfs_root=args.sysfs_root,
     )
-    outcome = Runner(playbook, opts).run()
-    if outcome.failed:
-        print(f"{len(outcome.failed)} expectation(s) failed:")
-        for text in outcome.failed:
-            print(f"  - {text}")
-    else:
-        print("every expectation held")
+    runner = Runner(playbook, opts)
+    try:
+        outcome = runner.run()
+    except KeyboardInterrupt as exc:
+        # The verdict (error, exit 2) is in run.json already; say so and exit the same way.
+        where = f"; results: {runner.dir}/report.md" if runner.dir is not None else ""
+        print(f"ksmh: run interrupted ({exc or 'Ctrl-C'}): verdict error{where}", file=sys.stderr)
+        return 2
+    print(summary_line(outcome.passed, len(outcome.failed), outcome.skipped))
+    for text in outcome.failed:
+        print(f"  - failed: {text}")
     print(f"results: {outcome.directory}/report.md")
     return outcome.exit_status
+
+
+def summary_line(passed: int, failed: int, skipped: int) -> str:
+    """E.g. '4 expectations: 3 held, 1 skipped' (a skipped one is never reported as held)."""
+    total = passed + failed + skipped
+    if total == 0:
+        return "no expectations in this playbook"
+    parts = [f"{passed} held"]
+    if failed:
+        parts.append(f"{failed} failed")
+    if skipped:
+        parts.append(f"{skipped} skipped")
+    noun = "expectation" if total == 1 else "expectations"
+    return f"{total} {noun}: " + ", ".join(parts)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

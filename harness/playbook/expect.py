@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from harness.ksm.types import COUNTER_NAMES
+from harness.record import within
 
 SOURCES = ("kernel", "model", "host")
 DERIVED = ("saved_bytes", "sharing_ratio", "waste_ratio")
@@ -128,11 +129,7 @@ class Expectation:
                 return Verdict(
                     "skipped", f"{name}: no {'kernel' if k is None else 'model'} value in this run"
                 )
-            ok = (
-                k == m
-                if self.tolerance == 0
-                else abs(k - m) <= self.tolerance * max(abs(k), abs(m))
-            )
+            ok = within(k, m, self.tolerance)  # the comparison engine of harness.record
             shown.append(f"{name} {_fmt(k)}/{_fmt(m)}")
             if not ok:
                 bad.append(name)

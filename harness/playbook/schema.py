@@ -5,6 +5,7 @@
     ksm: {pages_to_scan: 2000, sleep_millisecs: 10}       # tunables for the run (restored after)
     sample_interval: 1.0                                   # seconds between time-series samples
     shadow: {enabled: true, max_scans_per_capture: 0}     # the model's replay of guest memory
+    foreign: refuse                      # other KSM users on the host: refuse, or capture them
     phases:
       - name: fill
         steps:
@@ -146,6 +147,9 @@ class Playbook:
     phases: tuple[Phase, ...]
     sample_interval: float = 1.0
     shadow: ShadowSpec = field(default_factory=ShadowSpec)
+    # Processes outside the run that use KSM change the kernel's counters: "refuse" the
+    # comparison (exit 2, naming them), or "capture" them into the model like the guests.
+    foreign: str = "refuse"
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def expectations(self) -> list[Expectation]:
@@ -189,7 +193,17 @@ def valid_pattern(text: str) -> str | None:
     return f"unknown pattern {text!r}"
 
 
-TOP_KEYS = ("name", "description", "fleet", "ksm", "sample_interval", "shadow", "phases")
+TOP_KEYS = (
+    "name",
+    "description",
+    "fleet",
+    "ksm",
+    "sample_interval",
+    "shadow",
+    "foreign",
+    "phases",
+)
+FOREIGN = ("refuse", "capture")
 
 
 def parse_playbook(data: object, src: Source) -> Playbook:
@@ -208,6 +222,7 @@ def parse_playbook(data: object, src: Source) -> Playbook:
     ksm = _tunables(v, top.get("ksm", {}), ("ksm",))
     interval = v.num(top.get("sample_interval", 1.0), ("sample_interval",), 0.1, 3600)
     shadow = _shadow(v, top.get("shadow", {}))
+    foreign = v.str_(top.get("foreign", "refuse"), ("foreign",), FOREIGN)
     phases_raw = top["phases"]
     if not isinstance(phases_raw, list) or not phases_raw:
         raise src.error(("phases",), "expected a non-empty list of phases")
@@ -228,6 +243,7 @@ def parse_playbook(data: object, src: Source) -> Playbook:
         phases=tuple(phases),
         sample_interval=interval,
         shadow=shadow,
+        foreign=foreign,
         raw=top,
     )
 

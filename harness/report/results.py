@@ -52,14 +52,15 @@ class Results:
     def add_guest(
         self, t: float, phase: str, source: str, guest: str, stat: Mapping[str, Any]
     ) -> None:
+        """One guest's ksm_stat, in the record format (harness.record: kernel field names)."""
         self.guests.append(
             {
                 "t": round(t, 3),
                 "phase": phase,
                 "source": source,
                 "guest": guest,
-                "merging_pages": stat.get("merging_pages"),
-                "rmap_items": stat.get("rmap_items"),
+                "merging_pages": stat.get("ksm_merging_pages"),
+                "rmap_items": stat.get("ksm_rmap_items"),
             }
         )
 
@@ -89,6 +90,24 @@ def _parse(v: str) -> Any:
             return float(v)
         except ValueError:
             return v
+
+
+def new_results_dir(out: Path, run_id: str) -> Path:
+    """Create OUT/<run_id> (or <run_id>.2, .3, ...) exclusively: two runs never share one."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsError(f"cannot create the results root {out}: {exc.strerror}") from None
+    for n in range(1, 1000):
+        path = out / (run_id if n == 1 else f"{run_id}.{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ResultsError(f"cannot create {path}: {exc.strerror}") from None
+        return path
+    raise ResultsError(f"{out}: 999 results directories named {run_id} exist already")
 
 
 def write_results(directory: Path, res: Results) -> None:

@@ -110,13 +110,13 @@ def run_stepped(
     tunables: list[tuple[str, int]],
 ) -> None:
     from harness.ksm.sysfs import SysfsBackend
-    from harness.scenario.kernel_runner import foreign_ksm_users
+    from harness.procfs import ksm_users
 
     if not isinstance(ksm, SysfsBackend):
         pytest.skip("needs the real kernel backend, not the model")
     ksm._write("run", "0")
     ksm._write("run", "2")
-    if foreign_ksm_users(ksm.proc, {os.getpid()}):
+    if ksm_users(ksm.proc, exclude={os.getpid()}):
         pytest.skip("another process on this host uses KSM; batch counts would not match")
     k = Kernel()
     for name, value in [

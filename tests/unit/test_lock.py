@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -89,3 +91,38 @@ def test_the_lock_file_is_private_to_its_owner(tmp_path: Path) -> None:
         pass
     assert lock.stat().st_mode & 0o777 == 0o600
     assert lock.parent.stat().st_mode & 0o777 == 0o755
+
+
+NOT_ROOT = """
+import fcntl, os, sys
+try:
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("took it")
+except PermissionError as exc:
+    print("refused", exc.errno)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as another user")
+def test_another_user_cannot_take_the_host_lock_to_block_runs() -> None:
+    from harness.ksm import lock
+
+    os.close(lock._open_lock(lock.DEFAULT_LOCK))  # make sure it exists, as a run would
+    done = subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            NOT_ROOT,
+            str(lock.DEFAULT_LOCK),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.stdout.strip() == "refused 13", done.stdout + done.stderr

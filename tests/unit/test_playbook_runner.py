@@ -23,11 +23,12 @@ import pytest
 from harness.errors import GuestError
 from harness.guests.agent import AgentReply, parse_fields
 from harness.guests.fleet import FleetResult, GuestResult
-from harness.playbook.live import ModelSnapshot, RunState, serve_run
+from harness.playbook.live import RunState, serve_run
 from harness.playbook.runner import Runner, RunOptions
 from harness.playbook.schema import FleetSpec, loads_playbook
 from harness.report.results import read_results
 from harness.run import PIPE, spawn
+from harness.sides.model import ModelSnapshot
 
 CHILD = """
 import ctypes, mmap, sys
@@ -135,6 +136,7 @@ def options(tmp_path: Path, fleets: list[FakeFleet], fail_on: str = "") -> RunOp
         out=tmp_path / "results",
         sysfs_root=tmp_path / "no-ksm",
         lock_path=tmp_path / "lock",
+        journal_dir=tmp_path / "journal",
         fleet_factory=factory,
         echo=lines.append,
     )
@@ -168,8 +170,11 @@ def test_model_only_run(tmp_path: Path, fleets: list[FakeFleet]) -> None:
         "status": "failed",
         "exit_status": 1,
         "failed": outcome.failed,
+        "expectations": {"passed": 4, "failed": 1, "skipped": 1},
         "error": None,
     }
+    assert (outcome.passed, outcome.skipped) == (4, 1)
+    assert list((tmp_path / "journal").iterdir()) == []  # a clean end removes the journal
     assert run["sharing_matrix"]["pages"] == [[64, 64, 64], [64, 64, 64], [64, 64, 64]]
     assert run["shadow"]["captures"] >= 4
     names = {p.name for p in outcome.directory.iterdir()}
@@ -202,7 +207,7 @@ def test_exporter_serves_model_delta_and_guests(tmp_path: Path) -> None:
     state = RunState("r1", "tiny")
     state.phase = "fill"
     state.delta = {"pages_sharing": -3}
-    state.guests[("model", "g0")] = {"merging_pages": 64, "rmap_items": 64}
+    state.guests[("model", "g0")] = {"ksm_merging_pages": 64, "ksm_rmap_items": 64}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
@@ -275,6 +280,7 @@ def test_interrupt_tears_down_and_records(tmp_path: Path, fleets: list[FakeFleet
         "status": "error",
         "exit_status": 2,
         "failed": [],
+        "expectations": {"passed": 0, "failed": 0, "skipped": 0},
         "error": "interrupted (signal 15)",
     }
 

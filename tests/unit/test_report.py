@@ -82,8 +82,12 @@ def synthetic(sharing_end: int = 24000, sweep_seconds: float = 12.5) -> Results:
                 t, "fill", "model", {"pages_shared": 10 * i, "pages_sharing": 2400 * i}, None
             )
         for g in GUESTS:
-            res.add_guest(t, "fill", "kernel", g, {"merging_pages": 800 * i, "rmap_items": 9000})
-            res.add_guest(t, "fill", "model", g, {"merging_pages": 790 * i, "rmap_items": 9000})
+            res.add_guest(
+                t, "fill", "kernel", g, {"ksm_merging_pages": 800 * i, "ksm_rmap_items": 9000}
+            )
+            res.add_guest(
+                t, "fill", "model", g, {"ksm_merging_pages": 790 * i, "ksm_rmap_items": 9000}
+            )
     return res
 
 

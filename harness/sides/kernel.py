@@ -1,0 +1,92 @@
+"""The kernel side: the host's real KSM through SysfsBackend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from harness import procfs
+from harness.errors import HarnessError
+from harness.ksm.backend import BackendBase
+from harness.ksm.sysfs import SysfsBackend
+from harness.record import Snapshot, stat_record
+
+
+class KernelSide:
+    """The real KSM; leads every comparison it is part of."""
+
+    source = "kernel"
+
+    def __init__(self, backend: SysfsBackend, proc: Path = procfs.PROC) -> None:
+        self.backend = backend
+        self.page_size = backend.page_size
+        self.proc = proc
+        self.guests: dict[int, str] = {}
+        self.scans_seen = backend.read_counters().full_scans or 0
+        self._ksmd = procfs.ksmd_pid(proc)
+
+    def watch(self, guests: Mapping[int, str]) -> None:
+        self.guests = dict(guests)
+
+    @contextmanager
+    def hold(self) -> Iterator[int]:
+        paused = False
+        if self.backend.read_tunables().run == 1:
+            self.backend.apply({"run": 0})  # returns once the batch in progress ended
+            paused = True
+        try:
+            cur = self.backend.read_counters().full_scans or 0
+            # run=2 resets full_scans on current kernels: count from zero then.
+            delta = cur - self.scans_seen if cur >= self.scans_seen else cur
+            self.scans_seen = cur
+            yield delta
+        finally:
+            if paused:
+                self.backend.apply({"run": 1})
+
+    def follow(self, scans: int) -> None:
+        """The kernel never follows: its ksmd runs on its own."""
+
+    def counters(self) -> dict[str, int]:
+        return self.backend.read_counters().present()
+
+    def snapshot(self) -> Snapshot:
+        stats = {}
+        for pid, name in self.guests.items():
+            try:
+                stats[name] = stat_record(self.backend.ksm_stat(pid))
+            except HarnessError:
+                continue  # the guest is gone: its row is missing, not zero
+        return Snapshot(self.backend.read_counters().as_dict(), stats)
+
+    def knobs(self) -> dict[str, int | str]:
+        return self.backend.read_tunables().present()
+
+    def scanning(self) -> bool:
+        return self.backend.read_tunables().run == 1
+
+    def apply(self, values: Mapping[str, int | str]) -> None:
+        self.backend.apply(values)
+        self.scans_seen = self.backend.read_counters().full_scans or 0
+
+    def wait_full_scans(self, n: int, timeout: float) -> None:
+        self.backend.wait_full_scans(n, timeout)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def ksmd_cpu_seconds(self) -> float | None:
+        if self._ksmd is None:
+            return None
+        try:
+            return procfs.cpu_seconds(self._ksmd, self.proc)
+        except HarnessError:
+            return None
+
+    def exported(self) -> tuple[BackendBase, Mapping[int, str]]:
+        return self.backend, dict(self.guests)
