@@ -209,7 +209,9 @@ class KsmCollector(Collector):
 def parse_listen(listen: str) -> tuple[str, int]:
     """'127.0.0.1:9712' -> ('127.0.0.1', 9712); '[::1]:9712' and ':9712' (loopback) too."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii: str.isdigit() is also true of '²', which int() refuses.
+    ok = sep and port.isascii() and port.isdigit() and len(port) <= 5
+    if not ok or not 0 <= int(port) <= 65535:
         raise HarnessError(
             f"bad listen address {listen!r}", hint="use HOST:PORT, e.g. 127.0.0.1:9712"
         )

@@ -82,6 +82,20 @@ def parse_size(value: object, *, bare: str = "bytes", what: str = "size") -> int
     return int(numerator // denominator)
 
 
+def unit_factor(unit: str, bare: str = "bytes") -> int:
+    """The multiplier of a unit of the grammar ('' is the bare unit); SizeError otherwise."""
+    u = unit.strip().lower()
+    if u in _DECIMAL:
+        raise SizeError(
+            f"{unit.strip()} is a decimal unit; write {u[0].upper()}iB (or {u[0].upper()}) "
+            "for the binary size",
+            hint=size_hint(bare),
+        )
+    if u not in UNITS:
+        raise SizeError(f"unknown unit {unit.strip()!r}", hint=size_hint(bare))
+    return UNITS[u] if u else BARE[bare]
+
+
 def _show(value: object) -> str:
     if value is None:
         return "nothing"

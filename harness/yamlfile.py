@@ -83,12 +83,13 @@ class Source:
         return self.error_type(prefix + message, hint=hint or self.hint)
 
 
-def read_text(path: Path, src: Source, what: str) -> str:
-    """The text of a regular UTF-8 file of at most MAX_BYTES; src's error type otherwise."""
+def read_text(path: Path, src: Source, what: str, max_bytes: int = MAX_BYTES) -> str:
+    """The text of a regular UTF-8 file of at most max_bytes; src's error type otherwise."""
 
     def fail(problem: str, hint: str | None = None) -> HarnessError:
         return src.error_type(f"{path}: cannot read {what}: {problem}", hint=hint or src.hint)
 
+    too_big = f"more than the {max_bytes // 1024} KiB a {what} may be"
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -99,16 +100,16 @@ def read_text(path: Path, src: Source, what: str) -> str:
         if not stat.S_ISREG(st.st_mode):
             kind = _file_kind(st.st_mode)
             raise fail(f"it is {kind}, not a regular file", hint=f"pass a {what} YAML file")
-        if st.st_size > MAX_BYTES:
-            raise fail(f"{st.st_size} bytes, more than the {MAX_BYTES // 1024} KiB a {what} may be")
+        if st.st_size > max_bytes:
+            raise fail(f"{st.st_size} bytes, {too_big}")
         with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+            data = f.read(max_bytes + 1)
     except OSError as exc:
         raise fail(exc.strerror or str(exc)) from None
     finally:
         os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise fail(f"more than the {MAX_BYTES // 1024} KiB a {what} may be")
+    if len(data) > max_bytes:
+        raise fail(too_big)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessError
 from harness.ksm.select import BACKENDS
 from harness.ksm.sysfs import KSM_ROOT
 
@@ -103,8 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report.render import render
+    from harness.report.results import read_results
 
-    print(f"report: {render(args.directory)}")
+    res = read_results(args.directory)
+    with _malformed(args.directory):
+        print(f"report: {render(args.directory, res)}")
     return 0
 
 
@@ -112,5 +119,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from harness.report.compare import compare
     from harness.report.results import read_results
 
-    print(compare(read_results(args.a), read_results(args.b), args.tolerance), end="")
+    if not math.isfinite(args.tolerance) or args.tolerance < 0:
+        raise HarnessError(
+            f"--tolerance {args.tolerance}: must be a fraction of 0 or more",
+            hint="e.g. --tolerance 0.01 hides changes up to 1%",
+        )
+    a, b = read_results(args.a), read_results(args.b)
+    with _malformed(f"{args.a} or {args.b}"):
+        text = compare(a, b, args.tolerance)
+    print(text, end="")
     return 0
+
+
+@contextlib.contextmanager
+def _malformed(where: object) -> Iterator[None]:
+    """A run.json of the right outline but wrong insides (edited, or from another version)
+    fails with one line, not a traceback from deep in the report code."""
+    from harness.report.results import ResultsError
+
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        raise ResultsError(
+            f"{where}: run.json is not a ksmh run record this version can read "
+            f"({type(exc).__name__}: {str(exc)[:120]})",
+            hint="re-render only directories written by `ksmh run` of this version",
+        ) from None

@@ -6,7 +6,9 @@ import pytest
 
 from harness.units import SizeError, format_size, parse_size
 
-HINT_BYTES = "sizes take K/KiB, M/MiB, G/GiB, T/TiB (binary: 1M = 1024 KiB); a bare number means bytes"
+HINT_BYTES = (
+    "sizes take K/KiB, M/MiB, G/GiB, T/TiB (binary: 1M = 1024 KiB); a bare number means bytes"
+)
 
 
 @pytest.mark.parametrize(
