@@ -168,7 +168,11 @@ def _check_events(text: str, src: Source) -> None:
                     hint="remove the tag; quote a value to make it a string",
                 )
             if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_SCALAR:
-                raise src.at_line(line, f"a value of {len(event.value)} characters is too long")
+                raise src.at_line(
+                    line,
+                    f"a value of {len(event.value)} characters is too long",
+                    hint=f"values are at most {MAX_SCALAR} characters",
+                )
             if isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:

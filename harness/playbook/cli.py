@@ -73,9 +73,9 @@ def register(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.playbook.runner import Runner, RunOptions
     from harness.playbook.schema import load_playbook
 
+    # Validate before importing the runner (numpy, the model, ...): a bad playbook fails fast.
     playbook = load_playbook(args.playbook)
     if args.check:
         steps = sum(len(p.steps) for p in playbook.phases)
@@ -86,6 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         args.playbook_name = playbook.name
         return cmd_run_fleet(args)
+    from harness.playbook.runner import Runner, RunOptions
+
     export = args.export or DEFAULT_EXPORT
     opts = RunOptions(
         backend=args.backend,
