@@ -152,8 +152,9 @@ def test_a_fifo_and_a_device_are_refused_without_reading(tmp_path: Path, baselin
     what = "cannot read playbook: it is {}, not a regular file"
     check(baseline, ["run", "--check", str(fifo)], f"{fifo}: {what.format('a FIFO')}",
           "pass a playbook YAML file")  # fmt: skip
-    check(baseline, ["run", "--check", "/dev/zero"],
-          f"/dev/zero: {what.format('a character device')}", "pass a playbook YAML file")  # fmt: skip
+    device = what.format("a character device")
+    check(baseline, ["run", "--check", "/dev/zero"], f"/dev/zero: {device}",
+          "pass a playbook YAML file")  # fmt: skip
 
 
 def test_inventory_merge_keys(tmp_path: Path, baseline: float) -> None:
@@ -165,8 +166,9 @@ def test_inventory_merge_keys(tmp_path: Path, baseline: float) -> None:
 
 
 def test_bad_numbers_on_the_command_line(baseline: float) -> None:
-    check(baseline, ["export", "--backend", "model", "--listen", "127.0.0.1:\u00b2"],
-          "bad listen address '127.0.0.1:\u00b2'", "use HOST:PORT, e.g. 127.0.0.1:9712")  # fmt: skip
+    listen = "127.0.0.1:\u00b2"
+    check(baseline, ["export", "--backend", "model", "--listen", listen],
+          f"bad listen address {listen!r}", "use HOST:PORT, e.g. 127.0.0.1:9712")  # fmt: skip
     for value in ("nan", "inf", "-1", "0"):
         check(baseline, ["watch", "--backend", "model", "--interval", value],
               f"--interval {float(value)}: must be a number of seconds above 0",
@@ -189,18 +191,18 @@ RESULTS_HINT = "pass a results/<run-id> directory written by `ksmh run`"
             b'{"phases": [{"counters": 1}]}',
             ": not a ksmh run record: phases[0]: expected an object with a name",
             RESULTS_HINT,
-        ),  # fmt: skip
+        ),
         (
             b"[" * 100_000,
             ": not valid JSON: maximum recursion depth exceeded while decoding a "
             "JSON array from a unicode string",
             RESULTS_HINT,
-        ),  # fmt: skip
+        ),
         (
             b'{"a": 1',
             ": not valid JSON: Expecting ',' delimiter: line 1 column 8 (char 7)",
             RESULTS_HINT,
-        ),  # fmt: skip
+        ),
         (
             b"\xff\xfe",
             ":1: not UTF-8 text (byte 0xff at offset 0)",
