@@ -47,7 +47,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("watch", parents=[common], help="refresh counters and rates live")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
     p.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: forever)")
     p.set_defaults(func=cmd_watch)
 
@@ -151,6 +153,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 1 if any(line.startswith("could not") for line in lines) else 0
 
 
+MAX_INTERVAL = 86400.0
+
+
 def _watch_frame(prev: Counters | None, cur: Counters, dt: float, src: str) -> str:
     rows = [
         f"KSM ({src})   {time.strftime('%H:%M:%S')}",
@@ -164,8 +169,15 @@ def _watch_frame(prev: Counters | None, cur: Counters, dt: float, src: str) -> s
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    if args.interval <= 0:
-        raise HarnessError("--interval must be positive")
+    if not (0 < args.interval <= MAX_INTERVAL):  # also refuses nan; inf would never refresh
+        raise HarnessError(
+            f"--interval {args.interval}: must be a number of seconds above 0",
+            hint=f"e.g. --interval 1 (at most {MAX_INTERVAL})",
+        )
+    if args.count < 0:
+        raise HarnessError(
+            f"--count {args.count}: must be 0 (forever) or more", hint="e.g. --count 10"
+        )
     backend = _backend(args)
     tty = sys.stdout.isatty()
     prev: Counters | None = None

@@ -39,6 +39,13 @@ class ImageKind(StrEnum):
     DEBIAN = "debian"
 
 
+class ForeignPolicy(StrEnum):
+    """What a comparison run does about other processes using KSM on the host."""
+
+    REFUSE = "refuse"  # stop with exit 2, naming them
+    CAPTURE = "capture"  # capture them into the model too
+
+
 def choices(kind: type[StrEnum]) -> tuple[str, ...]:
     """The values of a StrEnum, for argparse `choices=` and error hints."""
     return tuple(m.value for m in kind)

@@ -28,11 +28,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/mman.h>
 #include <sys/reboot.h>
 #include <time.h>
 #include <unistd.h>
 
+/*
+ * Built with -DKSMH_AGENT_STDIO (tests only: tests/unit/test_agent_protocol_fuzz.py), the agent
+ * reads requests on stdin and replies on stdout, and refuses what would be harmful on a host:
+ * poweroff only exits, fills are capped at STDIO_FILL_MAX bytes, holds at 0.1 s.
+ */
+#define STDIO_FILL_MAX (16u << 20)
 #define PAGE 4096u
 #define WORDS (PAGE / 8u)
 #define MAXREG 16
@@ -95,7 +102,11 @@ static void logmsg(const char *fmt, ...)
 static void write_all(const char *buf, size_t len)
 {
 	while (len > 0) {
+#ifdef KSMH_AGENT_STDIO
+		ssize_t n = write(1, buf, len);
+#else
 		ssize_t n = write(port, buf, len);
+#endif
 		if (n < 0) {
 			if (errno == EINTR || errno == EAGAIN)
 				continue;
@@ -134,7 +145,12 @@ static int parse_u64(const char *s, uint64_t *out, int base)
 	return 0;
 }
 
-/* SIZE: bytes, or a number with K/M/G (KiB/MiB/GiB); must be a positive multiple of a page. */
+/*
+ * SIZE: the harness's one size grammar (harness/units.py), integers only: N, NB, NK or NKiB,
+ * NM or NMiB, NG or NGiB, NT or NTiB; binary multiples, unit letters in any case. The decimal
+ * spellings KB/MB/GB/TB are refused (they mean powers of 1000 elsewhere). The size must be a
+ * positive multiple of a page, at most 1 TiB.
+ */
 static int parse_size(const char *s, size_t *out)
 {
 	char *end;
@@ -147,13 +163,17 @@ static int parse_size(const char *s, size_t *out)
 	unsigned long long mul = 1;
 	if (*end) {
 		switch (toupper((unsigned char)*end)) {
+		case 'B': mul = 1; break;
 		case 'K': mul = 1ULL << 10; break;
 		case 'M': mul = 1ULL << 20; break;
 		case 'G': mul = 1ULL << 30; break;
+		case 'T': mul = 1ULL << 40; break;
 		default: return -1;
 		}
 		end++;
-		if (*end && strcmp(end, "iB") && strcmp(end, "IB") && strcmp(end, "B"))
+		if (mul > 1 && *end && strcasecmp(end, "iB"))
+			return -1; /* KB, MB, ...: decimal spellings are refused */
+		if (mul == 1 && *end)
 			return -1;
 	}
 	if (v == 0 || v > (1ULL << 40) / mul || (v * mul) % PAGE)
@@ -293,8 +313,13 @@ static void cmd_fill(const char *id, int argc, char **argv)
 		reply(id, "err usage: fill NAME SIZE PATTERN");
 		return;
 	}
-	if (parse_size(argv[2], &size)) {
-		reply(id, "err bad size '%s' (bytes or N[KMG], a multiple of %u)", argv[2], PAGE);
+	if (parse_size(argv[2], &size)
+#ifdef KSMH_AGENT_STDIO
+	    || size > STDIO_FILL_MAX
+#endif
+	) {
+		reply(id, "err bad size '%.40s' (N bytes, or N with K/KiB, M/MiB, G/GiB or T/TiB: "
+		      "binary; MB etc. are refused; a multiple of %u)", argv[2], PAGE);
 		return;
 	}
 	if (parse_pattern(argv[3], &pat, err, sizeof(err))) {
@@ -415,6 +440,10 @@ static void cmd_hold(const char *id, int argc, char **argv)
 		reply(id, "err bad SECONDS '%s'", argv[2]);
 		return;
 	}
+#ifdef KSMH_AGENT_STDIO
+	if (s > 0.1)
+		s = 0.1;
+#endif
 	/* Holding = keeping the memory mapped and untouched for a while, then answering. */
 	struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
 	while (nanosleep(&ts, &ts) && errno == EINTR)
@@ -526,8 +555,12 @@ static void handle(char *line)
 			reply(id, "ok freed_pages=%zu", free_region(r));
 	} else if (!strcmp(cmd, "poweroff")) {
 		reply(id, "ok poweroff");
+#ifdef KSMH_AGENT_STDIO
+		exit(0);
+#else
 		sync();
 		reboot(RB_POWER_OFF);
+#endif
 	} else
 		reply(id, "err unknown command '%.40s' (ping info fill verify rewrite hold digest "
 		      "poke free poweroff)", cmd);
@@ -549,6 +582,7 @@ static void read_cmdline(void)
 		guest_index = strtoul(p + strlen("ksmh.index="), NULL, 10);
 }
 
+#ifndef KSMH_AGENT_STDIO
 /* Find /dev/vportNpM whose /sys/class/virtio-ports/<dev>/name is PORT_NAME. */
 static int open_port(void)
 {
@@ -582,6 +616,7 @@ static int open_port(void)
 	}
 	return -1;
 }
+#endif
 
 int main(void)
 {
@@ -591,7 +626,11 @@ int main(void)
 
 	setvbuf(stderr, NULL, _IONBF, 0);
 	read_cmdline();
+#ifdef KSMH_AGENT_STDIO
+	port = 0;
+#else
 	port = open_port();
+#endif
 	if (port < 0) {
 		logmsg("no virtio-serial port named " PORT_NAME "; giving up");
 		return 1;
@@ -604,6 +643,10 @@ int main(void)
 		if (rc <= 0)
 			continue;
 		ssize_t n = (pfd.revents & POLLIN) ? read(port, buf + len, LINEMAX - len) : 0;
+#ifdef KSMH_AGENT_STDIO
+		if (n == 0 && !(pfd.revents & POLLIN))
+			exit(0); /* stdin closed: the test is done */
+#endif
 		if (n <= 0) {
 			/*
 			 * EOF / POLLHUP: no host connected right now; wait for the next client. Drop

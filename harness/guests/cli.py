@@ -30,7 +30,12 @@ def register(sub: Any) -> None:
 
     p = fsub.add_parser("up", help="boot N guests, print the run id, leave them running")
     p.add_argument("--count", type=int, required=True, help="number of guests")
-    p.add_argument("--memory", type=int, default=256, metavar="MIB", help="RAM per guest (MiB)")
+    p.add_argument(
+        "--memory",
+        default="256",
+        metavar="SIZE",
+        help="RAM per guest: 256 (a bare number is MiB), 256M, 1GiB (default 256 MiB)",
+    )
     p.add_argument("--backend", choices=("qemu", "libvirt"), default="qemu")
     p.add_argument("--uri", default=None, help="libvirt URI (default qemu:///system)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
@@ -89,10 +94,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def memory_mib(text: str) -> int:
+    """--memory in the size grammar (harness.units), a bare number in MiB; whole MiB only."""
+    from harness.errors import HarnessError
+    from harness.units import parse_size, size_hint
+
+    size = parse_size(text, bare="MiB", what="memory size")
+    if size % 2**20 or not 64 <= size // 2**20 <= 1 << 20:
+        raise HarnessError(
+            f"--memory {text}: must be whole MiB from 64 MiB to 1 TiB",
+            hint=size_hint("MiB"),
+        )
+    return size // 2**20
+
+
 def _up(args: argparse.Namespace) -> int:
     fleet = Fleet(
         args.count,
-        args.memory,
+        memory_mib(args.memory),
         backend=args.backend,
         uri=args.uri,
         accel=args.accel,

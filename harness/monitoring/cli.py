@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,34 @@ def register(sub: Any) -> None:
     p.add_argument("--waste-ratio", type=float, default=10.0, help="unshared/sharing alert level")
     p.add_argument("--volatile-share", type=float, default=0.5, help="volatile share alert level")
     p.add_argument("--model-tolerance", type=int, default=16, help="pages of model delta allowed")
+    p.add_argument(
+        "--allow-loopback",
+        action="store_true",
+        help="write the config even if remote hosts' exporters listen only on loopback "
+        "(their targets would then be the Prometheus machine itself)",
+    )
     p.set_defaults(func=cmd_config)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from harness.monitoring.config import ScrapeSettings, write_config
+    from harness.monitoring.config import ScrapeSettings, loopback_targets, write_config
     from harness.monitoring.rules import RuleSettings
     from harness.remote.inventory import load_inventory
 
     inv = load_inventory(args.inventory)
+    loopback = loopback_targets(inv)
+    if loopback:
+        problem = (
+            f"{len(loopback)} of {len(inv.hosts)} hosts ({', '.join(loopback)}) have a remote "
+            "address but an exporter on loopback: Prometheus would scrape itself for each"
+        )
+        hint = (
+            "give them `exporter: {listen: ADDRESS:9712}` in the inventory (or 0.0.0.0:9712), "
+            "or pass --allow-loopback"
+        )
+        if not args.allow_loopback:
+            raise HarnessError(problem, hint=hint)
+        print(f"ksmh: warning: {problem}", file=sys.stderr)
     rules = RuleSettings(
         rate_window=args.rate_window,
         stall_window=args.stall_window,

@@ -15,6 +15,7 @@ naming authority, even for two exporters on one machine.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,29 @@ def file_sd_targets(inventory: Inventory) -> list[dict[str, Any]]:
         {"targets": [h.exporter_target], "labels": {"host": h.name, **dict(h.labels)}}
         for h in inventory.hosts
     ]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_targets(inventory: Inventory) -> list[str]:
+    """Hosts reached at a non-loopback address whose scrape target would be loopback.
+
+    Prometheus runs elsewhere: such a target scrapes the Prometheus machine itself, for every
+    one of those hosts at once (the exporter binds the inventory's exporter.listen address).
+    """
+    out = []
+    for h in inventory.hosts:
+        target = h.exporter_target.rpartition(":")[0].strip("[]")
+        if _is_loopback(target) and not _is_loopback(h.address):
+            out.append(h.name)
+    return out
 
 
 def prometheus_config(scrape: ScrapeSettings | None = None) -> dict[str, Any]:

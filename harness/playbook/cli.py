@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessError
 from harness.ksm.select import BACKENDS
 from harness.ksm.sysfs import KSM_ROOT
 
@@ -70,9 +74,9 @@ def register(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.playbook.runner import Runner, RunOptions
     from harness.playbook.schema import load_playbook
 
+    # Validate before importing the runner (numpy, the model, ...): a bad playbook fails fast.
     playbook = load_playbook(args.playbook)
     if args.check:
         steps = sum(len(p.steps) for p in playbook.phases)
@@ -83,6 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         args.playbook_name = playbook.name
         return cmd_run_fleet(args)
+    from harness.playbook.runner import Runner, RunOptions
+
     export = args.export or DEFAULT_EXPORT
     opts = RunOptions(
         backend=args.backend,
@@ -122,8 +128,11 @@ def summary_line(passed: int, failed: int, skipped: int) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report.render import render
+    from harness.report.results import read_results
 
-    print(f"report: {render(args.directory)}")
+    res = read_results(args.directory)
+    with _malformed(args.directory):
+        print(f"report: {render(args.directory, res)}")
     return 0
 
 
@@ -131,5 +140,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from harness.report.compare import compare
     from harness.report.results import read_results
 
-    print(compare(read_results(args.a), read_results(args.b), args.tolerance), end="")
+    if not math.isfinite(args.tolerance) or args.tolerance < 0:
+        raise HarnessError(
+            f"--tolerance {args.tolerance}: must be a fraction of 0 or more",
+            hint="e.g. --tolerance 0.01 hides changes up to 1%",
+        )
+    a, b = read_results(args.a), read_results(args.b)
+    with _malformed(f"{args.a} or {args.b}"):
+        text = compare(a, b, args.tolerance)
+    print(text, end="")
     return 0
+
+
+@contextlib.contextmanager
+def _malformed(where: object) -> Iterator[None]:
+    """A run.json of the right outline but wrong insides (edited, or from another version)
+    fails with one line, not a traceback from deep in the report code."""
+    from harness.report.results import ResultsError
+
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        raise ResultsError(
+            f"{where}: run.json is not a ksmh run record this version can read "
+            f"({type(exc).__name__}: {str(exc)[:120]})",
+            hint="re-render only directories written by `ksmh run` of this version",
+        ) from None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from harness.ksm.types import COUNTER_NAMES
 from harness.record import within
+from harness.units import SizeError, format_size, unit_factor
 
 SOURCES = ("kernel", "model", "host")
 DERIVED = ("saved_bytes", "sharing_ratio", "waste_ratio")
@@ -35,10 +36,12 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
-UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "%": 0.01}
-_NUM = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+MAX_TEXT = 400
+# Quantities counted in bytes: their values are shown as sizes (MiB, GiB) in verdicts.
+BYTE_NAMES = frozenset({"saved_bytes", "general_profit", *HOST_NAMES})
+_NUM = r"-?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][-+]?[0-9]{1,3})?"
 _TERM = re.compile(
-    rf"^\s*(?:(?P<num>{_NUM})\s*(?P<unit>[KMG]iB|B|%)?)?\s*(?:(?P<star>\*)\s*(?P<ref>[A-Za-z_.]+))?\s*$"
+    rf"^\s*(?:(?P<num>{_NUM})\s*(?P<unit>[A-Za-z]{{1,3}}|%)?)?\s*(?:(?P<star>\*)\s*(?P<ref>[A-Za-z_.]+))?\s*$"
 )
 _PAIR = re.compile(
     r"^\s*kernel\s*(?P<op>==|~=)\s*model\s*(?:within\s+(?P<tol>\d+(?:\.\d*)?|\.\d+)\s*%)?\s*:\s*(?P<names>.+)$"
@@ -130,7 +133,7 @@ class Expectation:
                     "skipped", f"{name}: no {'kernel' if k is None else 'model'} value in this run"
                 )
             ok = within(k, m, self.tolerance)  # the comparison engine of harness.record
-            shown.append(f"{name} {_fmt(k)}/{_fmt(m)}")
+            shown.append(f"{name} {_fmt(k, name)}/{_fmt(m, name)}")
             if not ok:
                 bad.append(name)
         detail = "kernel/model: " + ", ".join(shown)
@@ -149,7 +152,9 @@ class Expectation:
                 return Verdict("skipped", f"no value for {ref.label(ctx.primary)} in this run")
         assert left is not None and right is not None
         ok = OPS[self.op](left, right)
-        return Verdict("passed" if ok else "failed", f"{_fmt(left)} {self.op} {_fmt(right)}")
+        name = self.lhs.ref.name if self.lhs.ref is not None else ""
+        detail = f"{_fmt(left, name)} {self.op} {_fmt(right, name)}"
+        return Verdict("passed" if ok else "failed", detail)
 
 
 def _eval_verify(ctx: Context) -> Verdict:
@@ -168,7 +173,10 @@ def _term_value(term: Term, ctx: Context) -> float | None:
     return None if value is None else term.factor * value
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float, name: str = "") -> str:
+    """A value for a verdict: byte quantities as sizes (240 MiB), others as numbers."""
+    if name in BYTE_NAMES:
+        return format_size(x)
     return str(int(x)) if float(x).is_integer() else f"{x:.2f}".rstrip("0").rstrip(".")
 
 
@@ -201,13 +209,23 @@ def _parse_ref(text: str, default_name: str | None) -> Ref:
     return Ref(source, name, delta)
 
 
+def _unit(unit: str) -> float:
+    """% is /100; sizes follow harness.units (binary; a bare number is as is, e.g. bytes)."""
+    if unit == "%":
+        return 0.01
+    try:
+        return float(unit_factor(unit))
+    except SizeError as exc:
+        raise ExpectationSyntax(exc.message, hint=exc.hint) from None
+
+
 def _parse_term(text: str, default_name: str | None) -> Term:
     text = text.strip()
     m = _TERM.match(text)
     if m and (m.group("num") or m.group("ref")):
         factor = 1.0
         if m.group("num"):
-            factor = float(m.group("num")) * UNITS[(m.group("unit") or "b").lower()]
+            factor = float(m.group("num")) * _unit(m.group("unit") or "")
         if m.group("ref"):
             return Term(factor, _parse_ref(m.group("ref"), default_name))
         if m.group("star"):
@@ -223,6 +241,11 @@ def _parse_term(text: str, default_name: str | None) -> Term:
 def parse_expectation(text: str, line: int = 0) -> Expectation:
     """Parse one expectation; raise ExpectationSyntax saying what is wrong."""
     t = text.strip()
+    if len(t) > MAX_TEXT:
+        raise ExpectationSyntax(
+            f"an expectation of {len(t)} characters is too long (at most {MAX_TEXT})",
+            hint="split it into several expectations",
+        )
     if re.match(r"^verify\s*:", t):
         if t.split(":", 1)[1].strip() != "clean":
             raise ExpectationSyntax("verify accepts only 'clean'", hint="write: verify: clean")

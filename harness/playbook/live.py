@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from harness.errors import HarnessError
-from harness.exporter import ExportTarget, KsmCollector, parse_listen
+from harness.exporter import ExportTarget, KsmCollector, serve_registry
 from harness.ksm.types import COUNTER_NAMES
 from harness.record import StatValue
 
@@ -83,16 +83,10 @@ class RunCollector(Collector):
 
 def serve_run(targets: list[ExportTarget], state: RunState, host: str, listen: str) -> Any:
     """Start the run's endpoint; returns the server (call shutdown())."""
-    addr, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KsmCollector(targets))
     registry.register(RunCollector(state, host))
-    try:
-        server, _thread = start_http_server(port, addr=addr, registry=registry)
-    except OSError as exc:
-        raise HarnessError(
-            f"cannot listen on {listen}: {exc.strerror}", hint="choose another --export address"
-        ) from None
+    server, _thread = serve_registry(registry, listen, hint="choose another --export address")
     return server
 
 

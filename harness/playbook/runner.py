@@ -27,7 +27,7 @@ from harness import procfs
 from harness.errors import HarnessError
 from harness.exporter import parse_listen
 from harness.journal import JOURNAL_DIR, FleetEntry, Journal
-from harness.kinds import BackendKind
+from harness.kinds import BackendKind, ForeignPolicy
 from harness.ksm.lock import DEFAULT_LOCK
 from harness.ksm.select import choose_backend
 from harness.ksm.sysfs import KSM_ROOT, SysfsBackend
@@ -36,7 +36,7 @@ from harness.playbook import host
 from harness.playbook.context import FleetLike
 from harness.playbook.expect import Context
 from harness.playbook.live import RunState, Sampler, serve_run
-from harness.playbook.schema import FleetSpec, Phase, Playbook
+from harness.playbook.plan import FleetSpec, Phase, Playbook
 from harness.recovery import run_session
 from harness.report.render import render
 from harness.report.results import Results, new_results_dir, write_results
@@ -227,7 +227,7 @@ class Runner:
             model = ModelSide(
                 ModelBackend(profile="host"),
                 o.proc,
-                include_others=kernel is not None and self.pb.foreign == "capture",
+                include_others=kernel is not None and self.pb.foreign is ForeignPolicy.CAPTURE,
                 # Without real KSM, QEMU's MADV_MERGEABLE may have failed: fall back to its RAM.
                 fallback_hugepage=not (o.sysfs_root / "run").exists(),
                 max_scans_per_capture=self.pb.shadow.max_scans_per_capture,
@@ -241,7 +241,7 @@ class Runner:
     def _check_foreign(self, ours: set[int]) -> None:
         """Refuse a comparison that other KSM users would falsify (playbook `foreign: refuse`);
         with `foreign: capture` the model captures them too."""
-        if len(self.sides) < 2 or self.pb.foreign == "capture":
+        if len(self.sides) < 2 or self.pb.foreign is ForeignPolicy.CAPTURE:
             return
         found = procfs.ksm_users(self.opts.proc, exclude=ours | {os.getpid()})
         if found:

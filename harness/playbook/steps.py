@@ -11,7 +11,7 @@ from typing import Any
 
 from harness.errors import GuestError, HarnessError, ScanTimeout
 from harness.playbook.context import StepContext
-from harness.playbook.schema import AgentStep, ExpectStep, KsmStep, Step, SweepStep, WaitStep
+from harness.playbook.plan import AgentStep, ExpectStep, KsmStep, Step, SweepStep, WaitStep
 
 
 def run_step(ctx: StepContext, step: Step) -> None:

@@ -28,13 +28,31 @@ import harness
 # Runtime dependencies a fleet host needs (exporter, KSM backends, playbooks, libvirt, and
 # numpy for the runner's shadow capture). matplotlib (plots) and fabric/paramiko (SSH) stay on
 # the controller: `ksmh run --inventory` renders the plots there after fetching the results.
-SHIPPED_DISTRIBUTIONS = ("prometheus-client", "PyYAML", "libvirt-python", "numpy")
+SHIPPED_DISTRIBUTIONS = (
+    "prometheus-client",
+    "PyYAML",
+    "libvirt-python",
+    "numpy",
+    # The playbook/inventory validation (harness.validation) and its dependencies.
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+)
 # The Debian package that provides each one when it cannot be shipped (ABI mismatch).
 SYSTEM_FALLBACK = {
     "prometheus-client": "python3-prometheus-client",
     "PyYAML": "python3-yaml",
     "libvirt-python": "python3-libvirt",
     "numpy": "python3-numpy",
+    # pydantic-core is the compiled one; Debian 13's python3-pydantic is v2 (Debian 12's is v1,
+    # too old: such a host needs the controller's Python ABI).
+    "pydantic": "python3-pydantic",
+    "pydantic-core": "python3-pydantic-core",
+    "annotated-types": "python3-annotated-types",
+    "typing-inspection": "python3-typing-inspection",
+    "typing-extensions": "python3-typing-extensions",
 }
 # Non-package files the harness finds relative to site-packages (harness.guests.image's
 # REPO_ROOT): the guest agent's source, compiled on the host when it builds its guest image.

@@ -23,6 +23,7 @@ results), fetches what they wrote, writes the fleet report, then exits 130.
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -195,7 +196,7 @@ def _collect(
         echo(f"{name}: exit {r.exit_code}, no results written")
         return summarize_host(name, _status(r.exit_code, None), None, address=address,
                               error=error or "no results written", hint=hint)  # fmt: skip
-    run_id = runs[-1]
+    run_id = results_dir_name(name, runs[-1])
     local = _unique(opts.out / name / run_id)
     files = s.fetch_dir(f"{workdir}/results/{run_id}", local)
     res = read_results(local)
@@ -209,6 +210,21 @@ def _collect(
     echo(f"{name}: exit {r.exit_code}, fetched {len(files)} files into {local}")
     return summarize_host(name, status, res.run, samples=res.samples, directory=str(local),
                           address=address, error=error, hint=hint)  # fmt: skip
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", re.ASCII)
+
+
+def results_dir_name(host: str, name: str) -> str:
+    """A results directory name a host reported, checked before it becomes a local path:
+    one plain path component (no `/`, no `..`, not absolute), as the runner names them."""
+    if not _RUN_ID.fullmatch(name) or name in (".", ".."):
+        raise RemoteCommandFailed(
+            f"{host}: refusing results directory name {name[:80]!r}",
+            hint="a run's results directory is one name like 20261126-154727-quickstart; "
+            "look at the host's PREFIX/runs/ by hand",
+        )
+    return name
 
 
 def _status(exit_code: int, run: dict[str, Any] | None) -> int:

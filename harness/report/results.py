@@ -11,6 +11,7 @@ results/<run-id>/
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.ksm.types import COUNTER_NAMES, counters_from_mapping, derive
+from harness.yamlfile import Source, read_text
 
 SAMPLE_FIELDS = ("t", "phase", "source", *COUNTER_NAMES, "saved_bytes", "mem_available")
 GUEST_FIELDS = ("t", "phase", "source", "guest", "merging_pages", "rmap_items")
@@ -135,21 +137,58 @@ def _atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+MAX_FILE = 256 * 2**20  # a day of 1 s samples of a big fleet is ~100 MiB of CSV
+HINT = "pass a results/<run-id> directory written by `ksmh run`"
+
+
 def read_results(directory: Path) -> Results:
-    """Load a results directory written by write_results."""
-    path = Path(directory) / RUN_FILE
+    """Load a results directory written by write_results; ResultsError if it is not one."""
+    directory = Path(directory)
+    path = directory / RUN_FILE
+    if not directory.is_dir():
+        what = "not a directory" if directory.exists() else "no such directory"
+        raise ResultsError(f"{directory}: {what}", hint=HINT)
+    if not path.exists():
+        raise ResultsError(f"{directory}: no {RUN_FILE} here", hint=HINT)
+    src = Source(file=str(path), error_type=ResultsError, hint=HINT)
     try:
-        run = json.loads(path.read_text())
-    except FileNotFoundError:
+        run = json.loads(read_text(path, src, "results file", MAX_FILE))
+    except (ValueError, RecursionError) as exc:
         raise ResultsError(
-            f"{directory}: no {RUN_FILE} here", hint="pass a results/<run-id> directory"
+            f"{path}: not valid JSON: {' '.join(str(exc).split())[:200]}", hint=HINT
         ) from None
-    except (OSError, ValueError) as exc:
-        raise ResultsError(f"{path}: unreadable: {exc}") from None
+    check_run(path, run)
     res = Results(run=run)
     for name, target in ((SAMPLES_FILE, res.samples), (GUESTS_FILE, res.guests)):
-        p = Path(directory) / name
+        p = directory / name
         if p.exists():
-            with p.open(newline="") as f:
-                target.extend({k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f))
+            text = read_text(
+                p, Source(file=str(p), error_type=ResultsError, hint=HINT), name, MAX_FILE
+            )
+            try:
+                rows = list(csv.DictReader(io.StringIO(text, newline="")))
+            except csv.Error as exc:
+                raise ResultsError(f"{p}: not valid CSV: {exc}", hint=HINT) from None
+            target.extend(
+                {str(k): _parse(v) for k, v in row.items() if isinstance(v, str)} for row in rows
+            )
     return res
+
+
+def check_run(path: Path, run: Any) -> None:
+    """The shape of run.json the report and compare read: refuse anything else in one line."""
+    problem = None
+    if not isinstance(run, dict):
+        problem = f"expected a JSON object, got {type(run).__name__}"
+    elif not isinstance(run.get("phases", []), list):
+        problem = "phases: expected a list"
+    else:
+        for i, phase in enumerate(run.get("phases", [])):
+            if not isinstance(phase, dict) or not isinstance(phase.get("name"), str):
+                problem = f"phases[{i}]: expected an object with a name"
+                break
+        for key in ("verdict", "tunables", "host", "playbook"):
+            if key in run and not isinstance(run[key], dict):
+                problem = problem or f"{key}: expected an object"
+    if problem:
+        raise ResultsError(f"{path}: not a ksmh run record: {problem}", hint=HINT)

@@ -151,5 +151,5 @@ def test_cli_rejects_a_bad_duration_and_a_bad_inventory(
     bad.write_text("hosts:\n  a: {address: h, user: u, key_file: /k, port: 0}\n")
     assert main(["monitoring", "config", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == f"ksmh: error: {bad}:2: hosts.a.port: must be an integer 1-65535, got 0"
+    assert err[0] == f"ksmh: error: {bad}:2: hosts.a.port: 0 is out of range 1..65535"
     assert not (tmp_path / "o").exists()

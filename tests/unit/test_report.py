@@ -174,4 +174,11 @@ def test_cli_report_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "| kernel.pages_sharing | 24000 | 1 |" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"ksmh: error: {tmp_path / 'missing'}: no run.json here\n")
+    assert err.startswith(f"ksmh: error: {tmp_path / 'missing'}: no such directory\n")
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(da), str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"ksmh: error: {tmp_path / 'empty'}: no run.json here\n"
+        "  hint: pass a results/<run-id> directory written by `ksmh run`\n"
+    )
