@@ -131,21 +131,34 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def _recover_quietly(backend: SysfsBackend) -> None:
+    """Undo dead runs before a manual change, when no run holds the lock (a live run recovers
+    on its own, and must not have its knobs changed under it unannounced)."""
+    from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
     from harness.recovery import recover_first
 
     try:
-        recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr), proc=backend.proc)
+        with ksm_lock(DEFAULT_LOCK, timeout=0):
+            recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr), proc=backend.proc)
     except HarnessError as exc:
-        if os.geteuid() == 0:
-            raise
-        del exc  # not root: the write below fails with its own clear message
+        if os.geteuid() != 0:
+            return  # not root: the write that follows fails with its own clear message
+        if "holds" in exc.message:
+            print(f"ksmh: warning: a ksm-harness run is in progress ({exc.message}); "
+                  "this change will disturb it", file=sys.stderr)  # fmt: skip
+            return
+        raise
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from harness.journal import JOURNAL_DIR
+    from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
     from harness.recovery import recover
 
-    lines = recover()
+    # Under the lock: a run starting meanwhile must not save our half-restored knobs as its
+    # baseline (it recovers first itself, once it holds the lock).
+    print(f"ksmh: taking the host KSM lock {DEFAULT_LOCK}", file=sys.stderr)
+    with ksm_lock(DEFAULT_LOCK):
+        lines = recover()
     for line in lines:
         print(line)
     if not lines:
