@@ -137,6 +137,8 @@ class Playbook:
     # Processes outside the run that use KSM change the kernel's counters: refuse the
     # comparison (exit 2, naming them), or capture them into the model like the guests.
     foreign: ForeignPolicy = ForeignPolicy.REFUSE
+    # Frozen end-of-scan samples of the kernel during waits (ksmd paused a moment per scan).
+    scan_samples: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def expectations(self) -> list[Expectation]:

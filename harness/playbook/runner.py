@@ -222,7 +222,7 @@ class Runner:
         o = self.opts
         sides: list[Side] = []
         if kernel is not None:
-            sides.append(KernelSide(kernel, o.proc))
+            sides.append(KernelSide(kernel, o.proc, scan_samples=self.pb.scan_samples))
         if kernel is None or self.pb.shadow.enabled:
             model = ModelSide(
                 ModelBackend(profile="host"),
@@ -401,6 +401,7 @@ class Runner:
                 side.follow(scans)
             snaps = {side.source: side.snapshot() for side in self.sides}
         t, phase = self.elapsed(), self.state.phase
+        self._record_scans(phase)
         for source, snap in snaps.items():
             counters = {k: v for k, v in snap.counters.items() if v is not None}
             values[source] = counters_with_derived(counters, self.leader.page_size)
@@ -412,6 +413,12 @@ class Runner:
         self._publish_delta(values)
         self._say_sync(why, values)
         return values
+
+    def _record_scans(self, phase: str) -> None:
+        """End-of-scan records each side made since the last sync (scans.csv)."""
+        for side in self.sides:
+            for p in side.drain_scans():
+                self.results.add_scan(side.source, p.scan, p.counters, p.seconds, phase)
 
     def _publish_delta(self, values: Mapping[str, Mapping[str, Any]]) -> None:
         if "kernel" in values and "model" in values:

@@ -6,6 +6,7 @@
     sample_interval: 1.0                                   # seconds between time-series samples
     shadow: {enabled: true, max_scans_per_capture: 0}     # the model's replay of guest memory
     foreign: refuse                      # other KSM users on the host: refuse, or capture them
+    scan_samples: false                  # true: the kernel frozen at each full scan of waits
     phases:
       - name: fill
         steps:
@@ -61,6 +62,7 @@ from harness.validation import (
     Invalid,
     Model,
     between,
+    boolean,
     fail,
     kind,
     matching,
@@ -397,6 +399,7 @@ class PlaybookDoc(Model):
     sample_interval: Annotated[float, between(0.1, 3600, integer=False)] = 1.0
     shadow: ShadowSpec = ShadowSpec()
     foreign: Annotated[ForeignPolicy, one_of(ForeignPolicy)] = ForeignPolicy.REFUSE
+    scan_samples: Annotated[bool, Check(boolean)] = False
     phases: Annotated[list[PhaseDoc], _nonempty("phases")]
 
     @classmethod
@@ -498,6 +501,7 @@ def parse_playbook(data: object, src: Source) -> Playbook:
         sample_interval=doc.sample_interval,
         shadow=doc.shadow,
         foreign=doc.foreign,
+        scan_samples=doc.scan_samples,
         raw=data,
     )
 

@@ -178,9 +178,23 @@ def test_model_only_run(tmp_path: Path, fleets: list[FakeFleet]) -> None:
     assert run["sharing_matrix"]["pages"] == [[64, 64, 64], [64, 64, 64], [64, 64, 64]]
     assert run["shadow"]["captures"] >= 4
     names = {p.name for p in outcome.directory.iterdir()}
-    assert {"run.json", "samples.csv", "guests.csv", "report.md", "counters.png"} <= names
+    assert {
+        "run.json",
+        "samples.csv",
+        "guests.csv",
+        "scans.csv",
+        "report.md",
+        "counters.png",
+    } <= names
     model_rows = [r for r in res.guests if r["source"] == "model"]
     assert model_rows[-1]["merging_pages"] == 64
+    # Every full scan the model made is on record, numbered from the start of the run.
+    scans = [r for r in res.scans if r["source"] == "model"]
+    assert [r["scan"] for r in scans] == list(range(1, len(scans) + 1))
+    assert len(scans) == converge["counters"]["model"]["end"]["full_scans"]
+    assert (scans[0]["pages_sharing"], scans[1]["pages_sharing"]) == (0, 191)
+    assert scans[1]["phase"] == "fill" and scans[-1]["phase"] == "converge"
+    assert (outcome.directory / "scans.png").read_bytes()[:4] == b"\x89PNG"
     assert "*** KSM backend: the model alone" in "\n".join(opts.echo.__self__)  # type: ignore[attr-defined]
 
 
