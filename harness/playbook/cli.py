@@ -68,7 +68,10 @@ def register(sub: Any) -> None:
     p.add_argument("a", type=Path, metavar="DIR_A")
     p.add_argument("b", type=Path, metavar="DIR_B")
     p.add_argument(
-        "--tolerance", type=float, default=0.0, help="hide counter changes up to this fraction"
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="hide counter changes up to this fraction (default 0: show every change)",
     )
     p.set_defaults(func=cmd_compare)
 
@@ -137,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.report.compare import compare
+    from harness.report.compare import compare, worse_verdict
     from harness.report.results import read_results
 
     if not math.isfinite(args.tolerance) or args.tolerance < 0:
@@ -148,8 +151,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     a, b = read_results(args.a), read_results(args.b)
     with _malformed(f"{args.a} or {args.b}"):
         text = compare(a, b, args.tolerance)
+        worse = worse_verdict(a, b)
     print(text, end="")
-    return 0
+    if worse:
+        va, vb = (r.run.get("verdict", {}).get("status") for r in (a, b))
+        print(f"verdict got worse: {va} -> {vb}", file=sys.stderr)
+    return 1 if worse else 0
 
 
 @contextlib.contextmanager

@@ -148,9 +148,12 @@ def test_compare_lists_changes(tmp_path: Path) -> None:
     b.run["phases"][0]["expectations"][1]["status"] = "passed"
     out = compare(a, b)
     assert out.startswith("# compare r1 -> r2\n")
-    assert "| kernel.pages_sharing | 24000 | 23000 | -1000 (-4.2%) |" in out
+    assert "| kernel.pages_sharing | 24,000 | 23,000 | -1,000 (-4.2%) |" in out
     assert "| `pages_sharing >= 1` | failed | passed | verdict changed |" in out
     assert "| pages_to_scan=100 seconds | 12.5 | 20.0 | +7.5 (+60.0%) |" in out
+    c = copy.deepcopy(b)
+    c.run["phases"][0]["counters"]["kernel"]["end"]["pages_sharing"] = 24000 - 124400
+    assert "| kernel.pages_sharing | 24,000 | -100,400 | -124,400 (-518.3%) |" in compare(a, c)
     assert "model.pages_sharing" not in out
     assert "No differences" not in out
     # Within the tolerance the counter change is hidden.
@@ -171,7 +174,14 @@ def test_cli_report_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["report", str(da)]) == 0
     assert capsys.readouterr().out == f"report: {da / 'report.md'}\n"
     assert main(["compare", str(da), str(db)]) == 0
-    assert "| kernel.pages_sharing | 24000 | 1 |" in capsys.readouterr().out
+    assert "| kernel.pages_sharing | 24,000 | 1 |" in capsys.readouterr().out
+    # A verdict that got worse (passed -> error) fails the command, so a nightly job fails.
+    worse = synthetic()
+    worse.run["verdict"] = {"status": "error", "exit_status": 2}
+    write_results(tmp_path / "c", worse)
+    assert main(["compare", str(da), str(tmp_path / "c")]) == 1
+    assert capsys.readouterr().err == "verdict got worse: failed -> error\n"
+    assert main(["compare", str(tmp_path / "c"), str(da)]) == 0  # better is fine
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"ksmh: error: {tmp_path / 'missing'}: no such directory\n")
