@@ -36,9 +36,10 @@ def test_kernel_frozen_scans_line_up_with_the_models(tmp_path: Path) -> None:
     res = read_results(outcome.directory)
     kernel = {r["scan"]: r for r in res.scans if r["source"] == "kernel"}
     model = {r["scan"]: r for r in res.scans if r["source"] == "model"}
-    assert sorted(model) == [1, 2, 3, 4]
+    # Every scan of the model, numbered from the start (ksmd goes on between the last syncs).
+    assert sorted(model) == list(range(1, len(model) + 1)) and len(model) >= 4
     assert len(kernel) >= 2, f"too few provably end-of-scan samples: {sorted(kernel)}"
-    assert set(kernel) <= {1, 2, 3, 4}
+    assert set(kernel) <= {1, 2, 3, 4}  # frozen samples are taken during the wait only
     for scan in sorted(kernel):
         k, m = kernel[scan], model[scan]
         assert k["t"] is not None and m["t"] is None  # measured vs computed
