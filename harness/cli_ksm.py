@@ -226,7 +226,7 @@ def _sharing(args: argparse.Namespace) -> Any:
 
     if not 1.0 <= args.sharing_interval <= 86400.0:  # also refuses nan
         raise HarnessError(
-            f"--sharing-interval {args.sharing_interval}: must be 1..86400 seconds",
+            f"--sharing-interval {args.sharing_interval:g}: must be 1..86400 seconds",
             hint="e.g. --sharing-interval 60",
         )
     labels = [parse_label(t) for t in args.label]

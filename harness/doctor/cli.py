@@ -74,11 +74,11 @@ def register(sub: Any) -> None:
 def _options(args: argparse.Namespace) -> Options:
     if not 0 <= args.window <= MAX_WINDOW:  # also refuses nan
         raise HarnessError(
-            f"--window {args.window}: must be 0..{MAX_WINDOW:g} seconds", hint="e.g. --window 2"
+            f"--window {args.window:g}: must be 0..{MAX_WINDOW:g} seconds", hint="e.g. --window 2"
         )
     if not args.max_scan_time > 0:
         raise HarnessError(
-            f"--max-scan-time {args.max_scan_time}: must be above 0", hint="e.g. 600"
+            f"--max-scan-time {args.max_scan_time:g}: must be above 0", hint="e.g. 600"
         )
     return Options(
         window=args.window,

@@ -97,7 +97,7 @@ def capture(
     cands = [
         (v, k)
         for v in vmas
-        if (k := vma_kind(v)) is not None and v.end - v.start >= min_vma and v.rss_kib
+        if (k := vma_kind(v)) is not None and v.end - v.start >= min_vma and v.resident_kib
     ]
     caps, n1 = capture_vmas(pid, [as_shadow(v) for v in mergeable], proc, keep_entries=True)
     ccaps, n2 = capture_vmas(
@@ -186,15 +186,16 @@ def duplicates(v: VmaContent, pool: KeyPool, include_ksm: bool = False) -> Dupli
 
 def volatility_sample(p: ProcessContent, limit: int = VOLATILE_SAMPLE) -> list[tuple[int, bytes]]:
     """Up to `limit` (address, key) pairs spread evenly over the keyed mergeable pages."""
-    pages: list[tuple[int, bytes]] = []
+    addrs, keys = [], []
     for v in p.mergeable():
         idx = np.flatnonzero(v.cap.keys != ABSENT)
-        for i in idx.tolist():
-            pages.append((v.vma.start + i * PAGE, v.cap.keys[i]))
-    if len(pages) <= limit:
-        return pages
-    step = len(pages) / limit
-    return [pages[int(k * step)] for k in range(limit)]
+        addrs.append(np.uint64(v.vma.start) + idx.astype(np.uint64) * np.uint64(PAGE))
+        keys.append(v.cap.keys[idx])
+    if not addrs:
+        return []
+    a, k = np.concatenate(addrs), np.concatenate(keys)
+    pick = np.unique(np.linspace(0, len(a) - 1, min(limit, len(a))).astype(np.int64))
+    return list(zip(a[pick].tolist(), k[pick].tolist(), strict=True)) if len(a) else []
 
 
 def changed_pages(

@@ -294,7 +294,7 @@ def _capture_all(facts: Facts, proc: Path) -> dict[int, list[tuple[int, Any]]]:
         for p in facts.processes.values():
             if p.error:
                 continue
-            size = sum(v.rss_kib for v in p.vmas if v.mergeable or ct.vma_kind(v)) * 1024
+            size = sum(v.resident_kib for v in p.vmas if v.mergeable or ct.vma_kind(v)) * 1024
             if size > budget:
                 facts.not_checked.append(
                     f"pid {p.pid} ({p.name}): contents not keyed, the read budget "
@@ -316,14 +316,16 @@ def _capture_all(facts: Facts, proc: Path) -> dict[int, list[tuple[int, Any]]]:
 
 
 def _not_checked(facts: Facts) -> None:
-    if not facts.host.root:
-        facts.not_checked.insert(
-            0,
-            "not root: other users' processes, page contents (would-merge counts, volatility), "
-            "page frames (THP, KSM pages, the sharing matrix) and knob writers were not checked",
-        )
     unreadable = [p for p in facts.processes.values() if p.error]
-    if unreadable:
+    if not facts.host.root:
+        # One line: everything a non-root doctor misses, whatever the processes.
+        facts.not_checked = [
+            "not root: other users' processes"
+            + (f" ({len(unreadable)} examined)" if unreadable else "")
+            + ", page contents (would-merge counts, volatility), page frames (THP, KSM pages, "
+            "the sharing matrix) and knob writers were not checked"
+        ]
+    elif unreadable:
         facts.not_checked.append(
             "could not read "
             + ", ".join(f"pid {p.pid} ({p.error})" for p in unreadable[:5])

@@ -17,6 +17,12 @@ def exit_status(findings: list[Finding]) -> int:
     return 1 if any(f.needs_action for f in findings) else 0
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'es' if count != 1 and word.endswith('s') else ''}" + (
+        "s" if count != 1 and not word.endswith("s") else ""
+    )
+
+
 def _size(pages: int | None) -> str:
     return "-" if pages is None else format_size(pages * PAGE)
 
@@ -38,7 +44,7 @@ def render_text(a: Analysis, findings: list[Finding]) -> str:
     if f.bytes_keyed:
         rate = f", {format_size(f.bytes_keyed)} keyed"
     out = [
-        f"ksmh doctor: {len(f.processes)} processes ({f.selection}){rate}, "
+        f"ksmh doctor: {_n(len(f.processes), 'process')} ({f.selection}){rate}, "
         f"{f.seconds:.1f} s (window {f.watch.seconds if f.watch else 0:.1f} s)"
     ]
     if h.present:
@@ -54,7 +60,7 @@ def render_text(a: Analysis, findings: list[Finding]) -> str:
     out.append(
         f"THP: enabled {h.thp.get('enabled', '-')}; MemAvailable {format_size(avail)}; "
         f"NUMA nodes {','.join(map(str, h.nodes)) or '-'}; "
-        f"{len(f.users)} processes registered with KSM"
+        f"{_n(len(f.users), 'process')} registered with KSM"
     )
     out += ["", f"{'PROCESS':<35}{'SCANNED':>11}{'COULD MERGE':>13}{'MERGED':>11}"
                 f"{'IN THP':>11}{'PROFIT':>11}"]  # fmt: skip

@@ -17,10 +17,10 @@ from subprocess import Popen
 import pytest
 
 from harness.doctor import Diagnosis, diagnose
-from harness.procfs import comm
 from harness.doctor.catalog import Finding
 from harness.doctor.facts import Options
 from harness.ksm.sysfs import SysfsBackend
+from harness.procfs import comm
 from harness.run import PIPE, run, spawn
 
 WORKER = Path(__file__).with_name("doctor_proc.py")
@@ -158,8 +158,7 @@ def test_tuner_rewriting_pages_to_scan(ksm: SysfsBackend, start: Start) -> None:
     assert set(seen) == {"100", "200"} and len(seen) >= 3
     assert f"by pid {tuner};" in written
     assert e[f"/proc/{tuner}/cmdline"] == [
-        f"{sys.executable} {WORKER} --tune /sys/kernel/mm/ksm/pages_to_scan=100,200 "
-        "--period 0.05"
+        f"{sys.executable} {WORKER} --tune /sys/kernel/mm/ksm/pages_to_scan=100,200 --period 0.05"
     ]
     assert f.data["files"] == ["pages_to_scan"]
 
@@ -248,3 +247,31 @@ def test_cli_json_and_exit_status(ksm: SysfsBackend, start: Start) -> None:
     kinds = [(f["kind"], f["pid"]) for f in doc["findings"]]
     assert ("shared-mapping", pid) in kinds
     assert doc["exit_status"] == 1 and doc["processes"][0]["pid"] == pid
+
+
+def test_without_root_one_line_and_the_rest(ksm: SysfsBackend, start: Start) -> None:
+    """As nobody: one line says what could not be checked; knob changes are still seen."""
+    if not Path("/usr/bin/setpriv").exists():
+        pytest.skip("setpriv (util-linux) not installed")
+    ksm.write_tunables(advisor_mode="none", pages_to_scan=100)
+    worker = start("--mergeable", "--pages", "256")
+    start("--tune", "/sys/kernel/mm/ksm/pages_to_scan=100,200", "--period", "0.05")
+    out = run(
+        ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+         sys.executable, "-m", "harness.cli", "doctor", "--pid", str(worker), "--window", "1"],
+        check=False,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    lines = out.stdout.splitlines()
+    assert [x for x in lines if x.startswith("not checked:")] == [
+        "not checked: not root: other users' processes (1 examined), page contents "
+        "(would-merge counts, volatility), page frames (THP, KSM pages, the sharing matrix) "
+        "and knob writers were not checked"
+    ]
+    assert (
+        "[warning] knob-writer: pages_to_scan changed during the 1.0 s window: the writer "
+        "could not be named (not root: no fanotify)"
+    ) in lines
+    (values,) = [x for x in lines if "evidence: /sys/kernel/mm/ksm/pages_to_scan" in x]
+    assert set(values.split("values seen: ")[1].split(", ")) == {"100", "200"}

@@ -21,10 +21,12 @@ def check(a: Analysis) -> list[Finding]:
         ]
     users = a.facts.users
     scanned = sum(u.mergeable_pages for u in users)
-    who = f"{len(users)} processes have {pages(scanned)} of mergeable memory"
+    n = len(users)
+    who = f"{n} process{'es' if n != 1 else ''} {'have' if n != 1 else 'has'} {pages(scanned)} of "
+    who += "mergeable memory"
     run = h.knob("run")
     out: list[Finding] = []
-    if run == 0:
+    if run == 0 and scanned:  # stopped with nothing to merge is a choice, not a problem
         out.append(
             Finding(
                 "ksm-stopped",
@@ -45,7 +47,7 @@ def check(a: Analysis) -> list[Finding]:
                 "ksmh set run=1 (when the unmerge is no longer wanted)",
             )
         )
-    elif run == 1 and h.knob("pages_to_scan") == 0:
+    elif run == 1 and h.knob("pages_to_scan") == 0 and scanned:
         out.append(
             Finding(
                 "pages-to-scan-zero",

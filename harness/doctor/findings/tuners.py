@@ -91,23 +91,28 @@ def _unattributed(a: Analysis, written: set[str]) -> list[Finding]:
     f = a.facts
     if f.watch is None:
         return []
-    out = []
-    for name, values in sorted(f.watch.changed().items()):
-        if name in written or (name == "pages_to_scan" and f.host.advisor == "scan-time"):
-            continue
-        why = (
-            "the writer could not be named (not root: no fanotify)"
-            if not f.watch.fanotify
-            else "no process wrote it (a write between two samples of the kernel's own?)"
+    changed = {
+        name: values
+        for name, values in sorted(f.watch.changed().items())
+        if name not in written and not (name == "pages_to_scan" and f.host.advisor == "scan-time")
+    }
+    if not changed:
+        return []
+    why = (
+        "the writer could not be named (not root: no fanotify)"
+        if not f.watch.fanotify
+        else "no process was seen writing them"
+    )
+    return [
+        Finding(
+            "knob-writer",
+            "host",
+            f"{', '.join(changed)} changed during the {window(f):.1f} s window: {why}",
+            tuple(
+                Evidence(str(f.host.ksm_root / name), "values seen: " + ", ".join(values))
+                for name, values in changed.items()
+            ),
+            "find the process that writes them (run `ksmh doctor` as root to name it)",
+            data={"files": list(changed)},
         )
-        out.append(
-            Finding(
-                "knob-writer",
-                "host",
-                f"{name} changed during the {window(f):.1f} s window: {why}",
-                (Evidence(str(f.host.ksm_root / name), "values seen: " + ", ".join(values)),),
-                "find the process that writes it (run `ksmh doctor` as root to name it)",
-                data={"files": [name]},
-            )
-        )
-    return out
+    ]
