@@ -6,13 +6,15 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import procfs
-from harness.doctor.facts import KSM_ROOT, NODE_ROOT, THP_ROOT, Options
-from harness.doctor.groups import Label, group_names, is_vmm, parse_label, process_name
+from harness.doctor.paths import KSM_ROOT, NODE_ROOT, THP_ROOT
 from harness.errors import HarnessError
 from harness.units import parse_size
+
+if TYPE_CHECKING:
+    from harness.doctor.facts import Options
 
 MAX_WINDOW = 3600.0
 
@@ -72,6 +74,8 @@ def register(sub: Any) -> None:
 
 
 def _options(args: argparse.Namespace) -> Options:
+    from harness.doctor.facts import Options
+
     if not 0 <= args.window <= MAX_WINDOW:  # also refuses nan
         raise HarnessError(
             f"--window {args.window:g}: must be 0..{MAX_WINDOW:g} seconds", hint="e.g. --window 2"
@@ -90,6 +94,8 @@ def _options(args: argparse.Namespace) -> Options:
 
 
 def select_all(proc: Path) -> dict[int, str]:
+    from harness.doctor.groups import is_vmm, process_name
+
     me = os.getpid()
     pids = {u.pid for u in procfs.ksm_users(proc, exclude={me})}
     pids |= {pid for pid in procfs.pids(proc) if pid != me and is_vmm(pid, proc)}
@@ -108,6 +114,8 @@ def select_guests(run_id: str) -> tuple[dict[int, str], dict[int, int]]:
 
 
 def select_pids(pids: list[int], proc: Path) -> dict[int, str]:
+    from harness.doctor.groups import process_name
+
     out = {}
     for pid in pids:
         if not procfs.pid_alive(pid, proc):
@@ -127,11 +135,12 @@ def targets(args: argparse.Namespace) -> tuple[dict[int, str], str, dict[int, in
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from harness.doctor import diagnose
+    from harness.doctor.diagnosis import diagnose
+    from harness.doctor.groups import group_names, parse_label
     from harness.doctor.render import as_json, render_text
 
     options = _options(args)
-    labels: list[Label] = [parse_label(t) for t in args.label]
+    labels = [parse_label(t) for t in args.label]
     found, selection, index = targets(args)
     groups = group_names(found, labels, args.group_by, index) if args.group_by else None
     d = diagnose(

@@ -25,14 +25,12 @@ from typing import Any
 from harness import procfs
 from harness.doctor import content as ct
 from harness.doctor.exposure import KpageFlags
+from harness.doctor.paths import KSM_ROOT, NODE_ROOT, THP_ROOT
 from harness.doctor.watch import KnobWatch, Tuner, WatchResult, known_tuners
 from harness.errors import HarnessError
 from harness.ksm.types import PAGE_SIZE, KsmStat
 from harness.shadow import ShadowError
 
-KSM_ROOT = Path("/sys/kernel/mm/ksm")
-THP_ROOT = Path("/sys/kernel/mm/transparent_hugepage")
-NODE_ROOT = Path("/sys/devices/system/node")
 PIN_FDS = ("/dev/vfio/", "anon_inode:[io_uring]", "/dev/infiniband/")
 
 

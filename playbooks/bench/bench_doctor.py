@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.doctor import diagnose
+from harness.doctor.diagnosis import diagnose
 from harness.doctor.exposure import exposure
 from harness.doctor.facts import Options
 from harness.ksm.lock import ksm_lock

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.doctor import Diagnosis, diagnose
 from harness.doctor.catalog import Finding
+from harness.doctor.diagnosis import Diagnosis, diagnose
 from harness.doctor.facts import Options
 from harness.guests.fleet import Fleet, new_run_id
 from harness.guests.qemu_argv import qemu_argv

@@ -16,9 +16,11 @@ from subprocess import Popen
 
 import pytest
 
-from harness.doctor import Diagnosis, diagnose
 from harness.doctor.catalog import Finding
+from harness.doctor.diagnosis import Diagnosis, diagnose
+from harness.doctor.exposure import SharingProbe
 from harness.doctor.facts import Options
+from harness.doctor.groups import parse_label
 from harness.ksm.sysfs import SysfsBackend
 from harness.procfs import comm
 from harness.run import PIPE, run, spawn
@@ -93,6 +95,27 @@ def test_ksm_stopped(ksm: SysfsBackend, start: Start) -> None:
     assert f.data["mergeable_pages"] >= 512 and f.data["users"] >= 1
     s = d.analysis.summaries[pid]
     assert (s.scanned_pages, s.could_merge) == (512, 512)
+    ksm.write_tunables(run=2, force=True)
+    f = only(doctor([pid]), "ksm-unmerging")
+    assert [(e.file, e.value) for e in f.evidence] == [
+        ("/sys/kernel/mm/ksm/run", "2"),
+        ("/sys/kernel/mm/ksm/pages_sharing", "0"),
+    ]
+
+
+def test_advisor_owns_pages_to_scan(ksm: SysfsBackend, start: Start) -> None:
+    """The kernel's advisor rewrites pages_to_scan itself: an info finding, never a writer."""
+    ksm.write_tunables(run=2, force=True)
+    ksm.write_tunables(advisor_mode="scan-time", sleep_millisecs=10, run=1)
+    start("--mergeable", "--pages", "16384", "--fill", "random")
+    d = doctor([], window=1.0)
+    f = only(d, "advisor-active")
+    e = ev(f)
+    assert e["/sys/kernel/mm/ksm/advisor_mode"] == ["none [scan-time]"]
+    target = (ksm.root / "advisor_target_scan_time").read_text().strip()
+    assert e["/sys/kernel/mm/ksm/advisor_target_scan_time"] == [target]
+    assert f.severity.name == "INFO"
+    assert not [x for x in d.of_kind("knob-writer") if "pages_to_scan" in x.data["files"]]
 
 
 def test_pages_to_scan_1_over_1_gib(ksm: SysfsBackend, start: Start) -> None:
@@ -198,6 +221,14 @@ def test_quiet_process_is_not_volatile_and_merges(
     assert e is not None and e.groups == ("acme", "globex")
     assert e.pages == ((300, 300), (300, 300))  # c merged nothing: only a's pages, shared with b
     assert e.members == {"acme": (min(a, c), max(a, c)), "globex": (b,)}
+    # The exporter's probe measures the same over every process KSM scans.
+    probe = SharingProbe(
+        labels=[parse_label(f"{a},{c}:tenant=acme"), parse_label(f"{b}:tenant=globex")],
+        group_by="tenant",
+    )
+    pairs = {(x, y): n for x, y, n in probe().pairs()}
+    assert pairs[("acme", "globex")] == 300
+    assert probe() is probe()  # cached for the interval
 
 
 def test_io_uring_fixed_buffer_is_pinned(

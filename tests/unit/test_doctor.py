@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from harness.cli import main
-from harness.doctor import Diagnosis, diagnose
 from harness.doctor.catalog import CATALOG, KINDS, Severity
+from harness.doctor.diagnosis import Diagnosis, diagnose
 from harness.doctor.exposure import Exposure, matrix
 from harness.doctor.facts import Options
 from harness.doctor.findings import FAMILIES
