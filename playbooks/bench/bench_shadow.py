@@ -24,12 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.playbook.modelside import ModelSide
-
 from harness.guests.fleet import Fleet
 from harness.ksm.lock import ksm_lock
 from harness.ksm.sysfs import SysfsBackend
 from harness.playbook import host
+from harness.playbook.modelside import ModelSide
 from harness.playbook.runner import Runner, RunOptions
 from harness.playbook.schema import loads_playbook
 
