@@ -57,6 +57,20 @@ def register(sub: Any) -> None:
     p.add_argument("--listen", default="127.0.0.1:9712", help="HOST:PORT (default loopback)")
     p.add_argument("--pid", type=int, action="append", default=[], help="also export this PID")
     p.add_argument("--host", default=None, help="value of the host label (default hostname)")
+    p.add_argument(
+        "--sharing",
+        action="store_true",
+        help="also export ksm_cross_group_shared_pages{a,b} (reads page tables; root)",
+    )
+    p.add_argument(
+        "--sharing-interval",
+        type=float,
+        default=60.0,
+        help="seconds between two measurements of the sharing matrix (default 60)",
+    )
+    p.add_argument("--label", action="append", default=[], metavar="TARGETS:KEY=VALUE",
+                   help="label processes (PIDs or names) for --group-by")  # fmt: skip
+    p.add_argument("--group-by", metavar="KEY", help="group the sharing matrix by this label")
     p.set_defaults(func=cmd_export)
 
 
@@ -214,12 +228,34 @@ def _comm(proc: Path, pid: int) -> str:
         return str(pid)
 
 
+def _sharing(args: argparse.Namespace) -> Any:
+    """The opt-in sharing matrix of `ksmh export --sharing`, checked before serving."""
+    if not args.sharing:
+        if args.label or args.group_by:
+            raise HarnessError("--label and --group-by need --sharing", hint="add --sharing")
+        return None
+    from harness.doctor.exposure import SharingProbe
+    from harness.doctor.groups import parse_label
+
+    if not 1.0 <= args.sharing_interval <= 86400.0:  # also refuses nan
+        raise HarnessError(
+            f"--sharing-interval {args.sharing_interval:g}: must be 1..86400 seconds",
+            hint="e.g. --sharing-interval 60",
+        )
+    labels = [parse_label(t) for t in args.label]
+    if args.group_by is not None and not any(lb.key == args.group_by for lb in labels):
+        raise HarnessError(f"--group-by {args.group_by!r}: no --label gives it",
+                           hint="e.g. --label 1234,5678:tenant=acme --group-by tenant")  # fmt: skip
+    return SharingProbe(args.proc_root, labels, args.group_by, args.sharing_interval)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from harness.exporter import ExportTarget, parse_listen, serve
 
     backend = _backend(args)
     pids = {pid: _comm(args.proc_root, pid) for pid in args.pid}
     target = ExportTarget(backend=backend, watch=(lambda: pids) if pids else None)
+    target.sharing = _sharing(args)
     if args.host:
         target.host = args.host
     server, _thread = serve([target], args.listen)

@@ -108,6 +108,8 @@ class Vma:
     anon_huge_kib: int = 0  # AnonHugePages
     ksm_kib: int = 0  # KSM (6.6+)
     rss_kib: int = 0
+    shared_hugetlb_kib: int = 0  # hugetlbfs pages are not in Rss
+    private_hugetlb_kib: int = 0
 
     @property
     def pages(self) -> int:
@@ -117,8 +119,19 @@ class Vma:
     def mergeable(self) -> bool:
         return "mg" in self.flags
 
+    @property
+    def resident_kib(self) -> int:
+        """Rss, plus the hugetlbfs pages smaps counts apart."""
+        return self.rss_kib + self.shared_hugetlb_kib + self.private_hugetlb_kib
 
-_VMA_COUNTERS = {"AnonHugePages:": "anon_huge_kib", "KSM:": "ksm_kib", "Rss:": "rss_kib"}
+
+_VMA_COUNTERS = {
+    "AnonHugePages:": "anon_huge_kib",
+    "KSM:": "ksm_kib",
+    "Rss:": "rss_kib",
+    "Shared_Hugetlb:": "shared_hugetlb_kib",
+    "Private_Hugetlb:": "private_hugetlb_kib",
+}
 
 
 def parse_smaps(text: str) -> list[Vma]:

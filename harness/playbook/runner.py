@@ -474,6 +474,7 @@ class Runner:
                 run_step(self, step)
         finally:
             end = self.sync(f"{phase.name} end")
+            self._record_exposure(phase.name)
             rec["t_end"] = round(self.elapsed(), 3)
             for s, c in rec["counters"].items():
                 c["end"] = end.get(s, {})
@@ -482,6 +483,21 @@ class Runner:
                     for n, v in c["start"].items()
                     if isinstance(v, int | float) and isinstance(c["end"].get(n), int | float)
                 }
+
+    def _record_exposure(self, phase: str) -> None:
+        """Which guests map the same KSM pages (exact, from their page tables): the run
+        report's "Sharing exposure" section; the last phase's matrix is the one kept."""
+        if not self.guest_pids or not any(isinstance(s, KernelSide) for s in self.sides):
+            return
+        from harness.doctor.exposure import exposure
+
+        names = {pid: name for name, pid in self.guest_pids.items()}
+        try:
+            e = exposure(list(names), names, self.opts.proc)
+        except HarnessError as exc:
+            self.results.run["sharing_exposure"] = {"error": exc.message, "phase": phase}
+            return
+        self.results.run["sharing_exposure"] = {**e.as_dict(), "phase": phase}
 
     # -- the end --------------------------------------------------------------------------------
     def _expectation_counts(self) -> dict[str, int]:

@@ -159,9 +159,29 @@ def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
                     f"| {MARK.get(e['status'], e['status'])} | `{e['text']}` | {e.get('line')} "
                     f"| {e.get('detail', '')} |"
                 )
+    out += _exposure_section(run.get("sharing_exposure"))
     if plots:
         out += ["", "## Plots"]
         for kind in ("counters", "scans", "convergence", "guests", "heatmap"):
             if kind in plots:
                 out += ["", f"### {CAPTIONS[kind]}", "", f"![{CAPTIONS[kind]}]({plots[kind]})"]
     return "\n".join(out) + "\n"
+
+
+def _exposure_section(e: Mapping[str, Any] | None) -> list[str]:
+    """Which guests share merged pages: distinct KSM pages mapped by both (the diagonal: by
+    each), read from the guests' page tables at the end of the named phase."""
+    if not e:
+        return []
+    out = ["", "## Sharing exposure", ""]
+    if e.get("error"):
+        return [*out, f"Not measured: {e['error']}"]
+    out.append(
+        f"Distinct KSM pages mapped by both guests (diagonal: by the guest), from pagemap and "
+        f"/proc/kpageflags at the end of phase {e.get('phase', '?')}:"
+    )
+    groups = list(e.get("groups", []))
+    out += ["", "| | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for g, row in zip(groups, e.get("pages", []), strict=False):
+        out.append(f"| {g} | " + " | ".join(str(v) for v in row) + " |")
+    return out

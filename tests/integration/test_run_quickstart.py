@@ -95,6 +95,16 @@ def test_quickstart_on_the_real_kernel(tmp_path: Path) -> None:
     assert all(g["thp"] is False for g in run["guests"])  # type: ignore[attr-defined]
     check_nothing_left(run)
     assert knobs_after == knobs_before
+    # Sharing exposure, from the guests' page tables at the end of the phase: every guest maps
+    # at least 16384 / 256 KSM pages (chains of max_page_sharing), shared with the others.
+    e = run["sharing_exposure"]
+    names = sorted(g["name"] for g in run["guests"])  # type: ignore[attr-defined]
+    assert e["groups"] == names and e["phase"] == "fill"  # type: ignore[index]
+    x = e["pages"]  # type: ignore[index]
+    assert all(x[i][j] == x[j][i] for i in range(4) for j in range(4))
+    assert all(x[i][i] >= 64 for i in range(4))
+    assert all(0 < x[i][j] <= min(x[i][i], x[j][j]) for i in range(4) for j in range(4) if i != j)
+    assert "## Sharing exposure" in (outcome.directory / "report.md").read_text()
     # While it ran, the exporter served both sources and the run's own series.
     (text,) = scraped
     assert 'source="kernel"' in text and 'source="model"' in text
@@ -118,3 +128,4 @@ def test_quickstart_forced_onto_the_model(tmp_path: Path) -> None:
     assert statuses["kernel ~= model within 2%: pages_shared, pages_sharing"] == "skipped"
     assert statuses["saved_bytes >= 240MiB"] == "passed"
     check_nothing_left(run)
+    assert "sharing_exposure" not in run  # no real KSM side: nothing measured
