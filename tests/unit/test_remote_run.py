@@ -198,7 +198,7 @@ def test_a_passing_host_is_uploaded_run_fetched_rendered_and_summarized(tmp_path
         f"kvm a: running tiny.yaml on 10.0.0.1:2222 (workdir {work})",
         "kvm a: [ 0.1s] booting",
         "kvm a: [ 9.0s] done",  # the last line had no newline
-        f"kvm a: exit 0, fetched 3 files into {local}",
+        f"kvm a: exit 0, fetched 4 files into {local}",  # run.json and three CSVs
     ]
     assert remote.pids == {}  # known while it ran, forgotten after
     assert (local / "report.md").exists()  # rendered here
