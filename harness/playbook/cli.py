@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessError
 from harness.ksm.select import BACKENDS
 from harness.ksm.sysfs import KSM_ROOT
 
@@ -38,6 +40,13 @@ def register(sub: Any) -> None:
         "'off' for none)",
     )
     p.add_argument("--check", action="store_true", help="only validate the playbook")
+    p.add_argument(
+        "--push",
+        default=None,
+        metavar="URL",
+        help="after the run, push its summary to this Prometheus Pushgateway (overrides the "
+        "playbook's push:; 'off' for none); a failed push does not change the exit status",
+    )
     p.add_argument(
         "--inventory",
         type=Path,
@@ -73,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.playbook.schema import load_playbook
 
     playbook = load_playbook(args.playbook)
+    push = _push_url(args.push, playbook.push)
     if args.check:
         steps = sum(len(p.steps) for p in playbook.phases)
         print(f"{args.playbook}: valid ({len(playbook.phases)} phases, {steps} steps)")
@@ -81,6 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from harness.remote.run import cmd_run_fleet
 
         args.playbook_name = playbook.name
+        args.push_url = push
         return cmd_run_fleet(args)
     export = args.export or DEFAULT_EXPORT
     opts = RunOptions(
@@ -90,7 +101,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         export_required=args.export not in (None, "off"),
         sysfs_root=args.sysfs_root,
     )
-    outcome = Runner(playbook, opts).run()
+    runner = Runner(playbook, opts)
+    try:
+        outcome = runner.run()
+    except HarnessError:
+        if push:  # the error verdict is a night too; the error itself is re-raised as is
+            push_results(runner.dir, push)
+        raise
     if outcome.failed:
         print(f"{len(outcome.failed)} expectation(s) failed:")
         for text in outcome.failed:
@@ -98,7 +115,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print("every expectation held")
     print(f"results: {outcome.directory}/report.md")
+    if push:
+        push_results(outcome.directory, push)
     return outcome.exit_status
+
+
+def _push_url(option: str | None, playbook: str | None) -> str | None:
+    """--push wins over the playbook's push:; 'off' turns pushing off."""
+    from harness.monitoring.push import check_url
+
+    if option is not None:
+        return None if option == "off" else check_url(option)
+    return playbook
+
+
+def push_results(directory: Path, url: str, host: str | None = None) -> bool:
+    """Push one results directory; print one line (stderr when it failed). Never raises."""
+    from harness.monitoring.push import push_run
+
+    if not (directory / "run.json").exists():
+        print(f"ksmh: push to {url} skipped: the run wrote no results", file=sys.stderr)
+        return False
+    outcome = push_run(directory, url, host=host)
+    print(outcome.line, file=sys.stdout if outcome.ok else sys.stderr)
+    return outcome.ok
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -32,6 +32,8 @@ from harness.playbook.schema import (
     Phase,
     Playbook,
 )
+from harness.report.nightly import boot_record
+from harness.report.provenance import gather as gather_provenance
 from harness.report.render import render
 from harness.report.results import Results, write_results
 from harness.shadow import sharing_matrix
@@ -211,6 +213,7 @@ class Runner:
             "backend": self.primary_name,
             "banner": banner,
             "host": host.host_facts(self.opts.proc),
+            "provenance": gather_provenance(self.pb),
             "accelerator": None,
             "tunables": {},
             "guests": [],
@@ -270,6 +273,7 @@ class Runner:
                 host.set_thp_disable(False)
         if hasattr(result, "raise_if_failed"):
             result.raise_if_failed()
+        self.results.run["boot"] = boot_record(result)
         self.guest_pids = dict(fleet.pids())
         accel = getattr(fleet, "accel", None)
         self.results.run["accelerator"] = getattr(accel, "accel", accel)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import KsmWriteRefused
+from harness.errors import HarnessError, KsmWriteRefused
 from harness.ksm.tunables import validate as validate_tunables
 from harness.playbook.expect import Expectation, ExpectationSyntax, parse_expectation
 from harness.playbook.load import PathKey, Source, load_file, load_text
@@ -147,6 +147,7 @@ class Playbook:
     sample_interval: float = 1.0
     shadow: ShadowSpec = field(default_factory=ShadowSpec)
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    push: str | None = None  # a Pushgateway URL: push the run's summary when it ends
 
     def expectations(self) -> list[Expectation]:
         return [
@@ -189,7 +190,7 @@ def valid_pattern(text: str) -> str | None:
     return f"unknown pattern {text!r}"
 
 
-TOP_KEYS = ("name", "description", "fleet", "ksm", "sample_interval", "shadow", "phases")
+TOP_KEYS = ("name", "description", "fleet", "ksm", "sample_interval", "shadow", "phases", "push")
 
 
 def parse_playbook(data: object, src: Source) -> Playbook:
@@ -229,7 +230,18 @@ def parse_playbook(data: object, src: Source) -> Playbook:
         sample_interval=interval,
         shadow=shadow,
         raw=top,
+        push=_push(v, top["push"]) if "push" in top else None,
     )
+
+
+def _push(v: _V, raw: object) -> str:
+    from harness.monitoring.push import check_url
+
+    text = v.str_(raw, ("push",))
+    try:
+        return check_url(text)
+    except HarnessError as exc:
+        raise v.src.error(("push",), exc.message, hint=exc.hint) from None
 
 
 def _fleet(v: _V, raw: object) -> FleetSpec:
