@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.report.regression import Floors
 
 
 def _positive(text: str) -> int:
@@ -51,12 +52,42 @@ def register(sub: Any) -> None:
         default=5,
         help="nights needed before anything is flagged (default 5)",
     )
+    p.add_argument(
+        "--floor",
+        action="append",
+        default=[],
+        metavar="FAMILY=REL[:ABS]",
+        help="replace a metric family's noise floor, e.g. converge_seconds=0.3:1 on a quiet "
+        "dedicated host (default floors: README, 'Nightly series')",
+    )
     p.set_defaults(func=cmd_trend)
+
+
+def parse_floors(items: list[str]) -> dict[str, Floors]:
+    """['converge_seconds=0.3:1', 'saved_bytes=0.02'] -> {family: Floors}; HarnessError if bad."""
+    from harness.report.trend import FAMILY
+
+    out: dict[str, Floors] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        rel_text, _, abs_text = value.partition(":")
+        try:
+            rel = float(rel_text)
+            absolute = float(abs_text) if abs_text else FAMILY[name].floors.abs
+        except (ValueError, KeyError):
+            rel = absolute = -1.0
+        if name not in FAMILY or not rel >= 0 or not absolute >= 0:
+            raise HarnessError(
+                f"--floor {item!r}: expected FAMILY=REL[:ABS] with numbers >= 0",
+                hint="families: " + ", ".join(FAMILY),
+            )
+        out[name] = Floors(rel=rel, abs=absolute)
+    return out
 
 
 def cmd_trend(args: argparse.Namespace) -> int:
     from harness.report.regression import Rule
-    from harness.report.trend import build_trend, flag_doc, write_trend
+    from harness.report.trend import build_trend, flag_doc, with_floors, write_trend
 
     if args.min_nights > args.window:
         raise HarnessError(
@@ -64,7 +95,8 @@ def cmd_trend(args: argparse.Namespace) -> int:
             hint="the window must hold at least min-nights nights",
         )
     rule = Rule(window=args.window, min_nights=args.min_nights)
-    trend = build_trend(args.dirs, args.playbook, rule)
+    families = with_floors(parse_floors(args.floor))
+    trend = build_trend(args.dirs, args.playbook, rule, families)
     try:
         path = write_trend(trend, args.dirs, args.out)
     except OSError as exc:

@@ -145,7 +145,7 @@ def render_markdown(trend: Trend, doc: dict[str, Any], plots: dict[str, str]) ->
         for fam, name in plots.items():
             out += ["", f"### {CAPTIONS.get(fam, fam)}", "", f"![{fam}]({name})"]
     out += ["", "## Floors", "", "| metric | relative | absolute |", "|---|---|---|"]
-    for f in FAMILIES:
+    for f in trend.families:
         out.append(f"| {f.name} | {f.floors.rel:g} x median | {fmt(f.floors.abs, f.unit)} |")
     if trend.skipped:
         out += ["", "## Skipped files", ""]

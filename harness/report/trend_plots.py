@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from harness.report.plots import _save
-from harness.report.trend import FAMILIES, Family, Group, Metric, Trend
+from harness.report.trend import Family, Group, Metric, Trend
 
 SCALE = {"bytes": (2**20, "MiB"), "seconds": (1, "s"), "pages": (1, "pages"), "ratio": (1, "")}
 MAX_TICKS = 16
@@ -42,7 +42,7 @@ def _draw(ax: object, m: Metric, color: str, divisor: float) -> None:
 
 def plot_family(family: Family, groups: list[Group], out: Path) -> str | None:
     """`<family>.png` with one panel per series that has this family's metrics."""
-    panels = [(g, [m for m in g.metrics if m.family is family]) for g in groups]
+    panels = [(g, [m for m in g.metrics if m.family.name == family.name]) for g in groups]
     panels = [(g, ms) for g, ms in panels if ms]
     if not panels:
         return None
@@ -76,7 +76,7 @@ def plot_family(family: Family, groups: list[Group], out: Path) -> str | None:
 def render_plots(trend: Trend, out: Path) -> dict[str, str]:
     """Every family's plot that has data: {family: file name}."""
     made: dict[str, str] = {}
-    for family in FAMILIES:
+    for family in trend.families:
         name = plot_family(family, trend.groups, out)
         if name:
             made[family.name] = name
