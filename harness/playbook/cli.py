@@ -130,14 +130,16 @@ def _push_url(option: str | None, playbook: str | None) -> str | None:
 
 
 def push_results(directory: Path, url: str, host: str | None = None) -> bool:
-    """Push one results directory; print one line (stderr when it failed). Never raises."""
+    """Push one results directory; print one line (stderr when it failed, prefixed with
+    `host` when given: a fleet's host pushed under its inventory name). Never raises."""
     from harness.monitoring.push import push_run
 
+    prefix = f"{host}: " if host else ""
     if not (directory / "run.json").exists():
-        print(f"ksmh: push to {url} skipped: the run wrote no results", file=sys.stderr)
+        print(f"{prefix}ksmh: push to {url} skipped: the run wrote no results", file=sys.stderr)
         return False
     outcome = push_run(directory, url, host=host)
-    print(outcome.line, file=sys.stdout if outcome.ok else sys.stderr)
+    print(prefix + outcome.line, file=sys.stdout if outcome.ok else sys.stderr)
     return outcome.ok
 
 

@@ -49,12 +49,15 @@ SCRAPE = ScrapeSettings(scrape_interval="1s", evaluation_interval="1s", file_sd_
 
 @contextmanager
 def pushgateway(workdir: Path) -> Iterator[tuple[str, Popen[bytes]]]:
-    """A Pushgateway on a free loopback port (no persistence) until the block ends."""
+    """A Pushgateway on a free loopback port, its state in workdir, until the block ends."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "pushgateway.log"
     log = log_path.open("wb")
-    proc = spawn([GATEWAY, f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
+    # Debian's build persists to /var/lib/prometheus/pushgateway.data by default: keep it here.
+    argv = [GATEWAY, f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={workdir / 'pushgateway.data'}"]  # fmt: skip
+    proc = spawn(argv, stdout=log, stderr=log)
     try:
         wait_http(f"http://127.0.0.1:{port}/-/ready", proc, 30, log_path.read_text)
         yield f"127.0.0.1:{port}", proc
@@ -109,6 +112,8 @@ def test_a_pushed_run_is_queried_back_from_prometheus(
                 f"pushed {push['series']} series to http://{target} "
                 f"(job ksm_nightly, playbook=nightly-tiny, host={host})"
             ) in out.splitlines()
+            figures = {"push": push, "boot": run["boot"], "sweeps": run["phases"][1]["sweeps"]}
+            print(json.dumps(figures))
             _check_series(prom, run)
             _check_dashboard_row(prom)
         assert gateway.poll() is None  # still up until its block ends
