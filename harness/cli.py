@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "harness.guests.cli",
     "harness.playbook.cli",
     "harness.doctor.cli",
+    "harness.report.cli",
 )
 
 

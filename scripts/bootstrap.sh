@@ -25,7 +25,7 @@ quietly() {
 PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static linux-image-amd64 kmod cpio
   libvirt-daemon-system libvirt-dev pkg-config gcc libc6-dev
-  python3 python3-dev python3-venv openssh-server prometheus
+  python3 python3-dev python3-venv openssh-server prometheus prometheus-pushgateway
   mmdebstrap e2fsprogs
 )
 

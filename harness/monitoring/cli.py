@@ -19,6 +19,14 @@ def _duration(text: str) -> str:
     return text
 
 
+def _target(text: str) -> str:
+    """HOST:PORT of a scrape target (what prometheus.yml's static_configs take)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or "/" in text or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r} (e.g. 127.0.0.1:9091)")
+    return text
+
+
 def register(sub: Any) -> None:
     mon = sub.add_parser("monitoring", help="Prometheus config, alert rules, Grafana dashboard")
     msub = mon.add_subparsers(dest="monitoring_command", metavar="ACTION")
@@ -46,6 +54,13 @@ def register(sub: Any) -> None:
         action="store_true",
         help="write the config even if remote hosts' exporters listen only on loopback "
         "(their targets would then be the Prometheus machine itself)",
+    )
+    p.add_argument(
+        "--pushgateway",
+        type=_target,
+        default=None,
+        metavar="HOST:PORT",
+        help="also scrape this Pushgateway (job ksm_nightly, honor_labels) for `ksmh run --push`",
     )
     p.set_defaults(func=cmd_config)
 
@@ -78,7 +93,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     ).with_for(args.for_)
     scrape = ScrapeSettings(args.scrape_interval, args.evaluation_interval)
     try:
-        paths = write_config(inv, args.out, rules, scrape)
+        paths = write_config(inv, args.out, rules, scrape, args.pushgateway)
     except OSError as exc:
         raise HarnessError(f"cannot write to {args.out}: {exc.strerror}") from None
     for p in paths:

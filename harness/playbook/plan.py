@@ -139,6 +139,7 @@ class Playbook:
     foreign: ForeignPolicy = ForeignPolicy.REFUSE
     # Frozen end-of-scan samples of the kernel during waits (ksmd paused a moment per scan).
     scan_samples: bool = False
+    push: str | None = None  # a Pushgateway URL: push the run's summary when it ends
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def expectations(self) -> list[Expectation]:

@@ -38,6 +38,8 @@ from harness.playbook.expect import Context
 from harness.playbook.live import RunState, Sampler, serve_run
 from harness.playbook.plan import FleetSpec, Phase, Playbook
 from harness.recovery import run_session
+from harness.report.nightly import boot_record
+from harness.report.provenance import gather as gather_provenance
 from harness.report.render import render
 from harness.report.results import Results, new_results_dir, write_results
 from harness.shadow import sharing_matrix
@@ -265,6 +267,7 @@ class Runner:
             "backend": "kernel" if kernel else "model",
             "banner": banner,
             "host": host.host_facts(self.opts.proc),
+            "provenance": gather_provenance(self.pb),
             "accelerator": None,
             "tunables": {},
             "guests": [],
@@ -318,6 +321,7 @@ class Runner:
             self.journal.set_guests(fleet.run_id, dict(self.guest_pids))
         if hasattr(result, "raise_if_failed"):
             result.raise_if_failed()
+        self.results.run["boot"] = boot_record(result)
         accel = getattr(fleet, "accel", None)
         self.results.run["accelerator"] = getattr(accel, "accel", accel)
         self.results.run["accelerator_reason"] = getattr(accel, "reason", None)

@@ -7,6 +7,7 @@
     shadow: {enabled: true, max_scans_per_capture: 0}     # the model's replay of guest memory
     foreign: refuse                      # other KSM users on the host: refuse, or capture them
     scan_samples: false                  # true: the kernel frozen at each full scan of waits
+    push: http://pushgateway:9091        # push the run's summary there when it ends (optional)
     phases:
       - name: fill
         steps:
@@ -33,7 +34,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag, model_validator
 
-from harness.errors import KsmWriteRefused, PlaybookError
+from harness.errors import HarnessError, KsmWriteRefused, PlaybookError
 from harness.kinds import ForeignPolicy
 from harness.ksm.tunables import U32_MAX
 from harness.ksm.tunables import validate as validate_tunables
@@ -389,6 +390,18 @@ class PhaseDoc(Model):
     steps: Annotated[list[StepDoc], _nonempty("steps")]
 
 
+def _push_url(value: Any) -> Any:
+    """`push:` is a Pushgateway URL (harness.monitoring.push.check_url says what is one)."""
+    from harness.monitoring.push import check_url
+
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {kind(value)}")
+    try:
+        return check_url(value)
+    except HarnessError as exc:
+        raise Invalid(exc.message, hint=exc.hint) from None
+
+
 class PlaybookDoc(Model):
     what = "a playbook"
     example = HINT
@@ -400,6 +413,7 @@ class PlaybookDoc(Model):
     shadow: ShadowSpec = ShadowSpec()
     foreign: Annotated[ForeignPolicy, one_of(ForeignPolicy)] = ForeignPolicy.REFUSE
     scan_samples: Annotated[bool, Check(boolean)] = False
+    push: Annotated[str | None, Check(_push_url)] = None
     phases: Annotated[list[PhaseDoc], _nonempty("phases")]
 
     @classmethod
@@ -502,6 +516,7 @@ def parse_playbook(data: object, src: Source) -> Playbook:
         shadow=doc.shadow,
         foreign=doc.foreign,
         scan_samples=doc.scan_samples,
+        push=doc.push,
         raw=data,
     )
 

@@ -110,6 +110,9 @@ def remote_argv(host: Host, playbook: str, out: str, opts: RemoteRunOptions) -> 
         out,
         "--export",
         opts.export,
+        # The controller pushes each host's fetched results under its inventory name.
+        "--push",
+        "off",
     ]
 
 
@@ -357,6 +360,13 @@ def cmd_run_fleet(args: Any) -> int:
     totals = fr.document["totals"]
     print(f"fleet-wide saved: {human_bytes(totals['saved_bytes'])} ({totals['saved_bytes']} bytes)")
     print(f"fleet report: {fr.report}")
+    push = getattr(args, "push_url", None)
+    if push:
+        from harness.playbook.cli import push_results
+
+        for h in fr.hosts:
+            if h.directory:
+                push_results(Path(h.directory), push, host=h.host)
     bad = [h.host for h in fr.hosts if h.status == "error"]
     if bad:
         print(f"ksmh: {len(bad)} of {len(fr.hosts)} hosts errored: {', '.join(bad)}",

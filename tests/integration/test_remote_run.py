@@ -191,11 +191,14 @@ def test_failing_hosts_are_reported_and_the_others_complete(
     }
     inv = fleet.inventory("failing.yaml", only=["alpha"], extra=extra)
     out = tmp_path / "results"
-    code, stdout, stderr = _ksmh(
-        capsys, "run", _playbook(tmp_path, IMPOSSIBLE), "--inventory", inv, "--out", out
-    )
+    # Nothing listens there: the controller's push of alpha's results fails, one line.
+    push = f"http://127.0.0.1:{free_port()}"
+    code, stdout, stderr = _ksmh(capsys, "run", _playbook(tmp_path, IMPOSSIBLE),
+                                 "--inventory", inv, "--out", out, "--push", push)  # fmt: skip
     assert code == 2, stdout + stderr
     assert "ksmh: 2 of 3 hosts errored: charlie, delta" in stderr
+    (push_line,) = [ln for ln in stderr.splitlines() if "push" in ln]
+    assert push_line.startswith(f"alpha: ksmh: push to {push} failed: ")
     doc = json.loads((_fleet_dir(out) / "fleet.json").read_text())
     assert doc["exit_status"] == 2
     assert doc["totals"] | {"saved_bytes": 0, "peak_saved_bytes": 0} == {
@@ -209,7 +212,10 @@ def test_failing_hosts_are_reported_and_the_others_complete(
     assert failed.startswith("line 17: saved_bytes >= 1024GiB (")
     assert failed.endswith(" >= 1099511627776)")
     assert doc["totals"]["saved_bytes"] == rows["alpha"]["saved_bytes"] >= 4080 * 4096
-    assert (Path(rows["alpha"]["directory"]) / "run.json").exists()
+    alpha_run = json.loads((Path(rows["alpha"]["directory"]) / "run.json").read_text())
+    assert alpha_run["push"]["ok"] is False
+    assert alpha_run["push"]["grouping_key"] == {"playbook": "remote-tiny", "host": "alpha"}
+    assert alpha_run["verdict"]["status"] == "failed"
     assert rows["charlie"]["status"] == "error" and rows["charlie"]["run_id"] is None
     assert rows["charlie"]["error"].startswith(f"cannot connect to 127.0.0.1:{dead_port}")
     assert rows["delta"]["status"] == "error"

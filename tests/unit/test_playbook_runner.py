@@ -10,6 +10,7 @@ nowhere), so no host lock is needed.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -26,6 +27,7 @@ from harness.guests.fleet import FleetResult, GuestResult
 from harness.playbook.live import RunState, serve_run
 from harness.playbook.runner import Runner, RunOptions
 from harness.playbook.schema import FleetSpec, loads_playbook
+from harness.report.provenance import playbook_digest
 from harness.report.results import read_results
 from harness.run import PIPE, spawn
 from harness.sides.model import ModelSnapshot
@@ -177,6 +179,15 @@ def test_model_only_run(tmp_path: Path, fleets: list[FakeFleet]) -> None:
     assert list((tmp_path / "journal").iterdir()) == []  # a clean end removes the journal
     assert run["sharing_matrix"]["pages"] == [[64, 64, 64], [64, 64, 64], [64, 64, 64]]
     assert run["shadow"]["captures"] >= 4
+    # What a trend groups and explains by; the boot record from the fleet's boot result.
+    prov = run["provenance"]
+    assert prov["playbook_digest"] == playbook_digest(None, run["playbook"]["source"])
+    assert prov["host"] == socket.gethostname() and prov["kernel_release"] == os.uname().release
+    assert run["boot"] == {
+        "seconds": {f"ksmh-rfake-g{i:02d}": 0.0 for i in range(3)},
+        "median": 0.0,
+        "max": 0.0,
+    }
     names = {p.name for p in outcome.directory.iterdir()}
     assert {
         "run.json",
