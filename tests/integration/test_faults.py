@@ -69,7 +69,8 @@ class RunProc:
             self._q.put(raw.decode(errors="replace").rstrip("\n"))
         self._q.put(None)
 
-    def wait_for(self, pattern: str, timeout: float = 120) -> str:
+    def wait_for(self, pattern: str, timeout: float = 900) -> str:
+        # Long: on a shared host the run may first wait for the KSM lock.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -84,7 +85,7 @@ class RunProc:
         self.proc.kill()
         raise AssertionError(f"never saw {pattern!r}; output:\n" + "\n".join(self.lines))
 
-    def finish(self, timeout: float = 180) -> int:
+    def finish(self, timeout: float = 900) -> int:
         code = self.proc.wait(timeout)
         while (line := self._q.get(timeout=10)) is not None:
             self.lines.append(line)
@@ -190,7 +191,7 @@ def test_the_next_run_recovers_first_and_compares_exactly(
     orphans = qemu_of_run(first.lines)
     assert orphans, "the killed run's guest keeps running until something recovers it"
     second = RunProc(tiny, tmp_path / "second")
-    code = second.finish(300)
+    code = second.finish(900)
     text = "\n".join(second.lines)
     assert code == 0, text
     assert "recovered what an earlier run left behind" in text
@@ -251,7 +252,7 @@ def test_a_full_results_filesystem_is_a_clear_error(
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], check=True)
     try:
         run = RunProc(tiny, small)
-        code = run.finish(300)
+        code = run.finish(900)
         text = "\n".join(run.lines)
         assert code == 2, text
         assert re.search(r"could not write the results to .*No space left on device", text), text
@@ -288,7 +289,7 @@ def test_a_foreign_ksm_user_is_refused_by_name(
     mergeable_child: object,
 ) -> None:
     child = mergeable_child(2048, 0x33)  # type: ignore[operator]
-    done = ksmh("run", str(tiny), "--out", str(tmp_path), "--export", "off", timeout=300)
+    done = ksmh("run", str(tiny), "--out", str(tmp_path), "--export", "off", timeout=900)
     assert done.returncode == 2, done.stderr
     assert "process(es) outside this run use KSM: pid " in done.stderr
     assert f"pid {child.pid} ({sys.executable} -c " in done.stderr
@@ -311,7 +312,7 @@ def test_a_foreign_ksm_user_is_captured_and_compared_exactly(
     capture = tmp_path / "capture.yaml"
     capture.write_text(TINY.replace("name: tiny\n", "name: tiny\nforeign: capture\n"))
     run = RunProc(capture, tmp_path / "out")
-    code = run.finish(300)
+    code = run.finish(900)
     assert code == 0, "\n".join(run.lines)
     doc = only_run_json(tmp_path / "out")
     assert doc["shadow"]["other_processes"] == 1  # type: ignore[index]
