@@ -10,14 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from harness.console import rich_table, terminal
 from harness.errors import GuestBootTimeout, GuestError, HarnessError
+from harness.fleet_result import FleetResult
+from harness.guests.agent import AgentReply
 from harness.guests.backend import RUNTIME_ROOT, Leftover
-from harness.guests.fleet import Fleet, FleetResult, list_runs, sigterm_to_interrupt
+from harness.guests.fleet import Fleet, list_runs
+from harness.guests.spec import FleetSpec
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
+from harness.signals import signals_as_interrupt
 
 
 def register(sub: Any) -> None:
@@ -29,18 +34,23 @@ def register(sub: Any) -> None:
     p = fsub.add_parser("up", help="boot N guests, print the run id, leave them running")
     p.add_argument("--count", type=int, required=True, help="number of guests")
     p.add_argument("--memory", type=int, default=256, metavar="MIB", help="RAM per guest (MiB)")
-    p.add_argument("--backend", choices=("qemu", "libvirt"), default="qemu")
+    p.add_argument("--backend", choices=choices(GuestBackendKind), default="qemu")
     p.add_argument("--uri", default=None, help="libvirt URI (default qemu:///system)")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--accel", choices=choices(AccelKind), default="auto")
     p.add_argument(
         "--image",
-        choices=("busybox", "debian"),
+        choices=choices(ImageKind),
         default="busybox",
         help="busybox (default, ~5 s boot) or debian (mmdebstrap + systemd, built on first use)",
     )
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument(
         "--no-mem-merge", action="store_true", help="do not mark guest RAM mergeable for KSM"
+    )
+    p.add_argument(
+        "--no-thp",
+        action="store_true",
+        help="start QEMU with transparent huge pages off (as playbooks do by default)",
     )
     p.add_argument("--concurrency", type=int, default=4, help="guests booting at once")
     p.add_argument("--ready-timeout", type=float, default=180.0, metavar="S")
@@ -64,7 +74,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_down)
 
 
-def _print_result(result: FleetResult) -> int:
+def _print_result(result: FleetResult[AgentReply]) -> int:
     for name, r in result.items():
         if r.ok:
             text = r.value.text if r.value is not None else "ok"
@@ -74,29 +84,31 @@ def _print_result(result: FleetResult) -> int:
     return 0 if result.ok else 1
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    # SIGTERM like Ctrl-C: tear down what was booted rather than orphan QEMU processes.
-    previous = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
-    try:
-        return _up(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _up(args: argparse.Namespace) -> int:
-    fleet = Fleet(
-        args.count,
-        args.memory,
-        backend=args.backend,
+def spec_from_args(args: argparse.Namespace) -> FleetSpec:
+    """`ksmh fleet up`'s options as the FleetSpec they describe."""
+    return FleetSpec(
+        count=args.count,
+        memory_mib=args.memory,
+        image=ImageKind(args.image),
+        backend=GuestBackendKind(args.backend),
         uri=args.uri,
-        accel=args.accel,
-        image_kind=args.image,
-        mem_merge=not args.no_mem_merge,
+        accel=AccelKind(args.accel),
         vcpus=args.vcpus,
-        runtime_root=args.runtime_dir,
+        mem_merge=not args.no_mem_merge,
+        thp=not args.no_thp,
         concurrency=args.concurrency,
         ready_timeout=args.ready_timeout,
     )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    # SIGTERM like Ctrl-C: tear down what was booted rather than orphan QEMU processes.
+    with signals_as_interrupt():
+        return _up(args)
+
+
+def _up(args: argparse.Namespace) -> int:
+    fleet = Fleet(spec_from_args(args), runtime_root=args.runtime_dir)
     try:
         result = fleet.up()
     except BaseException:
@@ -163,21 +175,49 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"runs": runs, "leftovers": leftovers}, indent=2))
         return 0
-    if not runs and not leftovers:
-        print("no fleets")
+    console = terminal()
+    if console is not None and (runs or leftovers):
+        console.print(runs_table(runs))
+        for lo in leftovers:
+            console.print(_leftover_line(lo), markup=False)
+    else:
+        print(format_runs(runs, leftovers))
+    return 0
+
+
+def _leftover_line(lo: dict[str, Any]) -> str:
+    return (f"leftover {lo['name']} ({lo['backend']}, pid {lo['pid'] or '-'}): "
+            "remove with `ksmh fleet down --all`")  # fmt: skip
+
+
+def format_runs(runs: list[dict[str, Any]], leftovers: list[dict[str, Any]]) -> str:
+    """`ksmh fleet list` as plain text (stdout is not a terminal): a line per run and guest."""
+    lines = [] if runs or leftovers else ["no fleets"]
     for run in runs:
         if "error" in run:
-            print(f"run {run['run_id']}: {run['error']}")
+            lines.append(f"run {run['run_id']}: {run['error']}")
             continue
         up = sum(g["state"] == "ready" for g in run["guests"])
-        print(f"run {run['run_id']}  {run['backend']}  accel {run['accel']}  "
-              f"{run['memory_mib']} MiB  {up}/{len(run['guests'])} running")  # fmt: skip
+        lines.append(f"run {run['run_id']}  {run['backend']}  accel {run['accel']}  "
+                     f"{run['memory_mib']} MiB  {up}/{len(run['guests'])} running")  # fmt: skip
+        lines += [f"  {g['name']}  {g['state']:<8} pid {g['pid'] or '-'}" for g in run["guests"]]
+    lines += [_leftover_line(lo) for lo in leftovers]
+    return "\n".join(lines)
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Any:
+    """`ksmh fleet list` on a terminal: one rich table row per guest."""
+    rows = []
+    for run in runs:
+        if "error" in run:
+            rows.append((str(run["run_id"]), "-", "-", "-", "-", run["error"], "-"))
+            continue
         for g in run["guests"]:
-            print(f"  {g['name']}  {g['state']:<8} pid {g['pid'] or '-'}")
-    for lo in leftovers:
-        print(f"leftover {lo['name']} ({lo['backend']}, pid {lo['pid'] or '-'}): "
-              "remove with `ksmh fleet down --all`")  # fmt: skip
-    return 0
+            rows.append((run["run_id"], run["backend"], str(run["accel"]),
+                         f"{run['memory_mib']} MiB", g["name"], g["state"],
+                         str(g["pid"] or "-")))  # fmt: skip
+    header = ("RUN", "BACKEND", "ACCEL", "MEMORY", "GUEST", "STATE", "PID")
+    return rich_table(header, rows, title="fleets", right=(3, 6))
 
 
 def _only_run(runtime_root: Path) -> str:

@@ -49,21 +49,10 @@ class FleetLike(Protocol):
 
 
 def default_fleet(spec: FleetSpec) -> FleetLike:
+    """The playbook's fleet section is the FleetSpec Fleet boots (THP as `fleet.thp` says)."""
     from harness.guests.fleet import Fleet
 
-    if spec.image != "busybox":
-        raise HarnessError(
-            f"fleet.image {spec.image!r}: the runner boots only the busybox image so far",
-            hint="use image: busybox",
-        )
-    fleet: FleetLike = Fleet(
-        spec.count,
-        spec.memory_mib,
-        backend=spec.backend,
-        accel=spec.accel,
-        mem_merge=spec.mem_merge,
-        vcpus=spec.vcpus,
-    )
+    fleet: FleetLike = Fleet(spec)
     return fleet
 
 
@@ -261,13 +250,7 @@ class Runner:
         fleet = self.opts.fleet_factory(spec)
         self.fleet = fleet
         stack.callback(self._fleet_down)
-        # QEMU inherits PR_SET_THP_DISABLE from us (fork + exec); libvirt-started QEMU does not.
-        thp_off = not spec.thp and host.set_thp_disable(True)
-        try:
-            result = fleet.up()
-        finally:
-            if thp_off:
-                host.set_thp_disable(False)
+        result = fleet.up()  # Fleet applies spec.thp to the QEMUs it starts
         if hasattr(result, "raise_if_failed"):
             result.raise_if_failed()
         self.guest_pids = dict(fleet.pids())

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import KsmWriteRefused
+from harness.guests.spec import FleetSpec as FleetSpec  # the fleet section (re-exported)
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
 from harness.ksm.tunables import validate as validate_tunables
 from harness.playbook.expect import Expectation, ExpectationSyntax, parse_expectation
 from harness.playbook.load import PathKey, Source, load_file, load_text
@@ -37,8 +39,6 @@ from harness.playbook.validate import kind as _kind
 
 MiB = 2**20
 PAGE = 4096
-FLEET_BACKENDS = ("qemu", "libvirt")
-ACCELS = ("auto", "kvm", "tcg")
 AGENT_COMMANDS = ("fill", "rewrite", "verify", "free")
 STEP_KINDS = (*AGENT_COMMANDS, "ksm", "wait", "expect", "sweep")
 # Tunables a sweep may vary (each value is set with ksmd unmerged first, then timed to converge).
@@ -53,20 +53,6 @@ _PATTERNS = (
     re.compile(r"^mix:\d{1,19}:common=(\d{1,3}),zero=(\d{1,3})$"),
 )
 PATTERN_HELP = "byte:V, zero, random:SEED, tail96:SEED or mix:SEED:common=P,zero=Q"
-
-
-@dataclass(frozen=True)
-class FleetSpec:
-    count: int = 4
-    memory_mib: int = 256
-    image: str = "busybox"
-    backend: str = "qemu"
-    accel: str = "auto"
-    vcpus: int = 1
-    mem_merge: bool = True
-    # Transparent huge pages for guest RAM. Off by default: QEMU madvises its RAM
-    # MADV_HUGEPAGE, and zero-filled subpages of a THP never merge (see harness.shadow).
-    thp: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,6 +219,11 @@ def parse_playbook(data: object, src: Source) -> Playbook:
 
 
 def _fleet(v: _V, raw: object) -> FleetSpec:
+    """The fleet section is harness.guests.spec.FleetSpec, the one description Fleet boots.
+
+    Transparent huge pages are off unless `thp: true`: QEMU madvises its RAM MADV_HUGEPAGE,
+    and zero-filled subpages of a THP never merge (see harness.shadow).
+    """
     p: PathKey = ("fleet",)
     d = v.mapping(raw, p, "the fleet")
     v.keys(d, p, ("count", "memory_mib", "image", "backend", "accel", "vcpus", "mem_merge", "thp"))
@@ -248,9 +239,11 @@ def _fleet(v: _V, raw: object) -> FleetSpec:
     return FleetSpec(
         count=v.int_(d["count"], (*p, "count"), 1, 256),
         memory_mib=v.int_(d.get("memory_mib", 256), (*p, "memory_mib"), 64, 1 << 20),
-        image=v.str_(d.get("image", "busybox"), (*p, "image"), ("busybox", "debian")),
-        backend=v.str_(d.get("backend", "qemu"), (*p, "backend"), FLEET_BACKENDS),
-        accel=v.str_(d.get("accel", "auto"), (*p, "accel"), ACCELS),
+        image=ImageKind(v.str_(d.get("image", "busybox"), (*p, "image"), choices(ImageKind))),
+        backend=GuestBackendKind(
+            v.str_(d.get("backend", "qemu"), (*p, "backend"), choices(GuestBackendKind))
+        ),
+        accel=AccelKind(v.str_(d.get("accel", "auto"), (*p, "accel"), choices(AccelKind))),
         vcpus=v.int_(d.get("vcpus", 1), (*p, "vcpus"), 1, 64),
         mem_merge=flags["mem_merge"],
         thp=flags["thp"],
