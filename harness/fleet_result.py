@@ -76,7 +76,10 @@ class FleetResult(Mapping[str, MemberResult[T]]):
     def raise_if_failed(self, error: type[HarnessError] = GuestError) -> FleetResult[T]:
         """self when every member succeeded; else one `error` naming each failed member."""
         if self.failed:
-            lines = "; ".join(f"{r.name}: {r.error}" for r in self.failed)
+            # Errors usually name their member already: say the name once.
+            lines = "; ".join(
+                f"{r.name}: {str(r.error).removeprefix(f'{r.name}: ')}" for r in self.failed
+            )
             raise error(
                 f"{self.operation} failed on {len(self.failed)} of {len(self)} {self.noun}: {lines}"
             )

@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
-
 from harness.errors import GuestError
 from harness.guests.backend import Leftover, is_ours, pid_alive, remove_quietly
 from harness.guests.qemu_argv import QEMU_BINARY, qemu_argv
@@ -35,6 +33,8 @@ def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, **argumen
     falls back to signals). A fresh event loop per call: boot and stop run in worker threads.
     Errors are GuestError: `QMP COMMAND: CLASS: DESCRIPTION` for a refused command.
     """
+
+    from qemu.qmp import ExecuteError, QMPClient, QMPError  # only where guests are stopped
 
     async def one() -> Any:
         qmp = QMPClient(f"qmp:{socket_path.name}")

@@ -28,14 +28,28 @@ import harness
 # Runtime dependencies a fleet host needs (exporter, KSM backends, playbooks, libvirt, and
 # numpy for the runner's shadow capture). matplotlib (plots) and fabric/paramiko (SSH) stay on
 # the controller: `ksmh run --inventory` renders the plots there after fetching the results.
-SHIPPED_DISTRIBUTIONS = ("prometheus-client", "PyYAML", "libvirt-python", "numpy")
+SHIPPED_DISTRIBUTIONS = (
+    "prometheus-client",
+    "PyYAML",
+    "libvirt-python",
+    "numpy",
+    "qemu.qmp",  # stopping guests (QMP quit)
+    "rich",  # terminal output, and what it needs:
+    "markdown-it-py",
+    "mdurl",
+    "Pygments",
+)
 # The Debian package that provides each one when it cannot be shipped (ABI mismatch).
 SYSTEM_FALLBACK = {
     "prometheus-client": "python3-prometheus-client",
     "PyYAML": "python3-yaml",
     "libvirt-python": "python3-libvirt",
     "numpy": "python3-numpy",
-}
+    "rich": "python3-rich",
+    "markdown-it-py": "python3-markdown-it",
+    "mdurl": "python3-mdurl",
+    "Pygments": "python3-pygments",
+}  # qemu.qmp is pure Python and always shipped (Debian has no package of it)
 # Non-package files the harness finds relative to site-packages (harness.guests.image's
 # REPO_ROOT): the guest agent's source, compiled on the host when it builds its guest image.
 REPO_ROOT = Path(harness.__file__).resolve().parents[1]

@@ -242,7 +242,7 @@ def prepare_host(s: Session, bundle_for: Callable[[str], Bundle]) -> PrepareRepo
             hint="set `python:` for this host to a 3.11+ interpreter",
         )
     bundle = bundle_for(facts.soabi)
-    _install_packages(s, facts, report, [SYSTEM_FALLBACK[d] for d in bundle.skipped])
+    _install_packages(s, facts, report, [SYSTEM_FALLBACK[d] for d in bundle.skipped if d in SYSTEM_FALLBACK])
     changed = _install_bundle(s, facts, layout, bundle, report)
     argv = exporter_argv(host, layout)
     if facts.systemd:

@@ -12,10 +12,10 @@ import paramiko
 import pytest
 
 from harness.errors import RemoteCommandFailed
+from harness.fleet_result import FleetResult, MemberResult
 from harness.remote.bundle import Bundle, build_bundle, local_soabi
 from harness.remote.check import HostCheck, format_table, rows
-from harness.remote.fleet import FleetResult, HostOutcome
-from harness.remote.inventory import Host
+from harness.remote.inventory import Host, Inventory
 from harness.remote.prepare import (
     REMOTE_PACKAGES,
     Layout,
@@ -28,7 +28,7 @@ from harness.remote.ssh import (
     HostKeyRefused,
     KnownHostsPolicy,
     Session,
-    _connection,
+    configure,
     fingerprint,
 )
 
@@ -271,7 +271,7 @@ def test_connection_ignores_fabric_config_files(
         "connect_kwargs: {key_filename: /other/id}\nforward_agent: true\ngateway: jump\n"
     )
     monkeypatch.setenv("HOME", str(tmp_path))
-    conn = _connection(_host(), 10.0)
+    conn = configure(_host(), timeout=10.0)
     assert conn.connect_kwargs == {
         "key_filename": ["/k"],
         "look_for_keys": False,
@@ -329,8 +329,8 @@ def test_fetch_dir_copies_regular_files_and_never_leaves_local_dir(tmp_path: Pat
 
 def test_check_rows_keep_the_hint_of_a_host_that_failed() -> None:
     refused = HostKeyRefused("kvm-a: unknown host key", hint="ssh-keyscan it")
-    result = FleetResult([HostOutcome(_host(), error=refused)])
-    (row,) = rows(result)
+    result: FleetResult[HostCheck] = FleetResult("check", [MemberResult("kvm-a", error=refused)])
+    (row,) = rows(Inventory(Path("/inv.yaml"), (_host(),), Path("/kh")), result)
     assert (row.host, row.address, row.reachable) == ("kvm-a", "10.0.0.1:2222", False)
     assert row.problems == ["kvm-a: unknown host key (hint: ssh-keyscan it)"]
     assert format_table([row]).splitlines()[-1] == "kvm-a: unknown host key (hint: ssh-keyscan it)"
