@@ -175,7 +175,7 @@ def ksm(request: pytest.FixtureRequest, ksm_session_backend: BackendBase) -> Ite
 
 
 def _dump_sysfs(backend: BackendBase, where: Path) -> None:
-    from harness.cli_ksm import format_status, status_dict
+    from harness.ksm.cli import format_status, status_dict
 
     (where / "ksm-sysfs.txt").write_text(format_status(status_dict(backend)) + "\n")
 
