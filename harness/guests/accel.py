@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness.cache import cache_dir
 from harness.errors import AccelUnavailable, HarnessError
 from harness.guests.agent import AgentClient, UnixChannel
 from harness.guests.backend import RUNTIME_ROOT
 from harness.guests.qemu_backend import QemuBackend
 from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec, parse_kind
 from harness.kinds import AccelKind
+from harness.paths import cache_dir
 
 PROBE_DEADLINE = 15.0
 DEV_KVM = Path("/dev/kvm")

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from harness.guests.debian_image import DEFAULT_OUT, ensure_debian_image
+from harness.guests.debian_image import default_debian_dir, ensure_debian_image
 from harness.guests.fleet import Fleet
 from harness.guests.spec import FleetSpec
 from harness.kinds import AccelKind, ImageKind
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.qemu
 
 
 def test_debian_guest_boots_systemd_and_runs_the_agent() -> None:
-    built = (DEFAULT_OUT / "debian" / "manifest.json").exists()
+    built = (default_debian_dir() / "manifest.json").exists()
     if shutil.which("mmdebstrap") is None and not built:
         pytest.skip("Debian image not built and mmdebstrap missing (make -C guest-images debian)")
     image = ensure_debian_image()

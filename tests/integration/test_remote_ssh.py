@@ -162,8 +162,8 @@ def test_prepare_installs_starts_exporter_and_is_idempotent(
         assert steps["packages"] == "unchanged: all present"
         assert steps["install"].startswith("done: bundle ")
         assert (
-            f"into {h.prefix}/venv (prometheus-client, PyYAML, libvirt-python, numpy, qemu.qmp, rich, markdown-it-py, mdurl, Pygments)"
-            in steps["install"]
+            f"into {h.prefix}/venv (prometheus-client, PyYAML, libvirt-python, numpy, "
+            "qemu.qmp, rich, markdown-it-py, mdurl, Pygments)" in steps["install"]
         )
         assert steps["exporter"] == (
             f"started: no systemd, supervised background process on 127.0.0.1:"

@@ -157,10 +157,11 @@ def test_table_shows_every_host_and_its_problems() -> None:
 
 def test_bundle_ships_pure_deps_everywhere_and_compiled_ones_only_to_same_abi() -> None:
     other = build_bundle("cpython-39-aarch64-linux-gnu")
-    assert other.distributions == ("prometheus-client",)
+    pure = ("qemu.qmp", "rich", "markdown-it-py", "mdurl", "Pygments")
+    assert other.distributions == ("prometheus-client", *pure)
     assert other.skipped == ("PyYAML", "libvirt-python", "numpy")
     same = build_bundle(local_soabi())
-    assert same.distributions == ("prometheus-client", "PyYAML", "libvirt-python", "numpy")
+    assert same.distributions == ("prometheus-client", "PyYAML", "libvirt-python", "numpy", *pure)
     with tarfile.open(fileobj=io.BytesIO(same.data)) as tar:
         members = tar.getmembers()
     names = [m.name for m in members]
@@ -168,8 +169,10 @@ def test_bundle_ships_pure_deps_everywhere_and_compiled_ones_only_to_same_abi() 
     assert "prometheus_client/__init__.py" in names and "yaml/__init__.py" in names
     assert "ksm_harness-0.1.0.dist-info/entry_points.txt" in names
     assert "numpy/__init__.py" in names  # the runner's shadow capture needs it
-    # harness.guests.image finds the agent source relative to site-packages and compiles it.
-    assert "guest-images/agent/ksmh-agent.c" in names
+    # Package data travels with the package: the host compiles the agent from it.
+    assert "harness/guests/data/ksmh-agent.c" in names and "harness/guests/data/init" in names
+    assert "harness/monitoring/templates/ksmh-exporter.service" in names
+    assert not [n for n in names if n.startswith("guest-images/")]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert all(m.mtime == 0 and m.uid == 0 for m in members)  # reproducible: digest = version
 
