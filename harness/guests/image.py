@@ -245,7 +245,7 @@ def _build_lock(out: Path) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # concurrent tests/CLI calls build once
+        fcntl.flock(fd, fcntl.LOCK_EX)  # concurrent tests and CLI calls build once
         yield
     finally:
         os.close(fd)

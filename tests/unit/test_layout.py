@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,28 @@ def test_every_benchmark_takes_json(bench: Path) -> None:
     assert "--json FILE" in out
     makefile = (ROOT / "Makefile").read_text()
     assert f"bench/{bench.name} --json $(BENCH_OUT)/" in makefile
+
+
+TOP = ("harness", "bench", "tests", "kernel-model", "guest-images", "monitoring", "playbooks",
+       "scripts")  # fmt: skip
+_ALT = "|".join(map(re.escape, TOP))
+_PATH = re.compile(rf"(?<![\w./-])((?:{_ALT})/[\w./-]*[\w/])(?![\w*])")  # not a glob
+# Paths that name no file on purpose: the example file of an error message.
+EXAMPLES = {"playbooks/x.yaml"}
+
+
+def cited_paths(text: str) -> set[str]:
+    """Repository paths a text cites: a top-level directory, then more path."""
+    return {m.group(1) for m in _PATH.finditer(text)} - EXAMPLES
+
+
+def test_readme_and_docstrings_cite_only_files_in_the_repo() -> None:
+    sources = [ROOT / "README.md", *ROOT.glob("harness/**/*.py"), *ROOT.glob("bench/*.py"),
+               ROOT / "Makefile", ROOT / "guest-images" / "Makefile"]  # fmt: skip
+    missing = {
+        f"{src.relative_to(ROOT)}: {p}"
+        for src in sources
+        for p in cited_paths(src.read_text())
+        if not (ROOT / p.rstrip("/")).exists()
+    }
+    assert sorted(missing) == []
