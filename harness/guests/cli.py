@@ -34,13 +34,15 @@ def register(sub: Any) -> None:
     p = fsub.add_parser("up", help="boot N guests, print the run id, leave them running")
     p.add_argument("--count", type=int, required=True, help="number of guests")
     p.add_argument("--memory", type=int, default=256, metavar="MIB", help="RAM per guest (MiB)")
-    p.add_argument("--backend", choices=choices(GuestBackendKind), default="qemu")
+    p.add_argument(
+        "--backend", choices=choices(GuestBackendKind), default=GuestBackendKind.QEMU.value
+    )
     p.add_argument("--uri", default=None, help="libvirt URI (default qemu:///system)")
-    p.add_argument("--accel", choices=choices(AccelKind), default="auto")
+    p.add_argument("--accel", choices=choices(AccelKind), default=AccelKind.AUTO.value)
     p.add_argument(
         "--image",
         choices=choices(ImageKind),
-        default="busybox",
+        default=ImageKind.BUSYBOX.value,
         help="busybox (default, ~5 s boot) or debian (mmdebstrap + systemd, built on first use)",
     )
     p.add_argument("--vcpus", type=int, default=1)
@@ -282,7 +284,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _remove(lo: Leftover) -> None:
-    if lo.backend == "libvirt":
+    if lo.backend == GuestBackendKind.LIBVIRT:
         from harness.guests.libvirt_backend import LibvirtBackend
 
         backend = LibvirtBackend(start_daemons=False)

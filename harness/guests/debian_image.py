@@ -37,6 +37,7 @@ from harness.guests.image import (
     sha256_file,
 )
 from harness.guests.spec import GuestImage
+from harness.kinds import ImageKind
 from harness.run import run
 
 SUITE = "bookworm"
@@ -63,7 +64,7 @@ WantedBy=multi-user.target
 
 
 def default_debian_dir() -> Path:
-    return default_image_dir() / "debian"
+    return default_image_dir() / ImageKind.DEBIAN.value
 
 
 def _need(tool: str, package: str) -> None:
@@ -112,7 +113,7 @@ def ensure_debian_image(
     inputs = inputs or ImageInputs()
     desc = describe_inputs(inputs, DEBIAN_MODULES)
     desc.update(
-        kind="debian",
+        kind=ImageKind.DEBIAN.value,
         suite=SUITE,
         mirror=MIRROR,
         packages=list(PACKAGES),
@@ -170,7 +171,7 @@ def ensure_debian_image(
                 os.replace(tmp / name, out / name)
         manifest = {
             "format": 1,
-            "kind": "debian",
+            "kind": ImageKind.DEBIAN.value,
             "kernel_release": desc["kernel_release"],
             "input_digest": digest,
             "inputs": desc,
@@ -222,7 +223,7 @@ def _image(out: Path, manifest: dict[str, object]) -> GuestImage:
     return GuestImage(
         kernel=out / "vmlinuz",
         initrd=out / "initramfs.cpio.gz",
-        kind="debian",
+        kind=ImageKind.DEBIAN,
         kernel_release=str(manifest["kernel_release"]),
         digest=str(manifest["input_digest"]),
         disk=out / "disk.img",

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from harness.errors import CommandFailed, HarnessError
 from harness.guests.spec import GuestImage
+from harness.kinds import ImageKind
 from harness.paths import cache_dir, data_path
 from harness.run import run
 
@@ -185,7 +186,7 @@ def describe_inputs(
     gcc = shutil.which("gcc")
     return {
         "format": FORMAT,
-        "kind": "busybox",
+        "kind": ImageKind.BUSYBOX.value,
         "kernel_release": release,
         "kernel": {"path": str(vmlinuz), "sha256": sha256_file(vmlinuz)},
         "busybox": {"path": str(inputs.busybox), "sha256": sha256_file(inputs.busybox)},
@@ -255,7 +256,7 @@ def _image_from_manifest(out: Path, manifest: dict[str, object]) -> GuestImage:
     return GuestImage(
         kernel=out / "vmlinuz",
         initrd=out / "initramfs.cpio.gz",
-        kind="busybox",
+        kind=ImageKind.BUSYBOX,
         kernel_release=str(manifest["kernel_release"]),
         digest=str(manifest["input_digest"]),
     )
@@ -304,7 +305,7 @@ def ensure_image(
                 os.replace(tmp / name, out / name)
         manifest = {
             "format": FORMAT,
-            "kind": "busybox",
+            "kind": ImageKind.BUSYBOX.value,
             "kernel_release": desc["kernel_release"],
             "input_digest": digest,
             "inputs": desc,

@@ -20,6 +20,7 @@ from harness.errors import GuestError
 from harness.guests.backend import Leftover, is_ours, pid_alive, remove_quietly
 from harness.guests.qemu_argv import QEMU_BINARY, qemu_argv
 from harness.guests.spec import GuestSpec
+from harness.kinds import GuestBackendKind
 from harness.run import spawn
 
 if TYPE_CHECKING:  # processes are started only by harness.run
@@ -75,7 +76,7 @@ def guest_name_of(argv: list[str]) -> str | None:
 class QemuBackend:
     """Guests as local QEMU processes."""
 
-    name = "qemu"
+    name = GuestBackendKind.QEMU.value
 
     def __init__(self, binary: str = QEMU_BINARY, proc: Path = Path("/proc")) -> None:
         self.binary = binary
