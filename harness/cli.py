@@ -16,7 +16,7 @@ from harness.errors import HarnessError
 
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = (
-    "harness.cli_ksm",
+    "harness.ksm.cli",
     "harness.remote.cli",
     "harness.monitoring.cli",
     "harness.guests.cli",

@@ -22,17 +22,16 @@ from harness.errors import AccelUnavailable, HarnessError
 from harness.guests.agent import AgentClient, UnixChannel
 from harness.guests.backend import RUNTIME_ROOT
 from harness.guests.qemu_backend import QemuBackend
-from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec
+from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec, parse_kind
+from harness.kinds import AccelKind
+from harness.paths import cache_dir
 
 PROBE_DEADLINE = 15.0
 DEV_KVM = Path("/dev/kvm")
 
 
 def default_cache_path() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/cache/ksm-harness/accel.json")
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "ksm-harness" / "accel.json"
+    return cache_dir() / "accel.json"
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class KvmVerdict:
 class AccelChoice:
     """The accelerator a fleet uses, why, and whether the verdict came from the cache."""
 
-    accel: str
+    accel: AccelKind  # kvm or tcg, never auto
     reason: str
     cached: bool = False
 
@@ -89,7 +88,7 @@ def probe_kvm(
         memory_mib=128,
         image=image,
         runtime_dir=run_dir,
-        accel="kvm",
+        accel=AccelKind.KVM,
         mem_merge=False,
     )
     backend = QemuBackend()
@@ -164,10 +163,9 @@ def resolve_accel(
     refresh: bool = False,
 ) -> AccelChoice:
     """Turn auto|kvm|tcg into the accelerator to use; `kvm` unusable raises AccelUnavailable."""
-    if requested == "tcg":
-        return AccelChoice("tcg", "tcg was asked for")
-    if requested not in ("auto", "kvm"):
-        raise HarnessError(f"unknown accelerator {requested!r}", hint="use auto, kvm or tcg")
+    requested = parse_kind(AccelKind, requested)
+    if requested is AccelKind.TCG:
+        return AccelChoice(AccelKind.TCG, "tcg was asked for")
     path = cache_path or default_cache_path()
     key = key or host_key()
     verdict = None if refresh else cached_verdict(path, key)
@@ -176,10 +174,10 @@ def resolve_accel(
         verdict = (probe or probe_kvm)(image)
         store_verdict(path, key, verdict)
     if verdict.usable:
-        return AccelChoice("kvm", verdict.reason, cached)
-    if requested == "kvm":
+        return AccelChoice(AccelKind.KVM, verdict.reason, cached)
+    if requested is AccelKind.KVM:
         raise AccelUnavailable(
             f"--accel kvm asked for, but KVM cannot run a guest here: {verdict.reason}",
             hint="use --accel tcg (or auto, which falls back to TCG)",
         )
-    return AccelChoice("tcg", f"KVM unusable, using TCG: {verdict.reason}", cached)
+    return AccelChoice(AccelKind.TCG, f"KVM unusable, using TCG: {verdict.reason}", cached)

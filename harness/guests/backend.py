@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from harness.errors import HarnessError
-from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec
+from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec, parse_kind
+from harness.kinds import GuestBackendKind, ImageKind
 
 # Runtime state of fleets (sockets, pid files, console logs, run.json), one directory per run.
 RUNTIME_ROOT = Path(os.environ.get("KSM_HARNESS_RUNTIME", "/run/ksm-harness")) / "fleet"
@@ -75,24 +75,22 @@ def remove_quietly(*paths: Path) -> None:
 
 def build_image(kind: str) -> GuestImage:
     """The image of a kind, built (or found current) on demand."""
-    if kind == "busybox":
+    kind = parse_kind(ImageKind, kind)
+    if kind is ImageKind.BUSYBOX:
         from harness.guests.image import ensure_image
 
         return ensure_image()
-    if kind == "debian":
-        from harness.guests.debian_image import ensure_debian_image
+    from harness.guests.debian_image import ensure_debian_image
 
-        return ensure_debian_image()
-    raise HarnessError(f"unknown image kind {kind!r}", hint="use busybox or debian")
+    return ensure_debian_image()
 
 
 def make_backend(kind: str, uri: str | None = None) -> GuestBackend:
-    if kind == "qemu":
+    kind = parse_kind(GuestBackendKind, kind)
+    if kind is GuestBackendKind.QEMU:
         from harness.guests.qemu_backend import QemuBackend
 
         return QemuBackend()
-    if kind == "libvirt":
-        from harness.guests.libvirt_backend import DEFAULT_URI, LibvirtBackend
+    from harness.guests.libvirt_backend import DEFAULT_URI, LibvirtBackend
 
-        return LibvirtBackend(uri or DEFAULT_URI)
-    raise HarnessError(f"unknown guest backend {kind!r}", hint="use qemu or libvirt")
+    return LibvirtBackend(uri or DEFAULT_URI)

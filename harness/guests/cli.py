@@ -11,15 +11,20 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from harness.console import rich_table, terminal
 from harness.errors import GuestBootTimeout, GuestError, HarnessError
+from harness.fleet_result import FleetResult
+from harness.guests.agent import AgentReply
 from harness.guests.backend import RUNTIME_ROOT, Leftover
-from harness.guests.fleet import Fleet, FleetResult, list_runs, sigterm_to_interrupt
+from harness.guests.fleet import Fleet, list_runs
+from harness.guests.spec import FleetSpec
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
+from harness.signals import signals_as_interrupt
 
 
 def register(sub: Any) -> None:
@@ -36,18 +41,25 @@ def register(sub: Any) -> None:
         metavar="SIZE",
         help="RAM per guest: 256 (a bare number is MiB), 256M, 1GiB (default 256 MiB)",
     )
-    p.add_argument("--backend", choices=("qemu", "libvirt"), default="qemu")
+    p.add_argument(
+        "--backend", choices=choices(GuestBackendKind), default=GuestBackendKind.QEMU.value
+    )
     p.add_argument("--uri", default=None, help="libvirt URI (default qemu:///system)")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--accel", choices=choices(AccelKind), default=AccelKind.AUTO.value)
     p.add_argument(
         "--image",
-        choices=("busybox", "debian"),
-        default="busybox",
+        choices=choices(ImageKind),
+        default=ImageKind.BUSYBOX.value,
         help="busybox (default, ~5 s boot) or debian (mmdebstrap + systemd, built on first use)",
     )
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument(
         "--no-mem-merge", action="store_true", help="do not mark guest RAM mergeable for KSM"
+    )
+    p.add_argument(
+        "--no-thp",
+        action="store_true",
+        help="start QEMU with transparent huge pages off (as playbooks do by default)",
     )
     p.add_argument("--concurrency", type=int, default=4, help="guests booting at once")
     p.add_argument("--ready-timeout", type=float, default=180.0, metavar="S")
@@ -71,7 +83,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_down)
 
 
-def _print_result(result: FleetResult) -> int:
+def _print_result(result: FleetResult[AgentReply]) -> int:
     for name, r in result.items():
         if r.ok:
             text = r.value.text if r.value is not None else "ok"
@@ -79,19 +91,6 @@ def _print_result(result: FleetResult) -> int:
         else:
             print(f"{name}  FAILED {r.seconds:6.1f}s  {r.error}")
     return 0 if result.ok else 1
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    if os.geteuid() == 0:
-        from harness.recovery import recover_first
-
-        recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr))
-    # SIGTERM like Ctrl-C: tear down what was booted rather than orphan QEMU processes.
-    previous = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
-    try:
-        return _up(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def memory_mib(text: str) -> int:
@@ -108,20 +107,35 @@ def memory_mib(text: str) -> int:
     return size // 2**20
 
 
-def _up(args: argparse.Namespace) -> int:
-    fleet = Fleet(
-        args.count,
-        memory_mib(args.memory),
-        backend=args.backend,
+def spec_from_args(args: argparse.Namespace) -> FleetSpec:
+    """`ksmh fleet up`'s options as the FleetSpec they describe."""
+    return FleetSpec(
+        count=args.count,
+        memory_mib=memory_mib(args.memory),
+        image=ImageKind(args.image),
+        backend=GuestBackendKind(args.backend),
         uri=args.uri,
-        accel=args.accel,
-        image_kind=args.image,
-        mem_merge=not args.no_mem_merge,
+        accel=AccelKind(args.accel),
         vcpus=args.vcpus,
-        runtime_root=args.runtime_dir,
+        mem_merge=not args.no_mem_merge,
+        thp=not args.no_thp,
         concurrency=args.concurrency,
         ready_timeout=args.ready_timeout,
     )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if os.geteuid() == 0:
+        from harness.recovery import recover_first
+
+        recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr))
+    # SIGTERM like Ctrl-C: tear down what was booted rather than orphan QEMU processes.
+    with signals_as_interrupt():
+        return _up(args)
+
+
+def _up(args: argparse.Namespace) -> int:
+    fleet = Fleet(spec_from_args(args), runtime_root=args.runtime_dir)
     try:
         result = fleet.up()
     except BaseException:
@@ -188,21 +202,49 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"runs": runs, "leftovers": leftovers}, indent=2))
         return 0
-    if not runs and not leftovers:
-        print("no fleets")
+    console = terminal()
+    if console is not None and (runs or leftovers):
+        console.print(runs_table(runs))
+        for lo in leftovers:
+            console.print(_leftover_line(lo), markup=False)
+    else:
+        print(format_runs(runs, leftovers))
+    return 0
+
+
+def _leftover_line(lo: dict[str, Any]) -> str:
+    return (f"leftover {lo['name']} ({lo['backend']}, pid {lo['pid'] or '-'}): "
+            "remove with `ksmh fleet down --all`")  # fmt: skip
+
+
+def format_runs(runs: list[dict[str, Any]], leftovers: list[dict[str, Any]]) -> str:
+    """`ksmh fleet list` as plain text (stdout is not a terminal): a line per run and guest."""
+    lines = [] if runs or leftovers else ["no fleets"]
     for run in runs:
         if "error" in run:
-            print(f"run {run['run_id']}: {run['error']}")
+            lines.append(f"run {run['run_id']}: {run['error']}")
             continue
         up = sum(g["state"] == "ready" for g in run["guests"])
-        print(f"run {run['run_id']}  {run['backend']}  accel {run['accel']}  "
-              f"{run['memory_mib']} MiB  {up}/{len(run['guests'])} running")  # fmt: skip
+        lines.append(f"run {run['run_id']}  {run['backend']}  accel {run['accel']}  "
+                     f"{run['memory_mib']} MiB  {up}/{len(run['guests'])} running")  # fmt: skip
+        lines += [f"  {g['name']}  {g['state']:<8} pid {g['pid'] or '-'}" for g in run["guests"]]
+    lines += [_leftover_line(lo) for lo in leftovers]
+    return "\n".join(lines)
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Any:
+    """`ksmh fleet list` on a terminal: one rich table row per guest."""
+    rows = []
+    for run in runs:
+        if "error" in run:
+            rows.append((str(run["run_id"]), "-", "-", "-", "-", run["error"], "-"))
+            continue
         for g in run["guests"]:
-            print(f"  {g['name']}  {g['state']:<8} pid {g['pid'] or '-'}")
-    for lo in leftovers:
-        print(f"leftover {lo['name']} ({lo['backend']}, pid {lo['pid'] or '-'}): "
-              "remove with `ksmh fleet down --all`")  # fmt: skip
-    return 0
+            rows.append((run["run_id"], run["backend"], str(run["accel"]),
+                         f"{run['memory_mib']} MiB", g["name"], g["state"],
+                         str(g["pid"] or "-")))  # fmt: skip
+    header = ("RUN", "BACKEND", "ACCEL", "MEMORY", "GUEST", "STATE", "PID")
+    return rich_table(header, rows, title="fleets", right=(3, 6))
 
 
 def _only_run(runtime_root: Path) -> str:
@@ -267,7 +309,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _remove(lo: Leftover) -> None:
-    if lo.backend == "libvirt":
+    if lo.backend == GuestBackendKind.LIBVIRT:
         from harness.guests.libvirt_backend import LibvirtBackend
 
         backend = LibvirtBackend(start_daemons=False)

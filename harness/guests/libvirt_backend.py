@@ -18,6 +18,7 @@ from harness.errors import GuestError, HarnessError
 from harness.guests.backend import Leftover, is_ours, remove_quietly
 from harness.guests.libvirt_xml import libvirt_xml
 from harness.guests.spec import GuestSpec
+from harness.kinds import GuestBackendKind
 from harness.run import run
 
 DEFAULT_URI = "qemu:///system"
@@ -71,7 +72,7 @@ def _libvirt() -> Any:
 class LibvirtBackend:
     """Guests as transient libvirt domains."""
 
-    name = "libvirt"
+    name = GuestBackendKind.LIBVIRT.value
 
     def __init__(self, uri: str = DEFAULT_URI, start_daemons: bool = True) -> None:
         self.uri = uri

@@ -54,21 +54,10 @@ class ForeignKsmUsers(HarnessError):
 
 
 def default_fleet(spec: FleetSpec) -> FleetLike:
+    """The playbook's fleet section is the FleetSpec Fleet boots (THP as `fleet.thp` says)."""
     from harness.guests.fleet import Fleet
 
-    if spec.image != "busybox":
-        raise HarnessError(
-            f"fleet.image {spec.image!r}: the runner boots only the busybox image so far",
-            hint="use image: busybox",
-        )
-    fleet: FleetLike = Fleet(
-        spec.count,
-        spec.memory_mib,
-        backend=spec.backend,
-        accel=spec.accel,
-        mem_merge=spec.mem_merge,
-        vcpus=spec.vcpus,
-    )
+    fleet: FleetLike = Fleet(spec)
     return fleet
 
 
@@ -309,13 +298,7 @@ class Runner:
                     runtime_root=str(run_dir.parent) if run_dir is not None else "",
                 )
             )
-        # QEMU inherits PR_SET_THP_DISABLE from us (fork + exec); libvirt-started QEMU does not.
-        thp_off = not spec.thp and host.set_thp_disable(True)
-        try:
-            result = fleet.up()
-        finally:
-            if thp_off:
-                host.set_thp_disable(False)
+        result = fleet.up()  # Fleet applies spec.thp to the QEMUs it starts
         self.guest_pids = dict(fleet.pids())
         if self.journal is not None:
             self.journal.set_guests(fleet.run_id, dict(self.guest_pids))

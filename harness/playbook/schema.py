@@ -47,6 +47,7 @@ from harness.playbook.plan import (
     SWEEPABLE,
     AgentStep,
     ExpectStep,
+    FleetDoc,
     FleetSpec,
     KsmStep,
     MiB,
@@ -407,7 +408,7 @@ class PlaybookDoc(Model):
     example = HINT
     name: Name
     description: str = ""
-    fleet: FleetSpec
+    fleet: FleetDoc
     ksm: Tunables = {}  # noqa: RUF012 (pydantic copies defaults)
     sample_interval: Annotated[float, between(0.1, 3600, integer=False)] = 1.0
     shadow: ShadowSpec = ShadowSpec()
@@ -509,7 +510,7 @@ def parse_playbook(data: object, src: Source) -> Playbook:
         name=doc.name,
         file=src.file,
         description=doc.description,
-        fleet=doc.fleet,
+        fleet=doc.fleet.spec(),
         ksm=dict(doc.ksm),
         phases=phases,
         sample_interval=doc.sample_interval,

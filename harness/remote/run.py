@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError, RemoteCommandFailed
-from harness.remote.fleet import FleetResult, on_fleet
+from harness.fleet_result import FleetResult
+from harness.remote.fleet import on_fleet
 from harness.remote.inventory import Host, Inventory
 from harness.remote.ssh import CommandResult, Session
 from harness.report.fleet import HostSummary, fleet_document, summarize_host, write_fleet_report
@@ -306,8 +307,9 @@ def run_fleet(
         raise RemoteCommandFailed("the fleet run ended without a result (see the lines above)")
     result = box["result"]
     hosts: list[HostSummary] = []
+    by_name = {h.name: h for h in inventory.hosts}
     for name, outcome in result.items():
-        address = f"{outcome.host.address}:{outcome.host.port}"
+        address = f"{by_name[name].address}:{by_name[name].port}"
         if outcome.value is not None:
             hosts.append(outcome.value)
         else:

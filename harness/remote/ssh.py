@@ -274,12 +274,16 @@ class _LineWriter:
 
 def connect(host: Host, known_hosts: Path, *, timeout: float = CONNECT_TIMEOUT) -> Session:
     """Open a session to host, checking its key against known_hosts (see module docstring)."""
+    return open_session(configure(host, timeout=timeout), host, known_hosts)
+
+
+def open_session(conn: Any, host: Host, known_hosts: Path) -> Session:
+    """Open an unopened fabric Connection made by `configure` with our host key policy."""
     if not host.key_file.is_file():
         raise HostUnreachable(
             f"{host.name}: key file {host.key_file} does not exist",
             hint="generate one with ssh-keygen -t ed25519 and install its .pub on the host",
         )
-    conn = _connection(host, timeout)
     client = paramiko.SSHClient()
     if known_hosts.exists():
         client.load_host_keys(str(known_hosts))
@@ -293,8 +297,8 @@ def connect(host: Host, known_hosts: Path, *, timeout: float = CONNECT_TIMEOUT) 
     return Session(host, conn)
 
 
-def _connection(host: Host, timeout: float) -> Any:
-    """The (unopened) fabric.Connection for host, configured by the inventory alone.
+def configure(host: Host, cls: Any = None, *, timeout: float = CONNECT_TIMEOUT) -> Any:
+    """The (unopened) fabric.Connection (or subclass `cls`) for host, from the inventory alone.
 
     An empty ssh_config reads no ~/.ssh/config; lazy=True reads no /etc/fabric.yaml or
     ~/.fabric.yaml, whose connect_kwargs.key_filename, forward_agent or gateway would
@@ -302,7 +306,7 @@ def _connection(host: Host, timeout: float) -> Any:
     """
     from fabric import Config, Connection
 
-    return Connection(
+    return (cls or Connection)(
         host.address,
         user=host.user,
         port=host.port,

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.paths import source_root
 from harness.run import run
 
 UNKNOWN = "unknown"
-# The directory that holds harness/ (and, in a checkout, .git and pyproject.toml).
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
+# The checkout the harness runs from, if any (an installed wheel has none: revision unknown).
+SOURCE_ROOT = source_root() or Path("/nonexistent")
 _VERSION = re.compile(r"(\d+\.\d+(?:\.\d+)?)")
 TIMEOUT = 10.0
 

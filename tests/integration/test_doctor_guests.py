@@ -24,9 +24,9 @@ from harness.guests.fleet import Fleet, new_run_id
 from harness.guests.qemu_argv import qemu_argv
 from harness.guests.qemu_backend import QemuBackend
 from harness.guests.spec import GuestSpec
+from harness.guests.thp import set_thp_disable
 from harness.ksm.select import choose_backend
 from harness.ksm.sysfs import SysfsBackend
-from harness.playbook.host import set_thp_disable
 from harness.prereqs import missing_fleet, missing_ksm_kernel
 from harness.pytest_plugin import require
 from harness.recovery import run_session

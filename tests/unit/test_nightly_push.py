@@ -19,7 +19,7 @@ import pytest
 
 from harness.cli import main
 from harness.errors import GuestError, HarnessError, PlaybookError
-from harness.guests.results import FleetResult, GuestResult
+from harness.guests.fleet import FleetResult, GuestResult
 from harness.monitoring.push import check_url, families, push_run
 from harness.playbook.schema import loads_playbook
 from harness.report.nightly import boot_record, summarize

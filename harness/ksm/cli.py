@@ -1,4 +1,8 @@
-"""`ksmh status | set | recover | watch | export`: read and drive one KSM backend."""
+"""`ksmh status | set | recover | watch | export`: read and drive one KSM backend.
+
+`status` and `watch` draw rich tables (watch: a live screen) when stdout is a terminal, and
+print the plain text below otherwise (a pipe, a file, a test): that text is their interface.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.console import rich_table, terminal
 from harness.errors import HarnessError
 from harness.ksm.backend import BackendBase
 from harness.ksm.select import BACKENDS, open_backend
@@ -97,28 +103,50 @@ def status_dict(backend: BackendBase) -> dict[str, Any]:
     }
 
 
+def _derived_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
+    ratio = "-" if d["sharing_ratio"] is None else f"{d['sharing_ratio']:.2f}"
+    waste = "-" if d["waste_ratio"] is None else f"{d['waste_ratio']:.2f}"
+    return [
+        ("saved", human_bytes(d["saved_bytes"])),
+        ("sharing ratio (sharing/shared)", ratio),
+        ("waste ratio (unshared/sharing)", waste),
+    ]
+
+
 def format_status(s: dict[str, Any]) -> str:
+    """`ksmh status` as plain text: counters, tunables, derived figures."""
     width = 36
     lines = [f"KSM ({s['source']}, page size {s['page_size']})", "", "counters"]
     lines += [f"  {k:<{width}}{v}" for k, v in s["counters"].items()]
     lines += ["", "tunables"]
     lines += [f"  {k:<{width}}{v}" for k, v in s["tunables"].items()]
-    d = s["derived"]
-    ratio = "-" if d["sharing_ratio"] is None else f"{d['sharing_ratio']:.2f}"
-    waste = "-" if d["waste_ratio"] is None else f"{d['waste_ratio']:.2f}"
-    lines += [
-        "",
-        "derived",
-        f"  {'saved':<{width}}{human_bytes(d['saved_bytes'])}",
-        f"  {'sharing ratio (sharing/shared)':<{width}}{ratio}",
-        f"  {'waste ratio (unshared/sharing)':<{width}}{waste}",
-    ]
+    lines += ["", "derived"]
+    lines += [f"  {k:<{width}}{v}" for k, v in _derived_rows(s["derived"])]
     return "\n".join(lines)
+
+
+def status_tables(s: dict[str, Any]) -> list[Any]:
+    """`ksmh status` on a terminal: a heading, then three rich tables."""
+    return [
+        f"KSM ({s['source']}, page size {s['page_size']})",
+        rich_table(("counter", "value"), [(k, str(v)) for k, v in s["counters"].items()],
+                   title="counters", right=(1,)),
+        rich_table(("tunable", "value"), [(k, str(v)) for k, v in s["tunables"].items()],
+                   title="tunables", right=(1,)),
+        rich_table(("derived", "value"), _derived_rows(s["derived"]), right=(1,)),
+    ]  # fmt: skip
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     s = status_dict(_backend(args))
-    print(json.dumps(s, indent=2) if args.json else format_status(s))
+    console = terminal()
+    if args.json:
+        print(json.dumps(s, indent=2))
+    elif console is not None:
+        for table in status_tables(s):
+            console.print(table)
+    else:
+        print(format_status(s))
     return 0
 
 
@@ -183,16 +211,27 @@ def cmd_recover(args: argparse.Namespace) -> int:
 MAX_INTERVAL = 86400.0
 
 
-def _watch_frame(prev: Counters | None, cur: Counters, dt: float, src: str) -> str:
-    rows = [
-        f"KSM ({src})   {time.strftime('%H:%M:%S')}",
-        f"  {'counter':<22}{'value':>14}{'/s':>12}",
-    ]
+def watch_rows(prev: Counters | None, cur: Counters, dt: float) -> list[tuple[str, str, str]]:
+    """(counter, value, per-second change since prev) for every counter the source has."""
+    rows = []
     for k, v in cur.present().items():
         before = getattr(prev, k) if prev is not None else None
         rate = "" if before is None or dt <= 0 else f"{(v - before) / dt:.1f}"
-        rows.append(f"  {k:<22}{v:>14}{rate:>12}")
-    return "\n".join(rows)
+        rows.append((k, str(v), rate))
+    return rows
+
+
+def watch_frame(rows: list[tuple[str, str, str]], src: str, clock: str) -> str:
+    """One refresh of `ksmh watch` as plain text (stdout is not a terminal)."""
+    lines = [f"KSM ({src})   {clock}", f"  {'counter':<22}{'value':>14}{'/s':>12}"]
+    lines += [f"  {k:<22}{v:>14}{rate:>12}" for k, v, rate in rows]
+    return "\n".join(lines)
+
+
+def watch_table(rows: list[tuple[str, str, str]], src: str, clock: str) -> Any:
+    """One refresh of `ksmh watch` on a terminal (a rich table, redrawn in place)."""
+    return rich_table(("counter", "value", "/s"), rows, title=f"KSM ({src})   {clock}",
+                      right=(1, 2))  # fmt: skip
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -206,18 +245,34 @@ def cmd_watch(args: argparse.Namespace) -> int:
             f"--count {args.count}: must be 0 (forever) or more", hint="e.g. --count 10"
         )
     backend = _backend(args)
-    tty = sys.stdout.isatty()
+    console = terminal()
+    if console is None:
+        for rows in _refreshes(backend, args):
+            print(watch_frame(rows, backend.source, time.strftime("%H:%M:%S")) + "\n", flush=True)
+        return 0
+    from rich.live import Live
+
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        for rows in _refreshes(backend, args):
+            table = watch_table(rows, backend.source, time.strftime("%H:%M:%S"))
+            live.update(table, refresh=True)
+    return 0
+
+
+def _refreshes(
+    backend: BackendBase, args: argparse.Namespace
+) -> Iterator[list[tuple[str, str, str]]]:
+    """Counter rows every --interval seconds, --count times (0: until interrupted)."""
     prev: Counters | None = None
     last = time.monotonic()
     n = 0
     while True:
         cur = backend.read_counters()
         now = time.monotonic()
-        frame = _watch_frame(prev, cur, now - last, backend.source)
-        print("\x1b[H\x1b[2J" + frame if tty else frame + "\n", flush=True)
+        yield watch_rows(prev, cur, now - last)
         prev, last, n = cur, now, n + 1
         if args.count and n >= args.count:
-            return 0
+            return
         time.sleep(args.interval)
 
 

@@ -1,0 +1,202 @@
+"""`ksmh status|set|watch` in-process against fake sysfs trees (harness/ksm/cli.py).
+
+Tests run without a terminal, so the plain output is asserted exactly; the rich path (tables,
+the live watch screen) is driven through a Console forced to be a terminal.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.ksm import cli as ksm_cli
+from harness.ksm.types import Counters
+from tests.conftest import snapshot
+
+Tree = Callable[[str], tuple[Path, Path]]
+
+
+def ksmh(tree: tuple[Path, Path], *args: str) -> int:
+    root, proc = tree
+    return main([*args, "--backend", "kernel", "--sysfs-root", str(root), "--proc-root", str(proc)])
+
+
+def test_status_json_equals_the_files(fake_tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    tree = fake_tree("linux-6.18")
+    assert ksmh(tree, "status", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    root = tree[0]
+    for name, value in data["counters"].items():
+        assert value == int((root / name).read_text())
+    assert data["tunables"]["advisor_mode"] == "none"
+    assert data["tunables"]["pages_to_scan"] == 100
+    assert data["derived"] == {
+        "saved_bytes": 301 * 4096,
+        "sharing_ratio": 149.0,
+        "waste_ratio": 7 / 298,
+    }
+    assert data["source"] == "kernel"
+
+
+STATUS_5_14 = """\
+KSM (kernel, page size 4096)
+
+counters
+  pages_shared                        10
+  pages_sharing                       90
+  pages_unshared                      30
+  pages_volatile                      0
+  full_scans                          4
+  stable_node_chains                  0
+  stable_node_dups                    0
+
+tunables
+  run                                 1
+  pages_to_scan                       100
+  sleep_millisecs                     20
+  merge_across_nodes                  1
+  use_zero_pages                      0
+  max_page_sharing                    256
+  stable_node_chains_prune_millisecs  2000
+
+derived
+  saved                               360.0 KiB
+  sharing ratio (sharing/shared)      9.00
+  waste ratio (unshared/sharing)      0.33
+"""
+
+
+def test_status_plain_when_not_a_terminal(
+    fake_tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A 5.14 kernel has no general_profit, pages_scanned, smart_scan...: simply not shown.
+    # saved = (90 + 0 zero pages) x 4096 = 360 KiB; 90/10 = 9.00; 30/90 = 0.33.
+    assert ksmh(fake_tree("linux-5.14"), "status") == 0
+    assert capsys.readouterr().out == STATUS_5_14
+
+
+def forced_terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """Make harness.ksm.cli draw with rich into a buffer, as on a 120-column terminal."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120, color_system=None)
+    monkeypatch.setattr(ksm_cli, "terminal", lambda stream=None: console)
+    return buf
+
+
+def test_status_rich_tables_on_a_terminal(
+    fake_tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    buf = forced_terminal(monkeypatch)
+    assert ksmh(fake_tree("linux-5.14"), "status") == 0
+    assert capsys.readouterr().out == ""  # everything went through rich
+    lines = [ln.rstrip() for ln in buf.getvalue().splitlines()]
+    assert lines[:2] == ["KSM (kernel, page size 4096)", "counters"]
+    cells = {tuple(c.strip() for c in ln.strip("│┃ ").split("│")) for ln in lines if "│" in ln}
+    assert ("pages_sharing", "90") in cells
+    assert ("stable_node_chains_prune_millisecs", "2000") in cells
+    assert ("saved", "360.0 KiB") in cells
+    assert ("waste ratio (unshared/sharing)", "0.33") in cells
+    assert not any("general_profit" in ln for ln in lines)
+
+
+def test_set_writes(fake_tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    tree = fake_tree("linux-6.18")
+    assert ksmh(tree, "set", "pages_to_scan=5000", "smart_scan=0") == 0
+    assert capsys.readouterr().out.strip() == "pages_to_scan=5000 smart_scan=0"
+    assert (tree[0] / "pages_to_scan").read_text() == "5000\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["nosuch=1"], "ksmh: error: unknown KSM tunable 'nosuch'"),
+        (["run=7"], "ksmh: error: run: 7 is out of range 0..2"),
+        (["pages_to_scan"], "ksmh: error: expected KEY=VALUE, got 'pages_to_scan'"),
+        (["pages_to_scan=10", "run=9"], "ksmh: error: run: 9 is out of range 0..2"),
+        (["run=2"], "ksmh: error: run=2 could need 1 MiB of new memory at once"),
+    ],
+)
+def test_bad_set_is_one_line_and_changes_nothing(
+    fake_tree: Tree, capsys: pytest.CaptureFixture[str], args: list[str], line: str
+) -> None:
+    tree = fake_tree("linux-6.18")
+    before = snapshot(tree[0])
+    assert ksmh(tree, "set", *args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(line)
+    assert len(err) <= 2 and all(not e.startswith("Traceback") for e in err)
+    assert snapshot(tree[0]) == before
+
+
+def test_missing_ksm_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--backend", "kernel", "--sysfs-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ksmh: error: no KSM at {tmp_path}")
+    assert "--backend model" in err
+
+
+def test_watch_prints_rates(fake_tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    tree = fake_tree("linux-6.18")
+    assert ksmh(tree, "watch", "--count", "2", "--interval", "0.01") == 0
+    frames = capsys.readouterr().out.strip().split("\n\n")
+    assert len(frames) == 2
+    assert "pages_sharing" in frames[1] and "0.0" in frames[1]
+
+
+def test_watch_frame_plain_text_exactly() -> None:
+    prev = Counters(pages_shared=2, pages_sharing=100, full_scans=1)
+    cur = Counters(pages_shared=3, pages_sharing=160, full_scans=2)
+    rows = ksm_cli.watch_rows(prev, cur, 2.0)
+    assert ksm_cli.watch_frame(rows, "kernel", "12:00:00") == (
+        "KSM (kernel)   12:00:00\n"
+        "  counter                        value          /s\n"
+        "  pages_shared                       3         0.5\n"
+        "  pages_sharing                    160        30.0\n"
+        "  full_scans                         2         0.5"
+    )
+    first = ksm_cli.watch_rows(None, cur, 0.0)
+    assert first[1] == ("pages_sharing", "160", "")  # no rate before the second refresh
+
+
+def test_watch_live_screen_on_a_terminal(
+    fake_tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    buf = forced_terminal(monkeypatch)
+    tree = fake_tree("linux-6.18")
+    assert ksmh(tree, "watch", "--count", "2", "--interval", "0.01") == 0
+    assert capsys.readouterr().out == ""
+    screen = buf.getvalue()
+    # One table per refresh, redrawn in place, and drawn once more when the display stops.
+    assert screen.count("KSM (kernel)") == 3
+    assert "\x1b[" in screen  # cursor movement: a live display, not appended frames
+    last = screen.rsplit("KSM (kernel)", 1)[1]
+    row = next(ln for ln in last.splitlines() if " pages_sharing " in ln)
+    assert [c.strip() for c in row.strip("│ ").split("│")] == ["pages_sharing", "298", "0.0"]
+
+
+def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in (["--help"], ["status", "--help"], ["set", "--help"], ["export", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(cmd)
+        assert info.value.code == 0
+    assert "--listen" in capsys.readouterr().out
+
+
+def test_only_run_py_starts_processes() -> None:
+    """DESIGN: one subprocess chokepoint, never shell=True."""
+    pkg = Path(__file__).resolve().parents[2] / "harness"
+    offenders = []
+    for path in pkg.rglob("*.py"):
+        text = path.read_text()
+        if path.name != "run.py" and ("import subprocess" in text or "os.system(" in text):
+            offenders.append(str(path))
+        if "shell=True" in text:
+            offenders.append(f"{path} (shell=True)")
+    assert offenders == []
