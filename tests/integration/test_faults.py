@@ -132,7 +132,7 @@ def qemu_of_run(lines: list[str]) -> list[int]:
 
 def assert_host_clean(before: dict[str, int | str], lines: list[str]) -> None:
     """Knobs back, no guest of the run, no journal, the lock free."""
-    with ksm_lock(timeout=60):
+    with ksm_lock(timeout=900):
         assert SysfsBackend().read_tunables().present() == before
     assert qemu_of_run(lines) == []
     assert journals(JOURNAL_DIR) == []
