@@ -142,7 +142,11 @@ class LibvirtBackend:
         for dom in self.conn.listAllDomains(0):
             name = dom.name()
             if is_ours(name):
-                found.append(Leftover(name=name, pid=self._pid_of(name), backend=self.name))
+                found.append(
+                    Leftover(
+                        name, self._pid_of(name), self.name, persistent=bool(dom.isPersistent())
+                    )
+                )
         return sorted(found, key=lambda lo: lo.name)
 
     def remove_leftover(self, leftover: Leftover) -> None:
@@ -150,10 +154,15 @@ class LibvirtBackend:
         if dom is None:
             return
         try:
+            if dom.isPersistent():
+                raise GuestError(
+                    f"libvirt domain {leftover.name} is persistent (defined): ksm-harness only "
+                    "creates transient domains, so it is not ours to remove",
+                    hint=f"if it is yours: virsh destroy {leftover.name}; virsh undefine "
+                    f"{leftover.name}",
+                )
             if dom.isActive():
                 dom.destroy()
-            if dom.isPersistent():
-                dom.undefine()
         except self.libvirt.libvirtError as exc:
             raise GuestError(f"cannot remove libvirt domain {leftover.name}: {exc}") from exc
 
