@@ -211,6 +211,9 @@ def _collect(
     status = _status(r.exit_code, res.run)
     if status == 2 and r.exit_code == 1 and error is None:
         error, hint = parse_error(r.stderr)  # exit 1 without a failed verdict: a crash
+    verdict_error = (res.run.get("verdict") or {}).get("error")
+    if status == 2 and isinstance(verdict_error, str):
+        error = verdict_error  # the run's own account (e.g. "interrupted (signal SIGTERM)")
     echo(f"{name}: exit {r.exit_code}, fetched {len(files)} files into {local}")
     return summarize_host(name, status, res.run, samples=res.samples, directory=str(local),
                           address=address, error=error, hint=hint)  # fmt: skip

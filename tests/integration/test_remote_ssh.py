@@ -161,10 +161,9 @@ def test_prepare_installs_starts_exporter_and_is_idempotent(
         steps = dict(r["steps"])
         assert steps["packages"] == "unchanged: all present"
         assert steps["install"].startswith("done: bundle ")
-        assert (
-            f"into {h.prefix}/venv (prometheus-client, PyYAML, libvirt-python, numpy, "
-            "qemu.qmp, rich, markdown-it-py, mdurl, Pygments)" in steps["install"]
-        )
+        shipped = bundle.build_bundle(bundle.local_soabi()).distributions  # the same (cached)
+        assert {"prometheus-client", "PyYAML", "pydantic", "qemu.qmp", "rich"} <= set(shipped)
+        assert f"into {h.prefix}/venv ({', '.join(shipped)})" in steps["install"]
         assert steps["exporter"] == (
             f"started: no systemd, supervised background process on 127.0.0.1:"
             f"{h.exporter_port}, pid file {h.prefix}/run/exporter.pid"
@@ -224,7 +223,7 @@ def test_missing_inventory_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[
     code, _, err = ksmh(capsys, "hosts", "check", "/nonexistent/inv.yaml")
     assert code == 2
     assert err.splitlines()[0] == (
-        "ksmh: error: /nonexistent/inv.yaml: cannot read inventory (No such file or directory)"
+        "ksmh: error: /nonexistent/inv.yaml: cannot read inventory: No such file or directory"
     )
 
 
