@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from harness.errors import GuestError, HarnessError
+from harness.text import count
 
 T = TypeVar("T")
 
@@ -81,6 +82,7 @@ class FleetResult(Mapping[str, MemberResult[T]]):
                 f"{r.name}: {str(r.error).removeprefix(f'{r.name}: ')}" for r in self.failed
             )
             raise error(
-                f"{self.operation} failed on {len(self.failed)} of {len(self)} {self.noun}: {lines}"
+                f"{self.operation} failed on {len(self.failed)} of "
+                f"{count(len(self), self.noun.removesuffix('s'), self.noun)}: {lines}"
             )
         return self

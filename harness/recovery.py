@@ -27,6 +27,7 @@ from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
 from harness.ksm.sysfs import KSM_ROOT, SysfsBackend
 from harness.ksm.types import Tunables
 from harness.signals import shielded, signals_as_interrupt
+from harness.text import count
 
 Echo = Callable[[str], None]
 
@@ -139,7 +140,7 @@ def recover_first(
     """recover() with a one-line notice (and the details) when there was something to undo."""
     lines = recover(directory, ksm_root=ksm_root, proc=proc)
     if lines:
-        echo(f"recovered what an earlier run left behind ({len(lines)} actions):")
+        echo(f"recovered what an earlier run left behind ({count(len(lines), 'action')}):")
         for line in lines:
             echo(f"  {line}")
     return lines

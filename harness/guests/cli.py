@@ -25,6 +25,7 @@ from harness.guests.fleet import Fleet, list_runs
 from harness.guests.spec import FleetSpec
 from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
 from harness.signals import signals_as_interrupt
+from harness.text import count
 
 
 def register(sub: Any) -> None:
@@ -151,7 +152,7 @@ def _up(args: argparse.Namespace) -> int:
         )
     fleet.detach()
     accel = fleet.accel
-    print(f"run {fleet.run_id}: {len(result.succeeded)}/{len(result)} guests ready "
+    print(f"run {fleet.run_id}: {len(result.succeeded)}/{count(len(result), 'guest')} ready "
           f"({fleet.backend.name}, accel {accel.accel if accel else '?'})")  # fmt: skip
     status = _print_result(result)
     if accel is not None:
@@ -276,14 +277,14 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not args.all:
         fleet = Fleet.attach(args.run, args.runtime_dir)
         result = fleet.down()
-        print(f"run {fleet.run_id}: {len(result)} guests stopped")
+        print(f"run {fleet.run_id}: {count(len(result), 'guest')} stopped")
         return _print_result(result) if not result.ok else 0
     status = 0
     for data in list_runs(args.runtime_dir):
         try:
             fleet = Fleet.attach(data["run_id"], args.runtime_dir)
             result = fleet.down()
-            print(f"run {fleet.run_id}: {len(result)} guests stopped")
+            print(f"run {fleet.run_id}: {count(len(result), 'guest')} stopped")
             status |= 0 if result.ok else _print_result(result)
         except HarnessError as exc:
             print(f"run {data.get('run_id')}: {exc}")

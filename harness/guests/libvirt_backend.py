@@ -58,6 +58,11 @@ def ensure_daemons(run_dir: Path = LIBVIRT_RUN, timeout: float = 15.0) -> list[s
     return started
 
 
+def _quiet(_ctx: object, _error: object) -> None:
+    """libvirt's default error handler prints every error to stderr ("libvirt: DBus Utils
+    error : ..."), also those we expect and handle; the libvirtError we catch has the text."""
+
+
 def _libvirt() -> Any:
     try:
         import libvirt
@@ -66,6 +71,7 @@ def _libvirt() -> Any:
             "the libvirt Python binding is not importable",
             hint="pip install libvirt-python (it is in pyproject.toml)",
         ) from exc
+    libvirt.registerErrorHandler(_quiet, None)
     return libvirt
 
 

@@ -34,6 +34,7 @@ from harness.ksm.types import (
     Tunables,
 )
 from harness.signals import shielded, signals_as_interrupt
+from harness.text import count
 from harness.waiting import wait_until
 
 
@@ -342,7 +343,11 @@ class BackendBase:
                 "no process is registered with KSM: nothing scans without mergeable memory "
                 "(madvise MADV_MERGEABLE, or boot a guest)"
             )
-        who = "" if users is None else f"{users} processes are registered; "
+        who = (
+            ""
+            if users is None
+            else f"{count(users, 'process')} {'is' if users == 1 else 'are'} registered; "
+        )
         return f"{who}raise pages_to_scan or lower sleep_millisecs to scan faster"
 
     def _registered(self) -> int | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from harness.ksm.backend import BackendBase
 from harness.ksm.select import BACKENDS, open_backend
 from harness.ksm.sysfs import KSM_ROOT, PROC_ROOT, SysfsBackend
 from harness.ksm.types import Counters, derive
+from harness.paths import is_root
 from harness.units import human_bytes
 
 
@@ -182,7 +182,7 @@ def _recover_quietly(backend: SysfsBackend) -> None:
         with ksm_lock(DEFAULT_LOCK, timeout=0):
             recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr), proc=backend.proc)
     except HarnessError as exc:
-        if os.geteuid() != 0:
+        if not is_root():
             return  # not root: the write that follows fails with its own clear message
         if "holds" in exc.message:
             print(f"ksmh: warning: a ksm-harness run is in progress ({exc.message}); "
@@ -196,6 +196,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
     from harness.recovery import recover
 
+    if not is_root():
+        raise HarnessError(
+            "ksmh recover undoes what root's runs left (their journals, guests and KSM knobs): "
+            "it needs root",
+            hint="sudo ksmh recover; your own guests: `ksmh fleet list`, "
+            "`ksmh fleet down --run ID`",
+        )
     # Under the lock: a run starting meanwhile must not save our half-restored knobs as its
     # baseline (it recovers first itself, once it holds the lock).
     print(f"ksmh: taking the host KSM lock {DEFAULT_LOCK}", file=sys.stderr)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.text import count
 
 _DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
@@ -74,7 +75,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     loopback = loopback_targets(inv)
     if loopback:
         problem = (
-            f"{len(loopback)} of {len(inv.hosts)} hosts ({', '.join(loopback)}) have a remote "
+            f"{len(loopback)} of {count(len(inv.hosts), 'host')} ({', '.join(loopback)}) "
+            "have a remote "
             "address but an exporter on loopback: Prometheus would scrape itself for each"
         )
         hint = (
@@ -98,5 +100,6 @@ def cmd_config(args: argparse.Namespace) -> int:
         raise HarnessError(f"cannot write to {args.out}: {exc.strerror}") from None
     for p in paths:
         print(p)
-    print(f"ksmh: {len(inv.hosts)} hosts; run: prometheus --config.file={args.out}/prometheus.yml")
+    hosts = count(len(inv.hosts), "host")
+    print(f"ksmh: {hosts}; run: prometheus --config.file={args.out}/prometheus.yml")
     return 0

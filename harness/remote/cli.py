@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from harness.text import count
+
 
 def register(sub: Any) -> None:
     hosts = sub.add_parser("hosts", help="check, prepare a fleet of hosts from an inventory")
@@ -71,7 +73,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     bad = [c.host for c in checks if not c.usable]
     if bad:
         print(
-            f"ksmh: {len(bad)} of {len(checks)} hosts unusable: {', '.join(bad)}", file=sys.stderr
+            f"ksmh: {len(bad)} of {count(len(checks), 'host')} unusable: {', '.join(bad)}",
+            file=sys.stderr,
         )
         return 1
     return 0

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from harness.report.results import Results
+from harness.text import count
 
 TABLE_COUNTERS = (
     "pages_shared",
@@ -105,6 +106,8 @@ def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
         out += ["", "Failed expectations:"] + [f"- {t}" for t in verdict["failed"]]
     if run.get("banner"):
         out += ["", f"> {run['banner']}"]
+    if run.get("unguarded"):
+        out += ["", f"> {run['unguarded']}"]
     host = run.get("host", {})
     out += [
         "",
@@ -128,7 +131,11 @@ def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
             f"- shadow capture: {sh.get('captures', 0)} captures, "
             f"{_v(sh.get('mib_hashed'))} MiB hashed at {_v(sh.get('capture_mib_per_s'))} MiB/s, "
             f"model scans {_v(sh.get('model_scans'))} in {_v(sh.get('model_seconds'))} s"
-            + (f", {sh['pages_vanished']} pages vanished" if sh.get("pages_vanished") else "")
+            + (
+                f", {count(sh['pages_vanished'], 'page')} vanished"
+                if sh.get("pages_vanished")
+                else ""
+            )
         )
     if run.get("backend") == "kernel" and run.get("shadow"):
         out += ["", "## Reading kernel against model", "", *READING]
