@@ -337,7 +337,7 @@ class BackendBase:
             return f"ksmd is not running (run={t.run}): `ksmh set run=1`"
         if t.pages_to_scan == 0:
             return "pages_to_scan is 0: ksmd scans nothing; `ksmh set pages_to_scan=100`"
-        users = self._registered()
+        users = self.registered()
         if users == 0:
             return (
                 "no process is registered with KSM: nothing scans without mergeable memory "
@@ -350,8 +350,9 @@ class BackendBase:
         )
         return f"{who}raise pages_to_scan or lower sleep_millisecs to scan faster"
 
-    def _registered(self) -> int | None:
-        """How many processes KSM scans, when the backend can tell."""
+    def registered(self) -> int | None:
+        """How many processes KSM scans or still counts pages of, when the backend can tell
+        (None: it cannot, e.g. without root other users' processes are not visible)."""
         return None
 
     def frozen_sample(self) -> Sample:

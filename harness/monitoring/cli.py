@@ -38,14 +38,25 @@ def register(sub: Any) -> None:
     )
     p.add_argument("inventory", type=Path, help="inventory YAML")
     p.add_argument("--out", type=Path, required=True, help="directory to write into")
-    p.add_argument("--scrape-interval", type=_duration, default="15s")
-    p.add_argument("--evaluation-interval", type=_duration, default="15s")
+    p.add_argument(
+        "--scrape-interval", type=_duration, default="15s", help="Prometheus scrape_interval"
+    )
+    p.add_argument(
+        "--evaluation-interval",
+        type=_duration,
+        default="15s",
+        help="Prometheus evaluation_interval (how often rules run)",
+    )
     p.add_argument("--rate-window", type=_duration, default="5m", help="window of rate() rules")
     p.add_argument(
         "--stall-window", type=_duration, default="10m", help="flat full_scans this long = stalled"
     )
     p.add_argument(
-        "--for", dest="for_", type=_duration, default=None, help="one for-duration for all alerts"
+        "--for",
+        dest="for_",
+        type=_duration,
+        default=None,
+        help="one for-duration for all alerts (default: each alert's own, 5m to 30m)",
     )
     p.add_argument("--waste-ratio", type=float, default=10.0, help="unshared/sharing alert level")
     p.add_argument("--volatile-share", type=float, default=0.5, help="volatile share alert level")

@@ -31,7 +31,8 @@ def register(sub: Any) -> None:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="kernel: real KSM; model: the model alone; auto: kernel if present and writable",
+        help="kernel: real KSM; model: the model alone; auto: kernel if present and writable "
+        "(root), else the model",
     )
     p.add_argument(
         "--out", type=Path, default=Path("results"), help="results root (default results/)"

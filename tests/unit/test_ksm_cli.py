@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,3 +201,73 @@ def test_only_run_py_starts_processes() -> None:
         if "shell=True" in text:
             offenders.append(f"{path} (shell=True)")
     assert offenders == []
+
+
+STALE = (
+    "note: the counters are stale: ksmd is stopped (run=0) and no process is registered with "
+    "KSM, so they describe memory that may be gone; `ksmh set run=1` lets ksmd recount "
+    "(run=2 unmerges)"
+)
+
+
+def _stopped_and_gone(tree: tuple[Path, Path]) -> tuple[Path, Path]:
+    """ksmd stopped with merged pages counted, and every process that used KSM gone."""
+    root, proc = tree
+    (root / "run").write_text("0\n")
+    for pid in ("4242", "4343"):
+        shutil.rmtree(proc / pid)
+    return tree
+
+
+def test_status_says_stale_counters_in_every_output(
+    fake_tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = _stopped_and_gone(fake_tree("linux-5.14"))
+    assert ksmh(tree, "status") == 0
+    out = capsys.readouterr().out
+    head = STATUS_5_14.replace(
+        "run                                 1", "run                                 0"
+    )
+    head = head.replace("360.0 KiB", "360.0 KiB (stale)")
+    assert out == head.replace("page size 4096)\n\n", f"page size 4096)\n\n{STALE}\n\n")
+    assert ksmh(tree, "status", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stale"] is True and "note: " + data["note"] == STALE
+    buf = forced_terminal(monkeypatch)
+    assert ksmh(tree, "status") == 0
+    screen = " ".join(buf.getvalue().split())
+    assert " ".join(STALE.split()) in screen and "360.0 KiB (stale)" in screen
+
+
+def test_status_is_not_stale_while_a_process_uses_ksm_or_ksmd_runs(
+    fake_tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = fake_tree("linux-6.18")
+    (tree[0] / "run").write_text("0\n")  # stopped, but pid 4242 is still registered
+    assert ksmh(tree, "status", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["stale"], data["note"]) == (False, None)
+    tree = _stopped_and_gone(fake_tree("linux-5.14"))
+    (tree[0] / "run").write_text("1\n")  # ksmd runs: it recounts
+    assert ksmh(tree, "status") == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_status_without_root_says_the_counters_may_be_stale(
+    fake_tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness.ksm import sysfs
+
+    monkeypatch.setattr(sysfs, "is_root", lambda: False)  # others' ksm_stat is root-only
+    tree = _stopped_and_gone(fake_tree("linux-6.18"))
+    assert ksmh(tree, "status", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stale"] is None
+    assert data["note"].startswith(
+        "ksmd is stopped (run=0): the counters are frozen at its last scan and may describe "
+        "memory that is gone (not root: the processes registered with KSM cannot all be seen)"
+    )
+    assert ksmh(tree, "status") == 0
+    assert "  saved                               1.2 MiB (may be stale)\n" in (
+        capsys.readouterr().out
+    )
