@@ -88,10 +88,14 @@ class LibvirtBackend:
         try:
             self.conn = self.libvirt.open(uri)
         except self.libvirt.libvirtError as exc:
-            raise HarnessError(
-                f"cannot connect to libvirt at {uri}: {exc}",
-                hint="is libvirtd running? (no systemd here: `libvirtd -d` as root)",
-            ) from exc
+            system = uri.endswith("/system")
+            hint = (
+                "is libvirtd running? (no systemd here: `libvirtd -d` as root)"
+                if os.geteuid() == 0 or not system
+                else f"{uri} is root's: run as root, or boot plain QEMU guests (backend qemu), "
+                "which any user can"
+            )
+            raise HarnessError(f"cannot connect to libvirt at {uri}: {exc}", hint=hint) from exc
 
     def _local(self) -> bool:
         return "://" in self.uri and self.uri.split("://", 1)[1].startswith("/")

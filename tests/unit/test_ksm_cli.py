@@ -9,15 +9,21 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
+import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import PIPE, Popen
 
 import pytest
 
 from harness.cli import main
 from harness.ksm import cli as ksm_cli
 from harness.ksm.types import Counters
+from harness.run import spawn
 from tests.conftest import snapshot
+from tests.integration.conftest import free_port
 
 Tree = Callable[[str], tuple[Path, Path]]
 
@@ -271,3 +277,67 @@ def test_status_without_root_says_the_counters_may_be_stale(
     assert "  saved                               1.2 MiB (may be stale)\n" in (
         capsys.readouterr().out
     )
+
+
+def _start(tree: tuple[Path, Path], *args: str) -> Popen[bytes]:
+    root, proc = tree
+    argv = [sys.executable, "-m", "harness.cli", *args, "--backend", "kernel",
+            "--sysfs-root", str(root), "--proc-root", str(proc)]  # fmt: skip
+    return spawn(argv, stdout=PIPE, stderr=PIPE)
+
+
+def _interrupt(p: Popen[bytes]) -> tuple[int, list[str]]:
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    return p.returncode, err.decode().splitlines()
+
+
+def test_watch_and_export_exit_130_on_ctrl_c(fake_tree: Tree) -> None:
+    watch = _start(fake_tree("linux-6.18"), "watch", "--interval", "0.1")
+    exporter = _start(fake_tree("linux-5.14"), "export", "--listen", f"127.0.0.1:{free_port()}")
+    try:
+        for p in (watch, exporter):
+            assert p.stdout is not None and p.stdout.readline()  # first frame / "exporting ..."
+        assert _interrupt(watch) == (130, ["ksmh: interrupted"])
+        assert _interrupt(exporter) == (130, ["ksmh: interrupted"])
+    finally:
+        for p in (watch, exporter):
+            p.kill()
+            p.wait(10)
+
+
+def test_export_says_once_that_a_pid_is_missing_or_has_exited(fake_tree: Tree) -> None:
+    tree = fake_tree("linux-6.18")
+    port = free_port()
+    exporter = _start(tree, "export", "--listen", f"127.0.0.1:{port}",
+                      "--pid", "4242", "--pid", "99999")  # fmt: skip
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return str(r.read().decode())
+
+    try:
+        assert exporter.stdout is not None and exporter.stdout.readline()
+        first = scrape()
+        assert "ksm_process_merging_pages{host=" in first and 'pid="4242"' in first
+        shutil.rmtree(tree[1] / "4242")  # the watched process exits
+        scrape()
+        after = scrape()
+        assert 'pid="4242"' not in after
+        errors = [
+            ln for ln in after.splitlines() if ln.startswith("ksm_exporter_read_errors_total")
+        ]
+        assert errors and float(errors[0].split()[-1]) == 5  # 99999 x 3 scrapes + 4242 x 2
+        code, lines = _interrupt(exporter)
+    finally:
+        exporter.kill()
+        exporter.wait(10)
+    assert code == 130
+    assert lines == [
+        "ksmh: --pid 99999: no such process; its series are left out "
+        "(ksm_exporter_read_errors_total counts each scrape)",
+        "ksmh: --pid 4242: qemu-system-x86 has exited; its series are left out "
+        "(ksm_exporter_read_errors_total counts each scrape)",
+        "ksmh: interrupted",
+    ]
