@@ -134,15 +134,18 @@ def status_dict(backend: BackendBase) -> dict[str, Any]:
     }
 
 
-def _derived_rows(d: dict[str, Any], stale: bool | None = False) -> list[tuple[str, str]]:
+def _derived_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The derived figures for people: sizes, not raw bytes (the counters keep the bytes)."""
+    d = s["derived"]
     ratio = "-" if d["sharing_ratio"] is None else f"{d['sharing_ratio']:.2f}"
     waste = "-" if d["waste_ratio"] is None else f"{d['waste_ratio']:.2f}"
-    mark = {True: " (stale)", None: " (may be stale)"}.get(stale, "")
-    return [
-        ("saved", human_bytes(d["saved_bytes"]) + mark),
-        ("sharing ratio (sharing/shared)", ratio),
-        ("waste ratio (unshared/sharing)", waste),
-    ]
+    mark = {True: " (stale)", None: " (may be stale)"}.get(s.get("stale"), "")
+    rows = [("saved", human_bytes(d["saved_bytes"]) + mark)]
+    if s["counters"].get("general_profit") is not None:
+        rows.append(("profit (general_profit)", human_bytes(s["counters"]["general_profit"])))
+    rows.append(("sharing ratio (sharing/shared)", ratio))
+    rows.append(("waste ratio (unshared/sharing)", waste))
+    return rows
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -156,7 +159,7 @@ def format_status(s: dict[str, Any]) -> str:
     lines += ["", "tunables"]
     lines += [f"  {k:<{width}}{v}" for k, v in s["tunables"].items()]
     lines += ["", "derived"]
-    lines += [f"  {k:<{width}}{v}" for k, v in _derived_rows(s["derived"], s.get("stale"))]
+    lines += [f"  {k:<{width}}{v}" for k, v in _derived_rows(s)]
     return "\n".join(lines)
 
 
@@ -172,7 +175,7 @@ def status_tables(s: dict[str, Any]) -> list[Any]:
                    title="counters", right=(1,)),
         rich_table(("tunable", "value"), [(k, str(v)) for k, v in s["tunables"].items()],
                    title="tunables", right=(1,)),
-        rich_table(("derived", "value"), _derived_rows(s["derived"], s.get("stale")),
+        rich_table(("derived", "value"), _derived_rows(s),
                    right=(1,)),
     ]  # fmt: skip
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from harness.report.results import Results
 from harness.text import count
+from harness.units import format_size
 
 TABLE_COUNTERS = (
     "pages_shared",
@@ -20,6 +21,7 @@ TABLE_COUNTERS = (
     "ksm_zero_pages",
     "general_profit",
 )
+BYTE_COUNTERS = {"general_profit"}  # the others count pages
 MARK = {"passed": "PASS", "failed": "FAIL", "skipped": "skip"}
 CAPTIONS = {
     "counters": "KSM counters over time: the kernel as sampled, the model at sync points",
@@ -72,20 +74,25 @@ def _counter_table(counters: Mapping[str, Any]) -> list[str]:
         head += " | kernel - model"
     lines = [head + " |", "|---" * (1 + 2 * len(sources) + (len(sources) == 2)) + "|"]
     for name in TABLE_COUNTERS:
+        show = _size if name in BYTE_COUNTERS else _v  # pages as numbers, bytes as sizes
         cells = []
         ends = []
         for s in sources:
             end = counters[s].get("end", {}).get(name)
             delta = counters[s].get("delta", {}).get(name)
             ends.append(end)
-            cells += [_v(end), _v(delta)]
+            cells += [show(end), show(delta)]
         if all(c == "-" for c in cells):
             continue
         if len(sources) == 2:
             k, m = ends
-            cells.append("-" if k is None or m is None else _v(k - m))
+            cells.append("-" if k is None or m is None else show(k - m))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _size(x: Any) -> str:
+    return format_size(x) if isinstance(x, int | float) else _v(x)
 
 
 def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
