@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ksmh: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"ksmh: internal error (a bug, please report it): {exc!r}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

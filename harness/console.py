@@ -30,6 +30,14 @@ def terminal(stream: IO[str] | None = None) -> Console | None:
     return Console(file=stream, highlight=False)
 
 
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 guest', '2 guests', '0 guests', '3 processes' (plural_form for the irregular ones)."""
+    if n == 1:
+        return f"{n} {noun}"
+    regular = noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+    return f"{n} {plural_form or regular}"
+
+
 def plain_table(rows: Sequence[Sequence[str]], indent: str = "", gap: str = "  ") -> list[str]:
     """Left-aligned columns, widths from the widest cell; trailing spaces stripped."""
     if not rows:

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from harness.console import plural
 from harness.errors import GuestError, HarnessError
-from harness.text import count
 
 T = TypeVar("T")
 
@@ -83,6 +83,6 @@ class FleetResult(Mapping[str, MemberResult[T]]):
             )
             raise error(
                 f"{self.operation} failed on {len(self.failed)} of "
-                f"{count(len(self), self.noun.removesuffix('s'), self.noun)}: {lines}"
+                f"{plural(len(self), self.noun.removesuffix('s'), self.noun)}: {lines}"
             )
         return self

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness import procfs
+from harness.console import plural
 from harness.errors import HarnessError, RestoreIncomplete
 from harness.guests.backend import GuestBackend
 from harness.journal import JOURNAL_DIR, FleetEntry, Journal, journals, load
@@ -27,7 +28,6 @@ from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
 from harness.ksm.sysfs import KSM_ROOT, SysfsBackend
 from harness.ksm.types import Tunables
 from harness.signals import shielded, signals_as_interrupt
-from harness.text import count
 
 Echo = Callable[[str], None]
 
@@ -140,7 +140,7 @@ def recover_first(
     """recover() with a one-line notice (and the details) when there was something to undo."""
     lines = recover(directory, ksm_root=ksm_root, proc=proc)
     if lines:
-        echo(f"recovered what an earlier run left behind ({count(len(lines), 'action')}):")
+        echo(f"recovered what an earlier run left behind ({plural(len(lines), 'action')}):")
         for line in lines:
             echo(f"  {line}")
     return lines

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, runtime_checkable
 
+from harness.console import plural
 from harness.errors import (
     KsmBusy,
     KsmPermissionDenied,
@@ -34,7 +35,6 @@ from harness.ksm.types import (
     Tunables,
 )
 from harness.signals import shielded, signals_as_interrupt
-from harness.text import count
 from harness.waiting import wait_until
 
 
@@ -346,7 +346,7 @@ class BackendBase:
         who = (
             ""
             if users is None
-            else f"{count(users, 'process')} {'is' if users == 1 else 'are'} registered; "
+            else f"{plural(users, 'process')} {'is' if users == 1 else 'are'} registered; "
         )
         return f"{who}raise pages_to_scan or lower sleep_millisecs to scan faster"
 

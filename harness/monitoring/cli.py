@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.errors import HarnessError
-from harness.text import count
 
 _DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 
@@ -86,7 +86,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     loopback = loopback_targets(inv)
     if loopback:
         problem = (
-            f"{len(loopback)} of {count(len(inv.hosts), 'host')} ({', '.join(loopback)}) "
+            f"{len(loopback)} of {plural(len(inv.hosts), 'host')} ({', '.join(loopback)}) "
             "have a remote "
             "address but an exporter on loopback: Prometheus would scrape itself for each"
         )
@@ -111,6 +111,6 @@ def cmd_config(args: argparse.Namespace) -> int:
         raise HarnessError(f"cannot write to {args.out}: {exc.strerror}") from None
     for p in paths:
         print(p)
-    hosts = count(len(inv.hosts), "host")
+    hosts = plural(len(inv.hosts), "host")
     print(f"ksmh: {hosts}; run: prometheus --config.file={args.out}/prometheus.yml")
     return 0

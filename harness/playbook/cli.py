@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.errors import HarnessError
 from harness.ksm.select import BACKENDS
 from harness.ksm.sysfs import KSM_ROOT
-from harness.text import count
 
 DEFAULT_EXPORT = "127.0.0.1:9712"
 
@@ -93,8 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     push = _push_url(args.push, playbook.push)
     if args.check:
         steps = sum(len(p.steps) for p in playbook.phases)
-        phases = count(len(playbook.phases), "phase")
-        print(f"{args.playbook}: valid ({phases}, {count(steps, 'step')})")
+        phases = plural(len(playbook.phases), "phase")
+        print(f"{args.playbook}: valid ({phases}, {plural(steps, 'step')})")
         return 0
     if args.inventory is not None:
         from harness.remote.run import cmd_run_fleet

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import procfs
+from harness.console import plural
 from harness.errors import HarnessError
 from harness.exporter import parse_listen
 from harness.journal import JOURNAL_DIR, FleetEntry, Journal
@@ -48,7 +49,6 @@ from harness.sides import Side
 from harness.sides.kernel import KernelSide
 from harness.sides.model import ModelSide
 from harness.signals import shielded, signals_as_interrupt
-from harness.text import count
 
 # What a non-root model-only run on a host with KSM does without the host lock and journal.
 UNGUARDED = (
@@ -251,7 +251,7 @@ class Runner:
         found = procfs.ksm_users(self.opts.proc, exclude=ours | {os.getpid()})
         if found:
             raise ForeignKsmUsers(
-                f"{count(len(found), 'process')} outside this run "
+                f"{plural(len(found), 'process')} outside this run "
                 f"{'uses' if len(found) == 1 else 'use'} KSM: " + procfs.describe_users(found),
                 hint="their pages change every counter: stop them, or set `foreign: capture` "
                 "in the playbook to model them too",
@@ -328,7 +328,7 @@ class Runner:
             for i, (n, p) in enumerate(self.guest_pids.items())
         ]
         self.say(
-            f"fleet {fleet.run_id} ready: {count(len(self.guest_pids), 'guest')}, "
+            f"fleet {fleet.run_id} ready: {plural(len(self.guest_pids), 'guest')}, "
             f"accel {self.results.run['accelerator']}"
         )
         names = {pid: name for name, pid in self.guest_pids.items()}
@@ -370,7 +370,7 @@ class Runner:
         if sampler.errors:
             # Each failed sample is a gap in samples.csv: say so rather than leave it silent.
             self.say(
-                f"{count(len(sampler.errors), 'sample')} failed; the last: {sampler.errors[-1]}"
+                f"{plural(len(sampler.errors), 'sample')} failed; the last: {sampler.errors[-1]}"
             )
 
     # -- sampling and sync points ------------------------------------------------------------
@@ -456,7 +456,7 @@ class Runner:
 
         self.state.phase = phase.name
         n = len(phase.steps)
-        self.say(f"== phase {phase.name} ({count(n, 'step')})")
+        self.say(f"== phase {phase.name} ({plural(n, 'step')})")
         rec: dict[str, Any] = {
             "name": phase.name,
             "line": phase.line,

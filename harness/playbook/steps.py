@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from harness.console import plural
 from harness.errors import GuestError, HarnessError, ScanTimeout
 from harness.playbook.context import StepContext
 from harness.playbook.plan import AgentStep, ExpectStep, KsmStep, Step, SweepStep, WaitStep
-from harness.text import count
 
 
 def run_step(ctx: StepContext, step: Step) -> None:
@@ -60,7 +60,7 @@ def agent_step(ctx: StepContext, step: AgentStep) -> None:
     if failed:
         raise GuestError(
             f"line {step.line}: {step.command} failed on {len(failed)} of "
-            f"{count(len(per_guest), 'guest')}: {'; '.join(failed)}"
+            f"{plural(len(per_guest), 'guest')}: {'; '.join(failed)}"
         )
     ctx.say(f"  done in {seconds:.1f} s")
 

@@ -13,8 +13,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from harness.text import count
-
 
 def register(sub: Any) -> None:
     hosts = sub.add_parser("hosts", help="check, prepare a fleet of hosts from an inventory")
@@ -54,7 +52,7 @@ def _inventory(args: argparse.Namespace) -> Any:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when every host is usable, 1 otherwise."""
-    from harness.console import terminal
+    from harness.console import plural, terminal
     from harness.remote.check import check_host, check_table, format_table, problem_lines, rows
     from harness.remote.fleet import on_fleet
 
@@ -73,7 +71,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     bad = [c.host for c in checks if not c.usable]
     if bad:
         print(
-            f"ksmh: {len(bad)} of {count(len(checks), 'host')} unusable: {', '.join(bad)}",
+            f"ksmh: {len(bad)} of {plural(len(checks), 'host')} unusable: {', '.join(bad)}",
             file=sys.stderr,
         )
         return 1

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from harness.console import plural
 from harness.report.results import Results
-from harness.text import count
 from harness.units import format_size
 
 TABLE_COUNTERS = (
@@ -139,7 +139,7 @@ def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
             f"{_v(sh.get('mib_hashed'))} MiB hashed at {_v(sh.get('capture_mib_per_s'))} MiB/s, "
             f"model scans {_v(sh.get('model_scans'))} in {_v(sh.get('model_seconds'))} s"
             + (
-                f", {count(sh['pages_vanished'], 'page')} vanished"
+                f", {plural(sh['pages_vanished'], 'page')} vanished"
                 if sh.get("pages_vanished")
                 else ""
             )

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.console import plural
 from harness.ksm.sysfs import SysfsBackend
 from harness.record import Difference, Snapshot, diff_snapshots
 from harness.scenario.kernel_runner import KernelRunner, run_on_kernel
 from harness.scenario.model_runner import ModelRunner
 from harness.scenario.series import Series
 from harness.scenario.spec import Scenario, action_text
-from harness.text import count
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Comparison:
             + (f" (seed {s.seed})" if s.seed is not None else "")
             + f": kernel and model differ; first at {first}",
             s.describe(),
-            f"{count(len(self.differences), 'difference')}:",
+            f"{plural(len(self.differences), 'difference')}:",
         ]
         lines += [f"  {d}" for d in self.differences[:limit]]
         if len(self.differences) > limit:

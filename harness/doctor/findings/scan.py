@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
+from harness.console import plural
 from harness.doctor.analysis import Analysis
 from harness.doctor.catalog import Evidence, Finding
 from harness.doctor.facts import Facts
 from harness.doctor.findings.common import knob, pages, window
-from harness.text import count
 
 # ksmd's page visits per second of CPU over unique pages, measured here (DESIGN.md: 0.29-0.33
 # M/s on one core): the CPU part of a scan, on top of the sleeps.
@@ -57,7 +57,7 @@ def _slow(a: Analysis) -> list[Finding]:
         knob(f.host, "sleep_millisecs"),
         Evidence(
             "/proc/*/smaps",
-            f"{n} present pages in mergeable VMAs of {count(len(f.users), 'process')}: {shares}",
+            f"{n} present pages in mergeable VMAs of {plural(len(f.users), 'process')}: {shares}",
         ),
     ]
     w = f.watch
