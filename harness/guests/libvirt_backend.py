@@ -62,6 +62,11 @@ def ensure_daemons(run_dir: Path = LIBVIRT_RUN, timeout: float = 15.0) -> list[s
     return started
 
 
+def _quiet(_ctx: object, _error: object) -> None:
+    """libvirt's default error handler prints every error to stderr ("libvirt: DBus Utils
+    error : ..."), also those we expect and handle; the libvirtError we catch has the text."""
+
+
 def _libvirt() -> Any:
     try:
         import libvirt
@@ -70,6 +75,7 @@ def _libvirt() -> Any:
             "the libvirt Python binding is not importable",
             hint="pip install libvirt-python (it is in pyproject.toml)",
         ) from exc
+    libvirt.registerErrorHandler(_quiet, None)
     return libvirt
 
 
@@ -90,9 +96,15 @@ class LibvirtBackend:
         try:
             return self.libvirt.open(self.uri)
         except self.libvirt.libvirtError as exc:
+            system = self.uri.endswith("/system")
+            hint = (
+                "is libvirtd running? (no systemd here: `libvirtd -d` as root)"
+                if os.geteuid() == 0 or not system
+                else f"{self.uri} is root's: run as root, or boot plain QEMU guests (backend "
+                "qemu), which any user can"
+            )
             raise HarnessError(
-                f"cannot connect to libvirt at {self.uri}: {exc}",
-                hint="is libvirtd running? (no systemd here: `libvirtd -d` as root)",
+                f"cannot connect to libvirt at {self.uri}: {exc}", hint=hint
             ) from exc
 
     @property

@@ -249,7 +249,7 @@ def test_a_guest_killed_mid_phase_is_an_error_and_nothing_is_left(
     assert run.finish() == 2
     verdict = only_run_json(tmp_path / "out")["verdict"]
     assert verdict["status"] == "error"  # type: ignore[index]
-    assert "verify failed on 1 of 1 guests" in verdict["error"]  # type: ignore[index]
+    assert "verify failed on 1 of 1 guest" in verdict["error"]  # type: ignore[index]
     assert_host_clean(host_before, run.lines, tmp_path)
 
 

@@ -254,7 +254,7 @@ def test_ctrl_c_stops_the_remote_runs_and_still_reports(fleet: Fleet, tmp_path: 
     threading.Thread(target=read, daemon=True).start()
     try:
         # Once one host has its guest up (the other may still wait for the KSM lock).
-        while "ready: 1 guests" not in (line := lines.get(timeout=240)):
+        while "ready: 1 guest" not in (line := lines.get(timeout=240)):
             pass
         proc.send_signal(signal.SIGINT)
         stdout, _ = proc.communicate(timeout=120)

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from harness.cli import main
+from harness.run import run
 from tests.integration.conftest import free_port
 from tests.integration.sshd import Fleet, keygen, sshd_fleet
 from tests.integration.sshd import children as _children
@@ -276,3 +278,17 @@ def test_on_fleet_reraises_a_bug_after_every_host_is_done(fleet: Fleet) -> None:
     with pytest.raises(KeyError, match="a bug"):
         on_fleet(inv, buggy)
     assert sorted(seen) == ["alpha", "bravo"]
+
+
+def test_check_output_carries_no_paramiko_log_lines(fleet: Fleet) -> None:
+    """The exporter is down on these hosts: paramiko logs the refused direct-tcpip channel
+    ("Secsh channel 1 open FAILED: ...") at ERROR, which Python's last-resort handler would
+    print to stderr in a process without logging configured, i.e. `ksmh` itself."""
+    fresh = {h.name: {"prefix": str(fleet.dir / f"quiet-{h.name}")} for h in fleet.hosts}
+    inv = fleet.inventory("quiet.yaml", host_fields=fresh)
+    proc = run([sys.executable, "-m", "harness.cli", "hosts", "check", str(inv)], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""
+    rows = proc.stdout.splitlines()
+    assert [r.split()[0] for r in rows] == ["HOST", "alpha", "bravo"]
+    assert all(r.split()[-2:] == ["down", "yes"] for r in rows[1:])
