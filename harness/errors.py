@@ -47,6 +47,10 @@ class UnmergeGuard(HarnessError):
     """run=2 refused: unmerging could need more memory than MemAvailable."""
 
 
+class RestoreIncomplete(HarnessError):
+    """Some KSM knobs could not be brought back to their saved values."""
+
+
 class ScanTimeout(HarnessError):
     """ksmd did not complete the requested number of full scans in time."""
 

@@ -8,13 +8,16 @@ ksm_exporter_read_errors_total; it never fails the scrape.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -24,6 +27,7 @@ from harness.ksm.types import PAGE_SIZE, Counters, derive
 
 LABELS = ("source", "host")
 PROCESS_LABELS = ("source", "host", "pid", "name")
+PAIR_LABELS = ("source", "host", "a", "b")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,9 @@ class ExportTarget:
     backend: KsmBackend
     host: str = field(default_factory=socket.gethostname)
     watch: Callable[[], Mapping[int, str]] | None = None
+    # Opt-in (it reads every KSM user's page tables): the sharing matrix for
+    # ksm_cross_group_shared_pages, e.g. harness.doctor.exposure.SharingProbe.
+    sharing: Callable[[], Any] | None = None
 
 
 class KsmCollector(Collector):
@@ -137,6 +144,11 @@ class KsmCollector(Collector):
             GaugeMetricFamily(name, text, labels=PROCESS_LABELS)
             for _, name, text, _ in PROCESS_METRICS
         ]
+        pairs = GaugeMetricFamily(
+            "ksm_cross_group_shared_pages",
+            "Distinct KSM pages mapped by processes of both groups a and b (a < b).",
+            labels=PAIR_LABELS,
+        )
         for t in self.targets:
             labels = [t.backend.source, t.host]
             values: dict[str, int | str | None] = {}
@@ -152,10 +164,13 @@ class KsmCollector(Collector):
             self._add_saved(saved, labels, values, t.backend.page_size)
             self._add_advisor(advisor, labels, t)
             self._add_processes(procs, labels, t)
+            self._add_pairs(pairs, labels, t)
         yield from families.values()
         yield saved
         yield advisor
         yield from procs
+        if any(t.sharing is not None for t in self.targets):
+            yield pairs
         errors = CounterMetricFamily(
             "ksm_exporter_read_errors",
             "KSM files or process stats the exporter failed to read.",
@@ -205,11 +220,24 @@ class KsmCollector(Collector):
                 if value is not None:
                     fam.add_metric([*labels, str(pid), name], value)
 
+    def _add_pairs(self, fam: GaugeMetricFamily, labels: list[str], t: ExportTarget) -> None:
+        if t.sharing is None:
+            return
+        try:
+            matrix = t.sharing()
+        except (OSError, HarnessError):
+            self._error(t)
+            return
+        for a, b, pages in matrix.pairs():
+            fam.add_metric([*labels, a, b], pages)
+
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """'127.0.0.1:9712' -> ('127.0.0.1', 9712); '[::1]:9712' and ':9712' (loopback) too."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii: str.isdigit() is also true of '²', which int() refuses.
+    ok = sep and port.isascii() and port.isdigit() and len(port) <= 5
+    if not ok or not 0 <= int(port) <= 65535:
         raise HarnessError(
             f"bad listen address {listen!r}", hint="use HOST:PORT, e.g. 127.0.0.1:9712"
         )
@@ -217,16 +245,85 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def serve(
-    targets: Sequence[ExportTarget], listen: str = "127.0.0.1:9712"
-) -> tuple[WSGIServer, threading.Thread]:
-    """Start the HTTP endpoint in a daemon thread; returns the server (shutdown() to stop)."""
+IDLE_TIMEOUT = 10.0  # seconds a connection may sit without completing its request
+MAX_CONNECTIONS = 16  # connections served at once; more are answered 503 and closed
+
+
+class _Handler(WSGIRequestHandler):
+    """No request log on stderr; the socket timeout closes a connection that stalls."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most `max_connections` at once, idle ones closed.
+
+    prometheus_client's own server has neither bound: a client that opens connections and
+    sends nothing (or sends slowly) would hold a thread each for ever.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self, addr: tuple[str, int], family: int, idle_timeout: float, max_connections: int
+    ) -> None:
+        self.address_family = family
+        self.idle_timeout = idle_timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(addr, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.idle_timeout)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away is not worth a traceback on stderr."""
+
+
+def serve_registry(
+    registry: CollectorRegistry,
+    listen: str,
+    hint: str = "choose another --listen port",
+    idle_timeout: float = IDLE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> tuple[BoundedServer, threading.Thread]:
+    """Serve `registry` on HOST:PORT in a daemon thread (server.shutdown() to stop)."""
     host, port = parse_listen(listen)
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        server = BoundedServer((host, port), family[0][0], idle_timeout, max_connections)
+    except OSError as exc:
+        raise HarnessError(f"cannot listen on {listen}: {exc.strerror or exc}", hint=hint) from None
+    server.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=server.serve_forever, name="ksmh-exporter", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def serve(
+    targets: Sequence[ExportTarget], listen: str = "127.0.0.1:9712", **limits: Any
+) -> tuple[BoundedServer, threading.Thread]:
+    """Start the HTTP endpoint in a daemon thread; returns the server (shutdown() to stop)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KsmCollector(targets))
-    try:
-        return start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        raise HarnessError(
-            f"cannot listen on {listen}: {exc.strerror}", hint="choose another --listen port"
-        ) from None
+    return serve_registry(registry, listen, **limits)

@@ -1,4 +1,4 @@
-"""Page-level facts from /proc: pagemap and kpageflags bits, and the THP layout of a mapping.
+"""The THP layout of a mapping, from its pagemap entries and /proc/kpageflags (harness.procfs).
 
 A 2 MiB block of a mapping is one transparent huge page when its 512 pagemap entries are
 present anonymous pages whose PFNs run contiguously from a 512-aligned head that kpageflags
@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
+from harness.procfs import KPF_COMPOUND_HEAD, KPF_THP, KPF_ZERO_PAGE, PFN_MASK, PM_FILE, PM_PRESENT
+
 PAGE = 4096
-PM_PRESENT = 1 << 63
-PM_FILE = 1 << 61
-PM_EXCLUSIVE = 1 << 56
-PFN_MASK = (1 << 55) - 1
-KPF_ZERO_PAGE = 1 << 24
-KPF_THP = 1 << 22
-KPF_COMPOUND_HEAD = 1 << 15
 HPAGE = 512  # pages per PMD-mapped transparent huge page (x86-64, 4 KiB pages)
 
 
@@ -64,15 +58,3 @@ def in_blocks(start: int, end: int, blocks: set[int]) -> np.ndarray:
     if not blocks:
         return np.zeros(len(pn), dtype=bool)
     return np.isin(pn // HPAGE, np.fromiter(blocks, dtype=np.int64))
-
-
-def thp_disabled(pid: int, proc: Path = Path("/proc")) -> bool:
-    """prctl(PR_SET_THP_DISABLE) is set: THP_enabled is 0 in /proc/PID/status."""
-    try:
-        text = (proc / str(pid) / "status").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("THP_enabled:"):
-            return line.split()[1] == "0"
-    return False

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-KSM_ROOT = Path("/sys/kernel/mm/ksm")
+from harness.ksm.sysfs import KSM_ROOT
 
 
 def missing_ksm_kernel() -> str | None:

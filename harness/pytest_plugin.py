@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from harness import prereqs
+from harness.kinds import AccelKind, choices
 
 if TYPE_CHECKING:
     from harness.guests.fleet import Fleet
@@ -48,8 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--ksm-accel",
-        choices=("auto", "kvm", "tcg"),
-        default="auto",
+        choices=choices(AccelKind),
+        default=AccelKind.AUTO.value,
         help="accelerator for guest_fleet guests (auto: probe KVM, fall back to TCG)",
     )
     group.addoption(
@@ -131,19 +132,19 @@ def xdist_worker() -> str:
 
 @pytest.fixture(scope="session")
 def ksm_session_backend(request: pytest.FixtureRequest) -> BackendBase:
-    """The session's KSM backend, chosen once from --ksm-backend."""
+    """The session's KSM backend, chosen once from --ksm-backend (harness.ksm.select: auto is
+    the kernel when it has KSM and we may write it, else the model)."""
     from harness.errors import KsmUnavailable
-    from harness.ksm.select import open_backend
+    from harness.ksm.select import choose_backend
 
-    choice = str(request.config.getoption("--ksm-backend"))
-    if choice != "model":
+    kind = str(request.config.getoption("--ksm-backend"))
+    if kind != "model":
+        # Under KSM_HARNESS_REQUIRE a missing kernel KSM fails instead of falling back.
         reason = prereqs.missing_ksm_kernel()
-        if reason is not None:
-            if choice == "kernel" or "ksm_kernel" in prereqs.required():
-                require("ksm_kernel", reason)
-            choice = "model"  # auto without a usable kernel KSM: the model stands in
+        if reason is not None and (kind == "kernel" or "ksm_kernel" in prereqs.required()):
+            require("ksm_kernel", reason)
     try:
-        return open_backend(choice)
+        return choose_backend(kind, need_write=True).backend
     except KsmUnavailable as exc:
         pytest.skip(f"ksm: {exc}")
 
@@ -152,29 +153,29 @@ def ksm_session_backend(request: pytest.FixtureRequest) -> BackendBase:
 def ksm(request: pytest.FixtureRequest, ksm_session_backend: BackendBase) -> Iterator[BackendBase]:
     """The session's KsmBackend with the host-wide lock held and every tunable restored after.
 
-    The lock serialises real KSM across tests and pytest-xdist workers. After the test,
-    merged pages left by its (now dead) processes are dropped with run=2 so the next test starts
-    clean; then every knob, run included, goes back to what it was.
+    The lock serialises real KSM across tests and pytest-xdist workers; what crashed test runs
+    left behind is recovered first, and the test's knobs are journaled, so even a SIGKILLed
+    pytest leaves nothing that `ksmh recover` (or the next run) cannot undo. After the test,
+    merged pages left by its (now dead) processes are dropped with run=2 so the next test
+    starts clean; then every knob, run included, goes back to what it was.
     """
-    from harness.ksm.lock import ksm_lock
+    from harness.ksm.sysfs import SysfsBackend
+    from harness.recovery import run_session
 
     backend = ksm_session_backend
-    if backend.source == "model":
+    if not isinstance(backend, SysfsBackend):
         from harness.ksm.model import ModelBackend
 
-        backend = ModelBackend()  # a fresh model per test: no state leaks between tests
-        yield backend
+        yield ModelBackend()  # a fresh model per test: no state leaks between tests
         return
     add_failure_artefact(request, lambda d: _dump_sysfs(backend, d))
-    with ksm_lock(), backend.saved():
+    name = "pytest-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-80:]
+    with run_session(backend, name, "pytest", echo=lambda s: print(f"ksm-harness: {s}")):
         yield backend
-        counters = backend.read_counters()
-        if counters.pages_shared or counters.ksm_zero_pages:
-            backend.write_tunables(run=2, force=True)
 
 
 def _dump_sysfs(backend: BackendBase, where: Path) -> None:
-    from harness.cli_ksm import format_status, status_dict
+    from harness.ksm.cli import format_status, status_dict
 
     (where / "ksm-sysfs.txt").write_text(format_status(status_dict(backend)) + "\n")
 
@@ -225,56 +226,51 @@ IMAGES = {"tiny": "busybox", "busybox": "busybox", "debian": "debian"}
 
 @pytest.fixture
 def guest_fleet(request: pytest.FixtureRequest, ksm: BackendBase) -> Iterator[Callable[..., Fleet]]:
-    """guest_fleet(count=3, memory_mib=256, image="tiny", backend="qemu", thp=False, **options).
+    """guest_fleet(count=3, memory_mib=256, image="tiny", backend="qemu", thp=False, **spec).
 
-    Boots the fleet (every guest ready, or the test errors with the per-guest reasons) and tears
-    it down after the test. It holds the `ksm` fixture, so the host-wide lock covers the guests'
-    whole life: their RAM is mergeable and would disturb any other test reading KSM counters.
-    Guest names carry a fresh run id plus the xdist worker, so parallel workers never collide.
-    thp=False boots QEMU with transparent huge pages off (PR_SET_THP_DISABLE, inherited): on
-    6.18 zero-filled THP subpages never merge, which no model of 4 KiB pages predicts.
+    Or guest_fleet(FleetSpec(...)). The arguments are those of harness.guests.spec.FleetSpec
+    (accel defaults to --ksm-accel, THP to off). Boots the fleet (every guest ready, or the test
+    errors with the per-guest reasons) and tears it down after the test. It holds the `ksm`
+    fixture, so the host-wide lock covers the guests' whole life: their RAM is mergeable and
+    would disturb any other test reading KSM counters. Guest names carry a fresh run id plus
+    the xdist worker, so parallel workers never collide. thp=False boots QEMU with transparent
+    huge pages off (PR_SET_THP_DISABLE, inherited): on 6.18 zero-filled THP subpages never
+    merge, which no model of 4 KiB pages predicts.
     On failure each guest's console log and QEMU argv or libvirt XML land in --ksm-results.
     """
     from harness.guests.fleet import Fleet, new_run_id
+    from harness.guests.spec import FleetSpec, parse_kind
+    from harness.kinds import GuestBackendKind, ImageKind
 
     fleets: list[Fleet] = []
     accel = str(request.config.getoption("--ksm-accel"))
 
     def make(
-        count: int = 3,
+        count: int | FleetSpec = 3,
         memory_mib: int = 256,
         image: str = "tiny",
         backend: str = "qemu",
         thp: bool = False,
         **kw: Any,
     ) -> Fleet:
+        if isinstance(count, FleetSpec):
+            spec = count
+        else:
+            if image not in IMAGES:
+                raise ValueError(f"image {image!r}: choose one of {', '.join(IMAGES)}")
+            kw.setdefault("accel", parse_kind(AccelKind, accel))
+            spec = FleetSpec(count, memory_mib, image=parse_kind(ImageKind, IMAGES[image]),
+                             backend=parse_kind(GuestBackendKind, backend), thp=thp,
+                             **kw)  # fmt: skip
         require("fleet", prereqs.missing_fleet())
-        if backend == "libvirt":
+        if spec.backend == "libvirt":
             require("libvirt", prereqs.missing_libvirt())
-        if image not in IMAGES:
-            raise ValueError(f"image {image!r}: choose one of {', '.join(IMAGES)}")
         worker = xdist_worker()
         run_id = new_run_id() + (f"{worker}" if worker else "")
-        fleet = Fleet(
-            count,
-            memory_mib,
-            backend=backend,
-            accel=accel,
-            image_kind=IMAGES[image],
-            run_id=run_id,
-            progress=False,
-            **kw,
-        )
+        fleet = Fleet(spec, run_id=run_id, progress=False)
         fleets.append(fleet)
         add_failure_artefact(request, lambda d: _dump_fleet(fleet, d))
-        from harness.playbook.host import set_thp_disable
-
-        thp_off = not thp and set_thp_disable(True)
-        try:
-            fleet.up().raise_if_failed()
-        finally:
-            if thp_off:
-                set_thp_disable(False)
+        fleet.up().raise_if_failed()
         return fleet
 
     try:
@@ -297,7 +293,7 @@ def _dump_fleet(fleet: Fleet, where: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
         if spec.console_log.exists():
             target.joinpath("console.log").write_bytes(spec.console_log.read_bytes())
-        if fleet.backend.__class__.__name__.lower().startswith("libvirt"):
+        if fleet.spec.backend == "libvirt":
             target.joinpath("domain.xml").write_text(libvirt_xml(spec))
         else:
             target.joinpath("qemu-argv.txt").write_text(shlex.join(qemu_argv(spec)) + "\n")

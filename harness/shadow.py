@@ -6,10 +6,9 @@ For each target process (a guest's QEMU, or any PID):
    file/shared-anon (bit 61); pages mapping the shared zero page (or the huge zero page, or a
    zero page KSM placed there with use_zero_pages=1) are excluded by their PFN's KPF_ZERO_PAGE
    flag in /proc/kpageflags, because ksmd ignores them too (spec section 3). Zero-filled
-   subpages of a transparent huge page are present anonymous pages and are kept;
-   the THP layout: every aligned 2 MiB block whose 512 PFNs are one huge page (contiguous,
-   the first an aligned KPF_COMPOUND_HEAD, all KPF_THP), and whether the process has THP
-   disabled (THP_enabled in /proc/PID/status);
+   subpages of a transparent huge page are present anonymous pages and are kept; so is the
+   THP layout: every aligned 2 MiB block whose 512 PFNs are one huge page (harness.pagemap),
+   and whether the process has THP disabled (THP_enabled in /proc/PID/status);
 3. their contents, read through /proc/PID/mem and reduced at once to a 16-byte BLAKE2b content
    key: the bytes are never kept;
 4. replay into the model: one model process per real process, registered in the kernel's order
@@ -47,20 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from harness import procfs
 from harness.errors import HarnessError
-from harness.pagemap import (
-    HPAGE,
-    KPF_ZERO_PAGE,
-    PAGE,
-    PFN_MASK,
-    PM_EXCLUSIVE,
-    PM_FILE,
-    PM_PRESENT,
-    huge_blocks,
-    in_blocks,
-    is_huge_page,
-    thp_disabled,
-)
+from harness.pagemap import HPAGE, huge_blocks, in_blocks, is_huge_page
+from harness.pagemap import PAGE as PAGE  # re-exported: the doctor keys pages with it
+from harness.procfs import KPF_THP, KPF_ZERO_PAGE, PFN_MASK, PM_EXCLUSIVE, PM_FILE, PM_PRESENT
 
 KEY_SIZE = 16
 READ_CHUNK = 8 << 20  # bytes per pread of /proc/PID/mem
@@ -168,11 +158,19 @@ def start_time(pid: int, proc: Path = Path("/proc")) -> int:
 
 @dataclass
 class VmaCapture:
-    """One VMA's pages at one capture: key per page (b"" when KSM would not look at it), and
-    the blocks (address // 2 MiB) a transparent huge page covers."""
+    """One VMA's pages at one capture: key per page (b"" when KSM would not look at it).
+
+    `entries` keeps the raw pagemap words (u64, one per page) the capture read, for callers
+    that need page frame numbers too (the doctor's sharing matrix); `thp_zero` counts the
+    zero-filled THP subpages (left out unless the capture keeps the THP layout, see
+    _ZeroPfns); `huge` holds the blocks (address // 2 MiB) one transparent huge page maps
+    (only when the capture keeps the THP layout).
+    """
 
     vma: Vma
     keys: np.ndarray  # dtype S16, one per page
+    entries: np.ndarray | None = None
+    thp_zero: int = 0
     huge: frozenset[int] = frozenset()
 
     @property
@@ -205,13 +203,17 @@ class ProcessCapture:
 
 
 class _ZeroPfns:
-    """kpageflags lookups for one capture. For a page holding zeros: is its PFN a zero page
-    (KPF_ZERO_PAGE: the zero page, the huge zero page or a KSM zero page), which ksmd skips?
-    Cached by PFN. Zero-filled subpages of a THP are ordinary anonymous pages to ksmd; the
-    model splits their huge page (and, 6.12+, maps them to the zero page) as the kernel does."""
+    """kpageflags lookups for one capture. For a page holding zeros: should KSM's view skip
+    it? Always when its PFN is a zero page (KPF_ZERO_PAGE: the zero page, the huge zero page
+    or a KSM zero page), which ksmd skips. A zero-filled subpage of a THP (KPF_THP) is an
+    ordinary anonymous page to ksmd, but measured on 6.18 it never merges (KSM's split maps it
+    to the zero page instead): with `keep_thp` it is kept (the model splits the huge page as
+    the kernel does, given the THP layout), else left out. Cached by PFN."""
 
-    def __init__(self, proc: Path) -> None:
+    def __init__(self, proc: Path, keep_thp: bool = False) -> None:
         self.cache: dict[int, bool] = {}
+        self.keep_thp = keep_thp
+        self.thp_zero = 0  # zero-filled THP subpages seen (not the zero page itself)
         try:
             self.fd: int | None = os.open(proc / "kpageflags", os.O_RDONLY)
         except OSError:
@@ -224,7 +226,10 @@ class _ZeroPfns:
             # No kpageflags (or no PFN without CAP_SYS_ADMIN): a zero page is never exclusive.
             return not entry & PM_EXCLUSIVE
         data = os.pread(self.fd, 8, pfn * 8)
-        zero = len(data) == 8 and bool(int.from_bytes(data, "little") & KPF_ZERO_PAGE)
+        flags = int.from_bytes(data, "little") if len(data) == 8 else 0
+        thp_sub = bool(flags & KPF_THP) and not flags & KPF_ZERO_PAGE
+        zero = bool(flags & KPF_ZERO_PAGE) or (thp_sub and not self.keep_thp)
+        self.thp_zero += thp_sub
         self.cache[pfn] = zero
         return zero
 
@@ -252,48 +257,7 @@ def capture_process(
     """Hash every page KSM would scan in `pid`; see the module docstring."""
     t0 = time.perf_counter()
     vmas = mergeable_vmas(pid, proc, fallback_hugepage)
-    base = proc / str(pid)
-    try:
-        pagemap = os.open(base / "pagemap", os.O_RDONLY)
-        mem = os.open(base / "mem", os.O_RDONLY)
-    except FileNotFoundError:
-        raise ShadowError(f"process {pid} exited during capture") from None
-    except PermissionError:
-        raise ShadowError(f"cannot read /proc/{pid}/mem", hint="run as root") from None
-    zero = _ZeroPfns(proc)
-    out: list[VmaCapture] = []
-    nbytes = 0
-    try:
-        for vma in vmas:
-            raw = os.pread(pagemap, vma.pages * 8, (vma.start // PAGE) * 8)
-            entries = np.frombuffer(raw, dtype="<u8")
-            if len(entries) < vma.pages:  # the VMA shrank under us: pad as absent
-                entries = np.concatenate((entries, np.zeros(vma.pages - len(entries), "<u8")))
-            scan = (entries & np.uint64(PM_PRESENT | PM_FILE)) == np.uint64(PM_PRESENT)
-            keys = np.zeros(vma.pages, dtype=f"S{KEY_SIZE}")
-            zero_key = _ZERO_KEY
-            for lo, hi in _runs(scan):
-                for off in range(lo, hi, READ_CHUNK // PAGE):
-                    end = min(hi, off + READ_CHUNK // PAGE)
-                    try:
-                        data = os.pread(mem, (end - off) * PAGE, vma.start + off * PAGE)
-                    except OSError:
-                        continue  # unmapped under us: those pages stay absent
-                    nbytes += len(data)
-                    view = memoryview(data)
-                    for i in range(len(data) // PAGE):
-                        k = page_key(view[i * PAGE : (i + 1) * PAGE])
-                        if k == zero_key:
-                            e = int(entries[off + i])
-                            if zero.is_zero(e & PFN_MASK, e):
-                                continue
-                        keys[off + i] = k
-            blocks = huge_blocks(vma.start, vma.end, entries, zero.is_huge)
-            out.append(VmaCapture(vma, keys, blocks))
-    finally:
-        os.close(pagemap)
-        os.close(mem)
-        zero.close()
+    out, nbytes = capture_vmas(pid, vmas, proc, thp_layout=True)
     return ProcessCapture(
         pid=pid,
         name=name or str(pid),
@@ -301,8 +265,85 @@ def capture_process(
         vmas=out,
         bytes_read=nbytes,
         seconds=time.perf_counter() - t0,
-        thp_disabled=thp_disabled(pid, proc),
+        thp_disabled=procfs.thp_enabled(pid, proc) is False,
     )
+
+
+def capture_vmas(
+    pid: int,
+    vmas: Iterable[Vma],
+    proc: Path = Path("/proc"),
+    *,
+    file_pages: bool = False,
+    keep_entries: bool = False,
+    thp_layout: bool = False,
+) -> tuple[list[VmaCapture], int]:
+    """Content keys of the present pages of `vmas` in `pid`, and the bytes read.
+
+    By default a page is keyed as ksmd would see it: present, anonymous (not file or shared
+    anonymous), not the zero page, not a zero-filled THP subpage. file_pages=True also keys
+    file-backed and shared pages (what a VMA KSM ignores holds: the doctor's "would merge").
+    keep_entries keeps the pagemap words in each VmaCapture. thp_layout (the model's view)
+    keys zero-filled THP subpages too and finds the huge page blocks of each VMA.
+    """
+    base = proc / str(pid)
+    try:
+        pagemap = os.open(base / "pagemap", os.O_RDONLY)
+        mem = os.open(base / "mem", os.O_RDONLY)
+    except (FileNotFoundError, ProcessLookupError):  # gone, or a zombie (ESRCH)
+        raise ShadowError(f"process {pid} exited during capture") from None
+    except PermissionError:
+        raise ShadowError(f"cannot read /proc/{pid}/mem", hint="run as root") from None
+    zero = _ZeroPfns(proc, keep_thp=thp_layout)
+    want = np.uint64(PM_PRESENT | PM_FILE) if not file_pages else np.uint64(PM_PRESENT)
+    out: list[VmaCapture] = []
+    nbytes = 0
+    try:
+        for vma in vmas:
+            try:
+                raw = os.pread(pagemap, vma.pages * 8, (vma.start // PAGE) * 8)
+            except ProcessLookupError:  # it exited meanwhile: its mm is gone
+                raise ShadowError(f"process {pid} exited during capture") from None
+            entries = np.frombuffer(raw, dtype="<u8")
+            if len(entries) < vma.pages:  # the VMA shrank under us: pad as absent
+                entries = np.concatenate((entries, np.zeros(vma.pages - len(entries), "<u8")))
+            scan = (entries & want) == np.uint64(PM_PRESENT)
+            keys = np.zeros(vma.pages, dtype=f"S{KEY_SIZE}")
+            thp_before = zero.thp_zero
+            nbytes += _key_pages(mem, vma, entries, scan, keys, zero)
+            kept = entries if keep_entries else None
+            huge = huge_blocks(vma.start, vma.end, entries, zero.is_huge) if thp_layout else None
+            out.append(VmaCapture(vma, keys, kept, zero.thp_zero - thp_before, huge or frozenset()))
+    finally:
+        os.close(pagemap)
+        os.close(mem)
+        zero.close()
+    return out, nbytes
+
+
+def _key_pages(
+    mem: int, vma: Vma, entries: np.ndarray, scan: np.ndarray, keys: np.ndarray, zero: _ZeroPfns
+) -> int:
+    """Read the pages where `scan` is set through /proc/PID/mem and key them into `keys`."""
+    nbytes = 0
+    zero_key = _ZERO_KEY
+    for lo, hi in _runs(scan):
+        for off in range(lo, hi, READ_CHUNK // PAGE):
+            end = min(hi, off + READ_CHUNK // PAGE)
+            try:
+                data = os.pread(mem, (end - off) * PAGE, vma.start + off * PAGE)
+            except OSError:
+                continue  # unmapped under us: those pages stay absent
+            nbytes += len(data)
+            view = memoryview(data)
+            for i in range(len(data) // PAGE):
+                k = page_key(view[i * PAGE : (i + 1) * PAGE])
+                if k == zero_key:
+                    e = int(entries[off + i])
+                    if zero.is_zero(e & PFN_MASK, e):
+                        continue
+                keys[off + i] = k
+    return nbytes
 
 
 _ZERO_KEY = page_key(bytes(PAGE))
@@ -351,7 +392,7 @@ class Shadow:
             try:
                 caps.append(capture_process(pid, name, self.proc, self.fallback_hugepage))
             except ShadowError:
-                if not (self.proc / str(pid)).exists():
+                if not procfs.pid_alive(pid, self.proc):  # gone, or a zombie
                     continue  # exited: the model keeps its last view until told otherwise
                 raise
         caps.sort(key=lambda c: (c.start, c.pid))

@@ -8,22 +8,23 @@ only file access and a clock. The choice kernel/model is made once, when the bac
 from __future__ import annotations
 
 import errno
-import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from types import FrameType
 from typing import Protocol, runtime_checkable
 
+from harness.console import plural
 from harness.errors import (
     KsmBusy,
     KsmPermissionDenied,
     KsmReadError,
     KsmWriteRefused,
+    RestoreIncomplete,
     ScanTimeout,
     UnmergeGuard,
 )
-from harness.ksm.tunables import validate
+from harness.ksm.tunables import WRITE_ORDER, validate
 from harness.ksm.types import (
     COUNTER_NAMES,
     PAGE_SIZE,
@@ -33,6 +34,8 @@ from harness.ksm.types import (
     Sample,
     Tunables,
 )
+from harness.signals import shielded, signals_as_interrupt
+from harness.waiting import wait_until
 
 
 @runtime_checkable
@@ -58,36 +61,6 @@ def parse_advisor_mode(text: str) -> str:
         if word.startswith("[") and word.endswith("]"):
             return word[1:-1]
     return text.strip()
-
-
-def parse_ksm_stat(pid: int, text: str) -> KsmStat:
-    """Parse /proc/PID/ksm_stat: 'name value' lines, yes/no for the two flags."""
-    values: dict[str, int | bool] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        name = name.rstrip(":")
-        value = value.strip()
-        if value in ("yes", "no"):
-            values[name] = value == "yes"
-        elif value.lstrip("-").isdigit():
-            values[name] = int(value)
-    return KsmStat(
-        pid=pid,
-        rmap_items=_int_or_none(values.get("ksm_rmap_items")),
-        zero_pages=_int_or_none(values.get("ksm_zero_pages")),
-        merging_pages=_int_or_none(values.get("ksm_merging_pages")),
-        process_profit=_int_or_none(values.get("ksm_process_profit")),
-        merge_any=_bool_or_none(values.get("ksm_merge_any")),
-        mergeable=_bool_or_none(values.get("ksm_mergeable")),
-    )
-
-
-def _int_or_none(v: int | bool | None) -> int | None:
-    return None if v is None or isinstance(v, bool) else v
-
-
-def _bool_or_none(v: int | bool | None) -> bool | None:
-    return v if isinstance(v, bool) else None
 
 
 class BackendBase:
@@ -163,7 +136,13 @@ class BackendBase:
         self.apply(values, force=force)
 
     def apply(self, values: Mapping[str, object], *, force: bool = False) -> None:
-        """write_tunables with the values as a mapping."""
+        """write_tunables with the values as a mapping: all of them, or none.
+
+        Before anything is written every value is parsed and checked against the kernel's
+        current state (the advisor owning pages_to_scan, EBUSY knobs while pages are merged,
+        the unmerge memory guard); if the kernel still refuses one write, the ones already
+        made are undone.
+        """
         ordered = validate(dict(values))
         current = self.read_tunables()
         missing = [n for n in ordered if getattr(current, n) is None]
@@ -172,16 +151,53 @@ class BackendBase:
                 f"{missing[0]}: this kernel has no such KSM file",
                 hint="`ksmh status` lists the tunables this kernel has",
             )
+        self._precheck(ordered, current)
+        before = current
         if ordered.get("run") == 2 and current.run != 2 and not force:
             self._check_unmerge_memory()
-        for name, value in ordered.items():
-            if getattr(current, name) == value and name != "run":
-                continue  # an unchanged knob is never rewritten (and cannot EBUSY)
-            self._write_one(name, value, current)
-            if name == "advisor_mode":
-                # The kernel resets pages_to_scan when the mode changes (to 100, or to the
-                # advisor's minimum): what "unchanged" means for it must be read again.
-                current = self.read_tunables()
+        wrote = False
+        try:
+            for name, value in ordered.items():
+                if getattr(current, name) == value and name != "run":
+                    continue  # an unchanged knob is never rewritten (and cannot EBUSY)
+                self._write_one(name, value, current)
+                wrote = True
+                if name == "advisor_mode":
+                    # The kernel resets pages_to_scan when the mode changes (to 100, or to the
+                    # advisor's minimum): what "unchanged" means for it must be read again.
+                    current = self.read_tunables()
+        except KsmWriteRefused:
+            if wrote:
+                self.restore(before)  # all or nothing: undo what was written
+            raise
+
+    def _precheck(self, ordered: Mapping[str, int | str], cur: Tunables) -> None:
+        """Refuse, before writing anything, what the kernel would refuse in its current state."""
+        mode = ordered.get("advisor_mode", cur.advisor_mode)
+        if (
+            "pages_to_scan" in ordered
+            and mode == "scan-time"
+            and (cur.advisor_mode != "scan-time" or ordered["pages_to_scan"] != cur.pages_to_scan)
+        ):
+            raise KsmWriteRefused(
+                "pages_to_scan: the kernel refuses it while advisor_mode is scan-time",
+                hint="the advisor sets pages_to_scan itself; set advisor_mode=none first",
+                errno=errno.EINVAL,
+            )
+        busy = [
+            n
+            for n in ("merge_across_nodes", "max_page_sharing")
+            if n in ordered and ordered[n] != getattr(cur, n)
+        ]
+        if busy:
+            shared = self.read_counters().pages_shared
+            if shared:
+                raise KsmBusy(
+                    f"{busy[0]}: the kernel refuses changes while pages are merged "
+                    f"(pages_shared {shared})",
+                    hint="unmerge first with `ksmh set run=2`, then set it, then `ksmh set run=1`",
+                    errno=errno.EBUSY,
+                )
 
     def _write_one(self, name: str, value: int | str, current: Tunables) -> None:
         try:
@@ -227,34 +243,64 @@ class BackendBase:
     # -- save / restore --------------------------------------------------------------------
     @contextmanager
     def saved(self) -> Iterator[Tunables]:
-        """Restore every tunable on exit, also on exceptions, SIGINT and SIGTERM.
+        """Restore every tunable on exit, also on exceptions, SIGINT, SIGTERM and SIGHUP.
 
-        SIGTERM is turned into KeyboardInterrupt for the duration, so the finally clause runs
-        for it exactly as for Ctrl-C.
+        SIGTERM and SIGHUP raise KeyboardInterrupt inside, so the restore runs for them as for
+        Ctrl-C; a second signal during the restore is held until it is done. A restore that
+        could not bring everything back raises RestoreIncomplete (unless another exception is
+        already on its way), naming each knob.
         """
         before = self.read_tunables()
-        previous = _install_sigterm()
         try:
-            yield before
+            with signals_as_interrupt():
+                yield before
         finally:
-            try:
-                self.restore(before)
-            finally:
-                _restore_sigterm(previous)
+            with shielded():
+                problems = self.restore(before)
+            if problems and sys.exc_info()[0] is None:
+                raise RestoreIncomplete(
+                    "KSM knobs not restored: " + "; ".join(problems),
+                    hint="`ksmh status` shows them; `ksmh recover` retries",
+                )
 
-    def restore(self, before: Tunables) -> None:
-        """Bring every knob back to `before`; run last, after a run=2 if EBUSY forces one."""
-        # Every knob is passed: apply() skips the ones already right, and re-reads after an
-        # advisor_mode change, which resets pages_to_scan behind our back.
+    def restore(self, before: Tunables) -> list[str]:
+        """Bring every knob back to `before`, best effort and complete.
+
+        Each knob is tried on its own, in the safe order, so one refused write (e.g.
+        pages_to_scan while the host's advisor is in scan-time mode) does not stop the others;
+        EBUSY knobs are retried after a run=2; `run` is written last. Returns one line per knob
+        that could not be restored (empty when everything is back).
+        """
         want = {k: v for k, v in before.present().items() if k != "run"}
-        try:
-            self.apply(want)
-        except KsmBusy:
-            # max_page_sharing / merge_across_nodes can only go back once nothing is merged.
-            self.apply({"run": 2}, force=True)
-            self.apply(want)
-        if before.run is not None and self.read_tunables().run != before.run:
-            self.write_tunables(run=before.run, force=True)
+        if want.get("advisor_mode") == "scan-time":
+            want.pop("pages_to_scan", None)  # the advisor owns it: no value to go back to
+        problems: dict[str, str] = {}
+        busy = []
+        for name in WRITE_ORDER:
+            if name not in want:
+                continue
+            try:
+                if self.read_field(name) != want[name]:
+                    self._write_one(name, want[name], self.read_tunables())
+            except KsmBusy:
+                busy.append(name)
+            except (KsmWriteRefused, KsmReadError) as exc:
+                problems[name] = exc.message
+        if busy:
+            try:
+                self._write_one("run", 2, self.read_tunables())
+                for name in busy:
+                    self._write_one(name, want[name], self.read_tunables())
+            except (KsmWriteRefused, KsmReadError) as exc:
+                for name in busy:
+                    problems.setdefault(name, exc.message)
+        if before.run is not None:
+            try:
+                if self.read_field("run") != before.run:
+                    self._write_one("run", before.run, self.read_tunables())
+            except (KsmWriteRefused, KsmReadError) as exc:
+                problems["run"] = exc.message
+        return [f"{n}: not restored to {before.as_dict()[n]!r} ({m})" for n, m in problems.items()]
 
     # -- scans -----------------------------------------------------------------------------
     def wait_full_scans(self, delta: int, timeout: float) -> int:
@@ -262,18 +308,52 @@ class BackendBase:
         start = self._read_int("full_scans")
         if start is None:
             raise ScanTimeout("this kernel has no full_scans counter")
-        target = start + delta
-        deadline = self._now() + timeout
-        value = start
-        while value < target:
-            if self._now() >= deadline:
-                raise ScanTimeout(
-                    f"ksmd made {value - start} of {delta} full scans in {timeout:g} s",
-                    hint="is run=1? raise pages_to_scan or lower sleep_millisecs",
-                )
-            self._sleep(self.poll_interval)
-            value = self._read_int("full_scans") or 0
-        return value
+        seen = [start]
+
+        def grown() -> bool:
+            seen[0] = self._read_int("full_scans") or 0
+            return seen[0] >= start + delta
+
+        def timeout_error() -> ScanTimeout:
+            return ScanTimeout(
+                f"ksmd made {seen[0] - start} of {delta} full scans in {timeout:g} s",
+                hint=self._scan_hint(),
+            )
+
+        wait_until(
+            grown,
+            timeout,
+            interval=self.poll_interval,
+            error=timeout_error,
+            clock=self._now,
+            sleep=self._sleep,
+        )
+        return seen[0]
+
+    def _scan_hint(self) -> str:
+        """Why ksmd may not be completing scans, from what this backend can see."""
+        t = self.read_tunables()
+        if t.run != 1:
+            return f"ksmd is not running (run={t.run}): `ksmh set run=1`"
+        if t.pages_to_scan == 0:
+            return "pages_to_scan is 0: ksmd scans nothing; `ksmh set pages_to_scan=100`"
+        users = self.registered()
+        if users == 0:
+            return (
+                "no process is registered with KSM: nothing scans without mergeable memory "
+                "(madvise MADV_MERGEABLE, or boot a guest)"
+            )
+        who = (
+            ""
+            if users is None
+            else f"{plural(users, 'process')} {'is' if users == 1 else 'are'} registered; "
+        )
+        return f"{who}raise pages_to_scan or lower sleep_millisecs to scan faster"
+
+    def registered(self) -> int | None:
+        """How many processes KSM scans or still counts pages of, when the backend can tell
+        (None: it cannot, e.g. without root other users' processes are not visible)."""
+        return None
 
     def frozen_sample(self) -> Sample:
         """Counters read with ksmd paused (run=0) so they are one end-of-batch state.
@@ -292,22 +372,3 @@ class BackendBase:
             if paused:
                 self._write("run", "1")
         return Sample(counters=counters, tunables=tunables, time=now)
-
-
-_SigHandler = signal.Handlers | int | None
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _install_sigterm() -> object:
-    try:
-        return signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread: only the main thread may set handlers
-        return None
-
-
-def _restore_sigterm(previous: object) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]

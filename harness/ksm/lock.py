@@ -4,6 +4,10 @@ KSM's counters and knobs are global to the host, so every run, test or pytest-xd
 drives the real kernel takes this one flock first. A lock file (not a pid file) means a crashed
 holder releases it automatically.
 
+The lock lives in a root-owned directory that no other user can write (/run/ksm-harness), is
+opened with O_NOFOLLOW and created 0600: another user can neither plant a symlink there nor
+open the file to hold the flock and block every run.
+
 The lock is re-entrant within one thread: a pytest fixture can hold it while the code under
 test (a scenario or playbook run) takes it again. flock alone would deadlock there, since two
 open() calls in one process are two lock owners.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +26,8 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 
-DEFAULT_LOCK = Path(os.environ.get("KSM_HARNESS_LOCK", "/run/lock/ksm-harness.lock"))
+STATE_DIR = Path("/run/ksm-harness")
+DEFAULT_LOCK = Path(os.environ.get("KSM_HARNESS_LOCK", str(STATE_DIR / "ksm.lock")))
 
 _held = threading.local()  # path -> depth, for this thread
 
@@ -33,10 +39,63 @@ def _depths() -> dict[str, int]:
     return depths
 
 
+ROOT_HINT = "run as root (the host-wide state of ksm-harness is root's)"
+
+
+def private_dir(path: Path, mode: int = 0o755, hint: str = ROOT_HINT) -> Path:
+    """Create `path` (`mode`) if needed and check that only root or we can write it.
+
+    A world- or group-writable directory, a symlink, or one owned by another user would let
+    someone else replace what we keep there; refuse it with the reason. `hint` is what to do
+    when it cannot be created.
+    """
+    try:
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except PermissionError:
+        raise HarnessError(f"cannot create {path}: permission denied", hint=hint) from None
+    except OSError as exc:
+        raise HarnessError(f"cannot create {path}: {exc.strerror}", hint=hint) from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise HarnessError(f"{path} is not a plain directory", hint=f"remove it: rm {path}")
+    if st.st_uid not in (0, os.geteuid()):
+        raise HarnessError(
+            f"{path} belongs to uid {st.st_uid}, not to root or us",
+            hint=f"remove it (as root): rm -r {path}",
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise HarnessError(
+            f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})",
+            hint=f"chmod 755 {path}, or set KSM_HARNESS_LOCK to a file in a private directory",
+        )
+    return path
+
+
+def _open_lock(path: Path) -> int:
+    private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except PermissionError:
+        raise HarnessError(
+            f"cannot open the host KSM lock {path}: permission denied",
+            hint="runs that touch real KSM or boot guests need root",
+        ) from None
+    except OSError as exc:
+        raise HarnessError(
+            f"cannot open the host KSM lock {path}: {exc.strerror}",
+            hint=f"is {path} a symlink? remove it",
+        ) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()):
+        os.close(fd)
+        raise HarnessError(f"{path} is not our lock file", hint=f"remove it (as root): rm {path}")
+    return fd
+
+
 @contextmanager
 def ksm_lock(path: Path = DEFAULT_LOCK, timeout: float | None = 1800.0) -> Iterator[None]:
     """Hold the host-wide KSM lock; wait at most `timeout` seconds (None: forever)."""
-    key = str(Path(path).resolve())
+    key = str(Path(path).absolute())
     depths = _depths()
     if depths.get(key):
         depths[key] += 1
@@ -45,8 +104,7 @@ def ksm_lock(path: Path = DEFAULT_LOCK, timeout: float | None = 1800.0) -> Itera
         finally:
             depths[key] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(Path(path))
     try:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -10,9 +10,11 @@ import errno
 import os
 from pathlib import Path
 
+from harness import procfs
 from harness.errors import HarnessError, KsmUnavailable
-from harness.ksm.backend import BackendBase, parse_ksm_stat
+from harness.ksm.backend import BackendBase
 from harness.ksm.types import KsmStat
+from harness.paths import is_root
 
 KSM_ROOT = Path("/sys/kernel/mm/ksm")
 PROC_ROOT = Path("/proc")
@@ -56,27 +58,15 @@ class SysfsBackend(BackendBase):
             os.close(fd)
 
     def _mem_available(self) -> int | None:
-        try:
-            for line in (self.proc / "meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        return procfs.mem_available(self.proc)
 
     def ksm_stat(self, pid: int) -> KsmStat:
-        base = self.proc / str(pid)
+        return procfs.ksm_stat(pid, self.proc)
+
+    def registered(self) -> int | None:
         try:
-            return parse_ksm_stat(pid, (base / "ksm_stat").read_text())
-        except FileNotFoundError:
-            pass
-        try:
-            # 5.19-6.0 kernels have only the merging-pages file.
-            merging = int((base / "ksm_merging_pages").read_text().strip())
-        except FileNotFoundError:
-            if not base.exists():
-                raise HarnessError(f"no process with pid {pid}") from None
-            raise KsmUnavailable(
-                f"this kernel has no per-process KSM stats for pid {pid}"
-            ) from None
-        return KsmStat(pid=pid, merging_pages=merging)
+            users = len(procfs.ksm_users(self.proc))
+        except HarnessError:
+            return None
+        # /proc/PID/ksm_stat is root-only (0400): without root, 0 only means "none of ours".
+        return None if users == 0 and not is_root() else users

@@ -17,8 +17,11 @@ U32_MAX = 2**32 - 1
 S32_MAX = 2**31 - 1
 ADVISOR_MODES = ("none", "scan-time")
 
+# The spellings the kernel's kstrtobool() reads the same way (it looks at the first one or two
+# characters, so it also takes "yellow"; we take only the words).
 _TRUE = {"1", "y", "yes", "on", "true"}
 _FALSE = {"0", "n", "no", "off", "false"}
+BOOL_HELP = "1/0, y/n, yes/no, on/off or true/false (as the kernel's kstrtobool)"
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str, object], int]:
@@ -30,7 +33,9 @@ def _int_in(lo: int, hi: int) -> Callable[[str, object], int]:
                 f"{name}: {value!r} is not an integer", hint=f"{name} takes {lo}..{hi}"
             ) from None
         if not lo <= n <= hi:
-            raise KsmWriteRefused(f"{name}: {n} is out of range {lo}..{hi}")
+            raise KsmWriteRefused(
+                f"{name}: {n} is out of range {lo}..{hi}", hint=f"{name} takes {lo}..{hi}"
+            )
         return n
 
     return parse
@@ -42,7 +47,7 @@ def _bool(name: str, value: object) -> int:
         return 1
     if text in _FALSE:
         return 0
-    raise KsmWriteRefused(f"{name}: {value!r} is not a boolean", hint=f"{name} takes 0 or 1")
+    raise KsmWriteRefused(f"{name}: {value!r} is not a boolean", hint=f"{name} takes {BOOL_HELP}")
 
 
 def _advisor(name: str, value: object) -> str:

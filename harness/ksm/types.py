@@ -6,6 +6,7 @@ about the kernel, not an error.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -145,6 +146,19 @@ class Sample:
         return {"time": self.time, **self.counters.as_dict(), **self.tunables.as_dict()}
 
 
-def counters_from_mapping(values: dict[str, int | None]) -> Counters:
+def counters_from_mapping(values: Mapping[str, int | None]) -> Counters:
     names = {f.name for f in fields(Counters)}
     return Counters(**{k: v for k, v in values.items() if k in names})
+
+
+def counters_with_derived(
+    c: Mapping[str, int | None], page_size: int = PAGE_SIZE
+) -> dict[str, Any]:
+    """Counters plus saved_bytes / sharing_ratio / waste_ratio (see derive)."""
+    d = derive(counters_from_mapping(dict(c)), page_size)
+    return {
+        **c,
+        "saved_bytes": d.saved_bytes,
+        "sharing_ratio": d.sharing_ratio,
+        "waste_ratio": d.waste_ratio,
+    }

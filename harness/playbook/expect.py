@@ -20,7 +20,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from harness.console import plural
 from harness.ksm.types import COUNTER_NAMES
+from harness.record import within
+from harness.units import SizeError, format_size, unit_factor
 
 SOURCES = ("kernel", "model", "host")
 DERIVED = ("saved_bytes", "sharing_ratio", "waste_ratio")
@@ -34,10 +37,12 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
-UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "%": 0.01}
-_NUM = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+MAX_TEXT = 400
+# Quantities counted in bytes: their values are shown as sizes (MiB, GiB) in verdicts.
+BYTE_NAMES = frozenset({"saved_bytes", "general_profit", *HOST_NAMES})
+_NUM = r"-?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][-+]?[0-9]{1,3})?"
 _TERM = re.compile(
-    rf"^\s*(?:(?P<num>{_NUM})\s*(?P<unit>[KMG]iB|B|%)?)?\s*(?:(?P<star>\*)\s*(?P<ref>[A-Za-z_.]+))?\s*$"
+    rf"^\s*(?:(?P<num>{_NUM})\s*(?P<unit>[A-Za-z]{{1,3}}|%)?)?\s*(?:(?P<star>\*)\s*(?P<ref>[A-Za-z_.]+))?\s*$"
 )
 _PAIR = re.compile(
     r"^\s*kernel\s*(?P<op>==|~=)\s*model\s*(?:within\s+(?P<tol>\d+(?:\.\d*)?|\.\d+)\s*%)?\s*:\s*(?P<names>.+)$"
@@ -128,12 +133,8 @@ class Expectation:
                 return Verdict(
                     "skipped", f"{name}: no {'kernel' if k is None else 'model'} value in this run"
                 )
-            ok = (
-                k == m
-                if self.tolerance == 0
-                else abs(k - m) <= self.tolerance * max(abs(k), abs(m))
-            )
-            shown.append(f"{name} {_fmt(k)}/{_fmt(m)}")
+            ok = within(k, m, self.tolerance)  # the comparison engine of harness.record
+            shown.append(f"{name} {_fmt(k, name)}/{_fmt(m, name)}")
             if not ok:
                 bad.append(name)
         detail = "kernel/model: " + ", ".join(shown)
@@ -152,7 +153,9 @@ class Expectation:
                 return Verdict("skipped", f"no value for {ref.label(ctx.primary)} in this run")
         assert left is not None and right is not None
         ok = OPS[self.op](left, right)
-        return Verdict("passed" if ok else "failed", f"{_fmt(left)} {self.op} {_fmt(right)}")
+        name = self.lhs.ref.name if self.lhs.ref is not None else ""
+        detail = f"{_fmt(left, name)} {self.op} {_fmt(right, name)}"
+        return Verdict("passed" if ok else "failed", detail)
 
 
 def _eval_verify(ctx: Context) -> Verdict:
@@ -161,7 +164,7 @@ def _eval_verify(ctx: Context) -> Verdict:
     bad = {g: r for g, r in ctx.verify.items() if r != 0}
     if bad:
         return Verdict("failed", "; ".join(f"{g}: {r}" for g, r in sorted(bad.items())))
-    return Verdict("passed", f"{len(ctx.verify)} guests, 0 mismatched bytes")
+    return Verdict("passed", f"{plural(len(ctx.verify), 'guest')}, 0 mismatched bytes")
 
 
 def _term_value(term: Term, ctx: Context) -> float | None:
@@ -171,7 +174,10 @@ def _term_value(term: Term, ctx: Context) -> float | None:
     return None if value is None else term.factor * value
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float, name: str = "") -> str:
+    """A value for a verdict: byte quantities as sizes (240 MiB), others as numbers."""
+    if name in BYTE_NAMES:
+        return format_size(x)
     return str(int(x)) if float(x).is_integer() else f"{x:.2f}".rstrip("0").rstrip(".")
 
 
@@ -204,13 +210,23 @@ def _parse_ref(text: str, default_name: str | None) -> Ref:
     return Ref(source, name, delta)
 
 
+def _unit(unit: str) -> float:
+    """% is /100; sizes follow harness.units (binary; a bare number is as is, e.g. bytes)."""
+    if unit == "%":
+        return 0.01
+    try:
+        return float(unit_factor(unit))
+    except SizeError as exc:
+        raise ExpectationSyntax(exc.message, hint=exc.hint) from None
+
+
 def _parse_term(text: str, default_name: str | None) -> Term:
     text = text.strip()
     m = _TERM.match(text)
     if m and (m.group("num") or m.group("ref")):
         factor = 1.0
         if m.group("num"):
-            factor = float(m.group("num")) * UNITS[(m.group("unit") or "b").lower()]
+            factor = float(m.group("num")) * _unit(m.group("unit") or "")
         if m.group("ref"):
             return Term(factor, _parse_ref(m.group("ref"), default_name))
         if m.group("star"):
@@ -226,6 +242,11 @@ def _parse_term(text: str, default_name: str | None) -> Term:
 def parse_expectation(text: str, line: int = 0) -> Expectation:
     """Parse one expectation; raise ExpectationSyntax saying what is wrong."""
     t = text.strip()
+    if len(t) > MAX_TEXT:
+        raise ExpectationSyntax(
+            f"an expectation of {len(t)} characters is too long (at most {MAX_TEXT})",
+            hint="split it into several expectations",
+        )
     if re.match(r"^verify\s*:", t):
         if t.split(":", 1)[1].strip() != "clean":
             raise ExpectationSyntax("verify accepts only 'clean'", hint="write: verify: clean")

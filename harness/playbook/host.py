@@ -1,4 +1,4 @@
-"""Host facts for run.json, MemAvailable, and ksmd's CPU time from its /proc stat."""
+"""Host facts for run.json and the THP switch QEMU inherits."""
 
 from __future__ import annotations
 
@@ -10,79 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.procfs import PROC, meminfo
 from harness.run import run
-
-PROC = Path("/proc")
-
-
-def meminfo(proc: Path = PROC) -> dict[str, int]:
-    """/proc/meminfo in bytes."""
-    out: dict[str, int] = {}
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                out[name] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
-    except OSError:
-        pass
-    return out
-
-
-def mem_available(proc: Path = PROC) -> int | None:
-    return meminfo(proc).get("MemAvailable")
-
-
-def ksmd_pid(proc: Path = PROC) -> int | None:
-    """The PID of the ksmd kernel thread, or None (no KSM, or /proc hides it)."""
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() == "ksmd":
-                return int(entry.name)
-        except OSError:
-            continue
-    return None
-
-
-def cpu_seconds(pid: int, proc: Path = PROC) -> float:
-    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except OSError as exc:
-        raise HarnessError(f"cannot read /proc/{pid}/stat: {exc}") from None
-    fields = stat.rpartition(")")[2].split()
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-PR_SET_THP_DISABLE = 41
-
-
-def set_thp_disable(disable: bool) -> bool:
-    """prctl(PR_SET_THP_DISABLE) on this process; children inherit it across fork and exec.
-
-    Returns False when the call is not available (not Linux, or refused)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return False
-    return int(libc.prctl(PR_SET_THP_DISABLE, int(disable), 0, 0, 0)) == 0
-
-
-def thp_enabled(pid: int, proc: Path = PROC) -> bool | None:
-    """The THP_enabled line of /proc/PID/status (None when absent)."""
-    try:
-        for line in (proc / str(pid) / "status").read_text().splitlines():
-            if line.startswith("THP_enabled:"):
-                return line.split()[1] == "1"
-    except OSError:
-        return None
-    return None
 
 
 def qemu_version() -> str | None:

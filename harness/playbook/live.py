@@ -1,55 +1,26 @@
-"""What runs beside the runner: the model snapshot the exporter reads, the Prometheus
-endpoint (KsmCollector for kernel + model, plus run-level series), and the kernel sampler.
+"""What runs beside the runner: the Prometheus endpoint (KsmCollector over every side, plus
+run-level series) and the sampler of measured values between sync points.
 
 The model is pure Python and not thread-safe, and the runner mutates it while stepping; so the
-exporter never touches it: it reads a snapshot the runner publishes after every sync.
+exporter never touches it: it reads the snapshot the model side publishes
+(harness.sides.model.ModelSnapshot).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from harness.errors import HarnessError
-from harness.exporter import ExportTarget, KsmCollector, parse_listen
-from harness.ksm.backend import BackendBase
-from harness.ksm.types import COUNTER_NAMES, KsmStat
-
-
-class ModelSnapshot(BackendBase):
-    """A read-only backend over the model's last published counters, tunables and ksm_stat."""
-
-    source = "model"
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._files: dict[str, str] = {}
-        self._stats: dict[int, KsmStat] = {}
-
-    def publish(self, files: Mapping[str, str], stats: Mapping[int, KsmStat]) -> None:
-        with self._lock:
-            self._files = dict(files)
-            self._stats = dict(stats)
-
-    def _read(self, name: str) -> str | None:
-        with self._lock:
-            return self._files.get(name)
-
-    def _write(self, name: str, text: str) -> None:
-        raise PermissionError(13, "the model snapshot is read-only")
-
-    def ksm_stat(self, pid: int) -> KsmStat:
-        with self._lock:
-            stat = self._stats.get(pid)
-        if stat is None:
-            raise HarnessError(f"no model process {pid} in the snapshot")
-        return stat
+from harness.exporter import ExportTarget, KsmCollector, serve_registry
+from harness.ksm.types import COUNTER_NAMES
+from harness.record import StatValue
 
 
 class RunState:
@@ -61,7 +32,7 @@ class RunState:
         self.phase = ""
         self.lock = threading.Lock()
         self.delta: dict[str, int] = {}  # kernel - model at the last sync
-        self.guests: dict[tuple[str, str], dict[str, int | None]] = {}  # (source, guest) -> stat
+        self.guests: dict[tuple[str, str], dict[str, StatValue]] = {}  # (source, guest) -> stat
         self.failed = 0
 
 
@@ -91,10 +62,12 @@ class RunCollector(Collector):
             ("merging_pages", "Pages of this guest merged by KSM (its QEMU's ksm_stat)."),
             ("rmap_items", "KSM rmap items of this guest's QEMU process."),
         ):
+            field = f"ksm_{key}"  # the record format keeps the kernel's ksm_stat names
             g = GaugeMetricFamily(f"ksm_guest_{key}", help_, labels=("source", "host", "guest"))
             for (source, guest), stat in sorted(guests.items()):
-                if stat.get(key) is not None:
-                    g.add_metric([source, self.host, guest], stat[key] or 0)
+                value = stat.get(field)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    g.add_metric([source, self.host, guest], value)
             yield g
         info = GaugeMetricFamily(
             "ksm_run_phase",
@@ -110,16 +83,10 @@ class RunCollector(Collector):
 
 def serve_run(targets: list[ExportTarget], state: RunState, host: str, listen: str) -> Any:
     """Start the run's endpoint; returns the server (call shutdown())."""
-    addr, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KsmCollector(targets))
     registry.register(RunCollector(state, host))
-    try:
-        server, _thread = start_http_server(port, addr=addr, registry=registry)
-    except OSError as exc:
-        raise HarnessError(
-            f"cannot listen on {listen}: {exc.strerror}", hint="choose another --export address"
-        ) from None
+    server, _thread = serve_registry(registry, listen, hint="choose another --export address")
     return server
 
 

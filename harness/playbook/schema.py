@@ -1,10 +1,13 @@
-"""The playbook format: frozen dataclasses and the validator that builds them.
+"""The playbook format: pydantic models of the file, and the load that builds what the runner runs.
 
     name: quickstart
     fleet: {count: 4, memory_mib: 256, image: busybox, backend: qemu, accel: auto}
     ksm: {pages_to_scan: 2000, sleep_millisecs: 10}       # tunables for the run (restored after)
     sample_interval: 1.0                                   # seconds between time-series samples
     shadow: {enabled: true, max_scans_per_capture: 0}     # the model's replay of guest memory
+    foreign: refuse                      # other KSM users on the host: refuse, or capture them
+    scan_samples: false                  # true: the kernel frozen at each full scan of waits
+    push: http://pushgateway:9091        # push the run's summary there when it ends (optional)
     phases:
       - name: fill
         steps:
@@ -18,159 +21,88 @@
           - sweep: {pages_to_scan: [100, 1000], tolerance: 1%, timeout: 300}
           - expect: ["pages_sharing >= 0.95 * model", "verify: clean"]
 
-Every error names file, line and field (see load.Source.error).
+Sizes follow harness.units (64MiB, 64M; a bare number is bytes). Every error names file, line
+and field and carries a hint (harness.validation); the values built are in harness.playbook.plan.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union
 
-from harness.errors import KsmWriteRefused
+from pydantic import Discriminator, Tag, model_validator
+
+from harness.errors import HarnessError, KsmWriteRefused, PlaybookError
+from harness.kinds import ForeignPolicy
+from harness.ksm.tunables import U32_MAX
 from harness.ksm.tunables import validate as validate_tunables
-from harness.playbook.expect import Expectation, ExpectationSyntax, parse_expectation
-from harness.playbook.load import PathKey, Source, load_file, load_text
-from harness.playbook.validate import V as _V
-from harness.playbook.validate import kind as _kind
+from harness.playbook.expect import ExpectationSyntax, parse_expectation
+from harness.playbook.plan import (
+    AGENT_COMMANDS,
+    GUEST_OVERHEAD,
+    PAGE,
+    STEP_KINDS,
+    SWEEPABLE,
+    AgentStep,
+    ExpectStep,
+    FleetDoc,
+    FleetSpec,
+    KsmStep,
+    MiB,
+    Phase,
+    Playbook,
+    ShadowSpec,
+    Step,
+    SweepStep,
+    WaitStep,
+)
+from harness.units import parse_size
+from harness.validation import (
+    Check,
+    Invalid,
+    Model,
+    between,
+    boolean,
+    fail,
+    kind,
+    matching,
+    one_of,
+    validate,
+)
+from harness.yamlfile import PathKey, Source, load_text, read_text
 
-MiB = 2**20
-PAGE = 4096
-FLEET_BACKENDS = ("qemu", "libvirt")
-ACCELS = ("auto", "kvm", "tcg")
-AGENT_COMMANDS = ("fill", "rewrite", "verify", "free")
-STEP_KINDS = (*AGENT_COMMANDS, "ksm", "wait", "expect", "sweep")
-# Tunables a sweep may vary (each value is set with ksmd unmerged first, then timed to converge).
-SWEEPABLE = ("pages_to_scan", "sleep_millisecs")
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|K|KB|KiB|M|MB|MiB|G|GB|GiB)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+__all__ = [
+    "AGENT_COMMANDS",
+    "PATTERN_HELP",
+    "STEP_KINDS",
+    "AgentStep",
+    "ExpectStep",
+    "FleetSpec",
+    "KsmStep",
+    "Phase",
+    "Playbook",
+    "ShadowSpec",
+    "Step",
+    "SweepStep",
+    "WaitStep",
+    "load_playbook",
+    "loads_playbook",
+    "parse_playbook",
+    "valid_pattern",
+]
+
+HINT = "see playbooks/quickstart.yaml and the README's playbook format"
+MAX_GUEST = 255  # a fleet has at most 256 guests (FleetSpec.count)
 _PATTERNS = (
-    re.compile(r"^byte:(0x[0-9a-fA-F]{1,2}|\d{1,3})$"),
+    re.compile(r"^byte:(0x[0-9a-fA-F]{1,2}|[0-9]{1,3})$"),
     re.compile(r"^zero$"),
-    re.compile(r"^random:\d{1,19}$"),
-    re.compile(r"^tail96:\d{1,19}$"),
-    re.compile(r"^mix:\d{1,19}:common=(\d{1,3}),zero=(\d{1,3})$"),
+    re.compile(r"^random:[0-9]{1,19}$"),
+    re.compile(r"^tail96:[0-9]{1,19}$"),
+    re.compile(r"^mix:[0-9]{1,19}:common=([0-9]{1,3}),zero=([0-9]{1,3})$"),
 )
 PATTERN_HELP = "byte:V, zero, random:SEED, tail96:SEED or mix:SEED:common=P,zero=Q"
-
-
-@dataclass(frozen=True)
-class FleetSpec:
-    count: int = 4
-    memory_mib: int = 256
-    image: str = "busybox"
-    backend: str = "qemu"
-    accel: str = "auto"
-    vcpus: int = 1
-    mem_merge: bool = True
-    # Transparent huge pages for guest RAM. Off by default: QEMU madvises its RAM
-    # MADV_HUGEPAGE, and zero-filled subpages of a THP never merge (see harness.shadow).
-    thp: bool = False
-
-
-@dataclass(frozen=True)
-class ShadowSpec:
-    enabled: bool = True
-    # 0: the model makes exactly as many full scans as the kernel; N > 0 caps each capture's
-    # catch-up (big fleets idling at sleep_millisecs=10 make scans faster than a model can).
-    max_scans_per_capture: int = 0
-
-
-@dataclass(frozen=True)
-class Step:
-    """Base: `line` is where the step starts in the file (for progress and errors)."""
-
-    line: int
-
-
-@dataclass(frozen=True)
-class AgentStep(Step):
-    command: str  # fill | rewrite | verify | free
-    region: str
-    guests: tuple[int, ...]  # indices into the fleet
-    size: int = 0  # bytes (fill)
-    pattern: str = ""  # fill
-    fraction: float = 0.0  # rewrite
-    seed: int = 0  # rewrite
-
-    def agent_args(self) -> tuple[str, ...]:
-        """The agent protocol's arguments after the command word."""
-        if self.command == "fill":
-            return (self.region, str(self.size), self.pattern)
-        if self.command == "rewrite":
-            return (self.region, f"{self.fraction:g}", str(self.seed))
-        return (self.region,)
-
-
-@dataclass(frozen=True)
-class KsmStep(Step):
-    values: dict[str, int | str]
-
-
-@dataclass(frozen=True)
-class WaitStep(Step):
-    full_scans: int | None = None
-    converged_tolerance: float | None = None  # fraction of pages_sharing (<1) or pages (>=1)
-    seconds: float | None = None
-    timeout: float = 300.0
-
-
-@dataclass(frozen=True)
-class SweepStep(Step):
-    tunable: str
-    values: tuple[int, ...]
-    tolerance: float
-    timeout: float
-
-
-@dataclass(frozen=True)
-class ExpectStep(Step):
-    expectations: tuple[Expectation, ...]
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    steps: tuple[Step, ...]
-    line: int
-
-
-@dataclass(frozen=True)
-class Playbook:
-    name: str
-    file: str
-    description: str
-    fleet: FleetSpec
-    ksm: dict[str, int | str]
-    phases: tuple[Phase, ...]
-    sample_interval: float = 1.0
-    shadow: ShadowSpec = field(default_factory=ShadowSpec)
-    raw: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def expectations(self) -> list[Expectation]:
-        return [
-            e
-            for p in self.phases
-            for s in p.steps
-            if isinstance(s, ExpectStep)
-            for e in s.expectations
-        ]
-
-
-def parse_size(value: object) -> int | None:
-    """64MiB, 64M, "1 GiB", 4096 -> bytes; None if not a size."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if not isinstance(value, str):
-        return None
-    m = _SIZE.match(value)
-    if not m:
-        return None
-    unit = (m.group(2) or "").lower()[:1]
-    return int(m.group(1)) * _UNITS[unit]
 
 
 def valid_pattern(text: str) -> str | None:
@@ -186,287 +118,421 @@ def valid_pattern(text: str) -> str | None:
         if i == 4 and int(m.group(1)) + int(m.group(2)) > 100:
             return "common + zero must be at most 100 (percent)"
         return None
-    return f"unknown pattern {text!r}"
+    return f"unknown pattern {text[:40]!r}"
 
 
-TOP_KEYS = ("name", "description", "fleet", "ksm", "sample_interval", "shadow", "phases")
+# -- field checks -----------------------------------------------------------------------------
 
 
-def parse_playbook(data: object, src: Source) -> Playbook:
-    """Validate plain data (from load.py) into a Playbook; PlaybookError on the first error."""
-    v = _V(src)
-    top = v.mapping(data, (), "a playbook")
-    v.keys(top, (), TOP_KEYS)
-    for required in ("name", "fleet", "phases"):
-        if required not in top:
-            raise src.error(
-                (), f"missing required field {required!r}", hint="see playbooks/quickstart.yaml"
-            )
-    name = v.name(top["name"], ("name",))
-    description = v.str_(top.get("description", ""), ("description",))
-    fleet = _fleet(v, top["fleet"])
-    ksm = _tunables(v, top.get("ksm", {}), ("ksm",))
-    interval = v.num(top.get("sample_interval", 1.0), ("sample_interval",), 0.1, 3600)
-    shadow = _shadow(v, top.get("shadow", {}))
-    phases_raw = top["phases"]
-    if not isinstance(phases_raw, list) or not phases_raw:
-        raise src.error(("phases",), "expected a non-empty list of phases")
-    phases: list[Phase] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(phases_raw):
-        phase = _phase(v, raw, ("phases", i), fleet)
-        if phase.name in seen:
-            raise src.error(("phases", i, "name"), f"phase name {phase.name!r} is used twice")
-        seen.add(phase.name)
-        phases.append(phase)
-    return Playbook(
-        name=name,
-        file=src.file,
-        description=description,
-        fleet=fleet,
-        ksm=ksm,
-        phases=tuple(phases),
-        sample_interval=interval,
-        shadow=shadow,
-        raw=top,
+def _pattern(value: Any) -> str:
+    hint = "patterns: " + PATTERN_HELP
+    if not isinstance(value, str):
+        raise Invalid(f"expected a pattern, got {kind(value)}", hint=hint)
+    problem = valid_pattern(value)
+    if problem:
+        raise Invalid(problem, hint=hint)
+    return value
+
+
+def _fill_size(value: Any) -> int:
+    size = parse_size(value, bare="bytes")
+    if size <= 0 or size % PAGE:
+        raise Invalid(
+            f"{size} bytes is not a positive whole number of 4 KiB pages",
+            hint="e.g. size: 64MiB (a bare number is bytes)",
+        )
+    return size
+
+
+def _tolerance(value: Any) -> float:
+    """1% or 0.01 -> 0.01 (relative); 100 -> 100.0 pages (absolute)."""
+    number: float | None = None
+    if isinstance(value, str) and value.strip().endswith("%") and len(value) < 40:
+        try:
+            number = float(value.strip()[:-1]) / 100
+        except ValueError:
+            number = None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    # A negative, NaN or infinite tolerance would make every convergence wait meaningless.
+    if number is not None and number >= 0 and math.isfinite(number):
+        return number
+    raise Invalid(
+        f"expected a tolerance like 1% or 0.01 or 100 (pages), got {value!r}",
+        hint="below 1: a fraction of pages_sharing; from 1 up: a number of pages",
     )
 
 
-def _fleet(v: _V, raw: object) -> FleetSpec:
-    p: PathKey = ("fleet",)
-    d = v.mapping(raw, p, "the fleet")
-    v.keys(d, p, ("count", "memory_mib", "image", "backend", "accel", "vcpus", "mem_merge", "thp"))
-    if "count" not in d:
-        raise v.src.error(
-            p, "missing required field 'count'", hint="e.g. fleet: {count: 4, memory_mib: 256}"
-        )
-    flags = {}
-    for key, default in (("mem_merge", True), ("thp", False)):
-        flags[key] = d.get(key, default)
-        if not isinstance(flags[key], bool):
-            raise v.src.error((*p, key), f"expected true or false, got {_kind(flags[key])}")
-    return FleetSpec(
-        count=v.int_(d["count"], (*p, "count"), 1, 256),
-        memory_mib=v.int_(d.get("memory_mib", 256), (*p, "memory_mib"), 64, 1 << 20),
-        image=v.str_(d.get("image", "busybox"), (*p, "image"), ("busybox", "debian")),
-        backend=v.str_(d.get("backend", "qemu"), (*p, "backend"), FLEET_BACKENDS),
-        accel=v.str_(d.get("accel", "auto"), (*p, "accel"), ACCELS),
-        vcpus=v.int_(d.get("vcpus", 1), (*p, "vcpus"), 1, 64),
-        mem_merge=flags["mem_merge"],
-        thp=flags["thp"],
-    )
-
-
-def _shadow(v: _V, raw: object) -> ShadowSpec:
-    p: PathKey = ("shadow",)
-    d = v.mapping(raw, p, "shadow settings")
-    v.keys(d, p, ("enabled", "max_scans_per_capture"))
-    enabled = d.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise v.src.error((*p, "enabled"), f"expected true or false, got {_kind(enabled)}")
-    cap = v.int_(d.get("max_scans_per_capture", 0), (*p, "max_scans_per_capture"), 0, 10_000)
-    return ShadowSpec(enabled=enabled, max_scans_per_capture=cap)
-
-
-def _tunables(v: _V, raw: object, path: PathKey) -> dict[str, int | str]:
-    d = v.mapping(raw, path, "KSM tunables")
-    try:
-        return validate_tunables(dict(d))
-    except KsmWriteRefused as exc:
-        # Find the offending key for the line number: the message starts with it.
-        bad = next((k for k in d if exc.message.startswith(k) or repr(k) in exc.message), None)
-        raise v.src.error(
-            path if bad is None else (*path, bad), exc.message, hint=exc.hint
-        ) from None
-
-
-def _phase(v: _V, raw: object, path: PathKey, fleet: FleetSpec) -> Phase:
-    d = v.mapping(raw, path, "a phase")
-    v.keys(d, path, ("name", "steps"))
-    if "name" not in d:
-        raise v.src.error(path, "missing required field 'name'")
-    name = v.name(d["name"], (*path, "name"))
-    steps_raw = d.get("steps")
-    if not isinstance(steps_raw, list) or not steps_raw:
-        raise v.src.error((*path, "steps"), "expected a non-empty list of steps")
-    steps = tuple(_step(v, s, (*path, "steps", i), fleet) for i, s in enumerate(steps_raw))
-    return Phase(name=name, steps=steps, line=v.src.line(path))
-
-
-def _step(v: _V, raw: object, path: PathKey, fleet: FleetSpec) -> Step:
-    d = v.mapping(raw, path, "a step (one of " + ", ".join(STEP_KINDS) + ")")
-    if len(d) != 1:
-        raise v.src.error(
-            path, f"a step has exactly one key ({', '.join(STEP_KINDS)}), got {len(d)}"
-        )
-    kind, body = next(iter(d.items()))
-    p = (*path, kind)
-    line = v.src.line(path)
-    if kind in AGENT_COMMANDS:
-        return _agent_step(v, kind, body, p, fleet, line)
-    if kind == "ksm":
-        values = _tunables(v, body, p)
-        if not values:
-            raise v.src.error(p, "expected at least one tunable, e.g. ksm: {run: 1}")
-        return KsmStep(line=line, values=values)
-    if kind == "wait":
-        return _wait_step(v, body, p, line)
-    if kind == "sweep":
-        return _sweep_step(v, body, p, line)
-    if kind == "expect":
-        return _expect_step(v, body, p, line)
-    raise v.src.error(p, f"unknown step {kind!r}", hint="steps: " + ", ".join(STEP_KINDS))
-
-
-def _guests(v: _V, raw: object, path: PathKey, count: int) -> tuple[int, ...]:
-    if raw == "all" or raw is None:
-        return tuple(range(count))
-    items: list[int] = []
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        items = [raw]
-    elif isinstance(raw, str) and re.match(r"^\d+-\d+$", raw):
-        lo, hi = (int(x) for x in raw.split("-"))
-        items = list(range(lo, hi + 1))
-    elif isinstance(raw, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
-        items = list(raw)
+def _guests(value: Any) -> tuple[int, ...]:
+    """all | N | "LO-HI" | [N, ...] -> sorted indices; () means all. Bounded before expanding."""
+    help_ = "guests: all, an index, a range like 0-2 or a list of indices"
+    items: list[int] | range
+    if value == "all" or value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}-[0-9]{1,9}", value):
+        lo, hi = (int(x) for x in value.split("-"))
+        if hi > MAX_GUEST:
+            raise Invalid(f"guest index {hi} is outside any fleet (0..{MAX_GUEST})", hint=help_)
+        items = range(lo, hi + 1)
+    elif isinstance(value, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value
+    ):
+        items = value
     else:
-        raise v.src.error(
-            path, f"expected all, an index, a range like 0-2 or a list of indices, got {_kind(raw)}"
+        raise Invalid(
+            f"expected all, an index, a range like 0-2 or a list of indices, got {kind(value)}",
+            hint=help_,
         )
     for i in items:
-        if not 0 <= i < count:
-            raise v.src.error(path, f"guest index {i} is outside the fleet (0..{count - 1})")
+        if not 0 <= i <= MAX_GUEST:
+            raise Invalid(f"guest index {i} is outside any fleet (0..{MAX_GUEST})", hint=help_)
     if not items:
-        raise v.src.error(path, "selects no guest")
+        raise Invalid("selects no guest", hint=help_)
     return tuple(sorted(set(items)))
 
 
-def _agent_step(
-    v: _V, kind: str, body: object, p: PathKey, fleet: FleetSpec, line: int
-) -> AgentStep:
-    allowed = {
-        "fill": ("region", "size", "pattern", "guests"),
-        "rewrite": ("region", "fraction", "seed", "guests"),
-        "verify": ("region", "guests"),
-        "free": ("region", "guests"),
-    }[kind]
-    d = v.mapping(body, p, f"the {kind} arguments")
-    v.keys(d, p, allowed)
-    region = v.name(d.get("region", "a"), (*p, "region"))
-    guests = _guests(v, d.get("guests", "all"), (*p, "guests"), fleet.count)
-    if kind == "fill":
-        for req in ("size", "pattern"):
-            if req not in d:
-                raise v.src.error(
-                    p,
-                    f"missing required field {req!r}",
-                    hint="e.g. fill: {size: 64MiB, pattern: byte:0x5a}",
-                )
-        size = parse_size(d["size"])
-        if size is None or size <= 0 or size % PAGE:
-            raise v.src.error(
-                (*p, "size"), f"expected a size in whole pages like 64MiB, got {d['size']!r}"
-            )
-        limit = fleet.memory_mib * MiB - 48 * MiB  # the guest kernel and agent need ~48 MiB
-        if size > limit:
-            raise v.src.error(
-                (*p, "size"),
-                f"{size // MiB} MiB does not fit a {fleet.memory_mib} MiB guest "
-                f"(at most {limit // MiB} MiB)",
-                hint="raise fleet.memory_mib or fill less",
-            )
-        pattern = v.str_(d["pattern"], (*p, "pattern"))
-        problem = valid_pattern(pattern)
-        if problem:
-            raise v.src.error((*p, "pattern"), problem, hint="patterns: " + PATTERN_HELP)
-        return AgentStep(
-            line=line, command=kind, region=region, guests=guests, size=size, pattern=pattern
-        )
-    if kind == "rewrite":
-        if "fraction" not in d:
-            raise v.src.error(
-                p, "missing required field 'fraction'", hint="e.g. rewrite: {fraction: 0.5}"
-            )
-        fraction = v.num(d["fraction"], (*p, "fraction"), 0.0, 1.0)
-        seed = v.int_(d.get("seed", 1), (*p, "seed"), 0, 2**63 - 1)
-        return AgentStep(
-            line=line, command=kind, region=region, guests=guests, fraction=fraction, seed=seed
-        )
-    return AgentStep(line=line, command=kind, region=region, guests=guests)
+def _tunables(value: Any) -> dict[str, int | str]:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected KSM tunables (a mapping), got {kind(value)}")
+    for key, v in value.items():
+        try:
+            validate_tunables({key: v})
+        except KsmWriteRefused as exc:
+            raise Invalid(exc.message, exc.hint, at=(key,)) from None
+    return validate_tunables(dict(value))
 
 
-def _wait_step(v: _V, body: object, p: PathKey, line: int) -> WaitStep:
-    d = v.mapping(body, p, "a wait: full_scans, converged or seconds")
-    v.keys(d, p, ("full_scans", "converged", "seconds", "timeout"))
-    given = [k for k in ("full_scans", "converged", "seconds") if k in d]
-    if len(given) != 1:
-        raise v.src.error(p, "expected exactly one of full_scans, converged, seconds")
-    timeout = v.num(d.get("timeout", 300), (*p, "timeout"), 1, 86400)
-    if "full_scans" in d:
-        raw = d["full_scans"]
-        # YAML reads "+2" as the integer 2; a quoted "+2" is accepted too.
-        if isinstance(raw, str) and re.match(r"^\+\d+$", raw.strip()):
-            raw = int(raw.strip()[1:])
-        n = v.int_(raw, (*p, "full_scans"), 1, 10_000)
-        return WaitStep(line=line, full_scans=n, timeout=timeout)
-    if "seconds" in d:
-        return WaitStep(line=line, seconds=v.num(d["seconds"], (*p, "seconds"), 0, 86400))
-    c = v.mapping(d["converged"], (*p, "converged"), "convergence settings {tolerance, timeout}")
-    v.keys(c, (*p, "converged"), ("tolerance", "timeout"))
-    tol = v.tolerance(c.get("tolerance", "1%"), (*p, "converged", "tolerance"))
-    timeout = v.num(c.get("timeout", timeout), (*p, "converged", "timeout"), 1, 86400)
-    return WaitStep(line=line, converged_tolerance=tol, timeout=timeout)
+def _ksm_step(value: Any) -> dict[str, int | str]:
+    values = _tunables(value)
+    if not values:
+        raise Invalid("expected at least one tunable", hint="e.g. ksm: {run: 1}")
+    return values
 
 
-def _sweep_step(v: _V, body: object, p: PathKey, line: int) -> SweepStep:
-    d = v.mapping(body, p, "a sweep")
-    v.keys(d, p, (*SWEEPABLE, "tolerance", "timeout"))
-    knobs = [k for k in SWEEPABLE if k in d]
-    if len(knobs) != 1:
-        raise v.src.error(p, f"a sweep varies exactly one of {', '.join(SWEEPABLE)}")
-    knob = knobs[0]
-    values = d[knob]
-    if not isinstance(values, list) or not values:
-        raise v.src.error((*p, knob), "expected a non-empty list of values")
-    ints = tuple(
-        v.int_(x, (*p, knob, i), 1 if knob == "pages_to_scan" else 0, 2**32 - 1)
-        for i, x in enumerate(values)
-    )
-    return SweepStep(
-        line=line,
-        tunable=knob,
-        values=ints,
-        tolerance=v.tolerance(d.get("tolerance", "1%"), (*p, "tolerance")),
-        timeout=v.num(d.get("timeout", 300), (*p, "timeout"), 1, 86400),
-    )
+def _full_scans(value: Any) -> Any:
+    # YAML reads +2 as the integer 2; a quoted "+2" is accepted too.
+    if isinstance(value, str) and re.fullmatch(r"\+[0-9]{1,9}", value.strip()):
+        return int(value.strip()[1:])
+    return value
 
 
-def _expect_step(v: _V, body: object, p: PathKey, line: int) -> ExpectStep:
-    items = body if isinstance(body, list) else [body]
+def _nonempty(what: str) -> Check:
+    def check(value: Any) -> Any:
+        if not isinstance(value, list) or not value:
+            raise Invalid(f"expected a non-empty list of {what}, got {kind(value)}")
+        return value
+
+    return Check(check)
+
+
+def _expectations(value: Any) -> tuple[str, ...]:
+    single = not isinstance(value, list)
+    items = [value] if single else value
     if not items:
-        raise v.src.error(p, "expected at least one expectation")
-    out: list[Expectation] = []
+        raise Invalid("expected at least one expectation", hint="e.g. expect: ['verify: clean']")
+    out: list[str] = []
     for i, item in enumerate(items):
-        ip = (*p, i) if isinstance(body, list) else p
+        at: PathKey = () if single else (i,)
         if isinstance(item, dict) and len(item) == 1:
             # `- verify: clean` parses as a mapping; turn it back into its text.
             ((k, val),) = item.items()
             item = f"{k}: {', '.join(map(str, val)) if isinstance(val, list) else val}"
         if not isinstance(item, str):
-            raise v.src.error(ip, f"expected an expectation string, got {_kind(item)}")
+            raise Invalid(f"expected an expectation string, got {kind(item)}", at=at)
         try:
-            out.append(parse_expectation(item, v.src.line(ip)))
+            parse_expectation(item)
         except ExpectationSyntax as exc:
-            raise v.src.error(ip, str(exc), hint=exc.hint) from None
-    return ExpectStep(line=line, expectations=tuple(out))
+            raise Invalid(str(exc), exc.hint, at=at) from None
+        out.append(item)
+    return tuple(out)
+
+
+Name = Annotated[str, matching(r"[A-Za-z0-9_.-]{1,32}", "use 1-32 letters, digits, '_', '.', '-'")]
+Guests = Annotated[tuple[int, ...], Check(_guests)]
+Tolerance = Annotated[float, Check(_tolerance)]
+Seconds = Annotated[float, between(1, 86400, integer=False)]
+Tunables = Annotated[dict[str, int | str], Check(_tunables)]
+
+
+# -- the document -----------------------------------------------------------------------------
+
+
+class RegionArgs(Model):
+    what = "the step's arguments"
+    region: Name = "a"
+    guests: Guests = ()
+
+
+class FillArgs(RegionArgs):
+    what = "the fill arguments"
+    example = "e.g. fill: {size: 64MiB, pattern: byte:0x5a}"
+    size: Annotated[int, Check(_fill_size)]
+    pattern: Annotated[str, Check(_pattern)]
+
+
+class RewriteArgs(RegionArgs):
+    what = "the rewrite arguments"
+    example = "e.g. rewrite: {fraction: 0.5}"
+    fraction: Annotated[float, between(0, 1, integer=False)]
+    seed: Annotated[int, between(0, 2**63 - 1)] = 1
+
+
+class ConvergedArgs(Model):
+    what = "convergence settings {tolerance, timeout}"
+    tolerance: Tolerance = 0.01
+    timeout: Seconds | None = None
+
+
+class WaitArgs(Model):
+    what = "a wait: full_scans, converged or seconds"
+    example = "e.g. wait: {full_scans: +2}"
+    full_scans: Annotated[int | None, between(1, 10_000), Check(_full_scans)] = None
+    converged: ConvergedArgs | None = None
+    seconds: Annotated[float | None, between(0, 86400, integer=False)] = None
+    timeout: Seconds = 300.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WaitArgs:
+        given = [k for k in ("full_scans", "converged", "seconds") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise fail("expected exactly one of full_scans, converged, seconds", self.example)
+        return self
+
+
+class SweepArgs(Model):
+    what = "a sweep"
+    example = "e.g. sweep: {pages_to_scan: [100, 1000], tolerance: 1%}"
+    pages_to_scan: Annotated[
+        list[Annotated[int, between(1, U32_MAX)]] | None, _nonempty("values")
+    ] = None
+    sleep_millisecs: Annotated[
+        list[Annotated[int, between(0, U32_MAX)]] | None, _nonempty("values")
+    ] = None
+    tolerance: Tolerance = 0.01
+    timeout: Seconds = 300.0
+
+    @model_validator(mode="after")
+    def _one_knob(self) -> SweepArgs:
+        if sum(getattr(self, k) is not None for k in SWEEPABLE) != 1:
+            raise fail(f"a sweep varies exactly one of {', '.join(SWEEPABLE)}", self.example)
+        return self
+
+
+class FillStep(Model):
+    fill: FillArgs
+
+
+class RewriteStep(Model):
+    rewrite: RewriteArgs
+
+
+class VerifyStep(Model):
+    verify: RegionArgs
+
+
+class FreeStep(Model):
+    free: RegionArgs
+
+
+class KsmStepDoc(Model):
+    ksm: Annotated[dict[str, int | str], Check(_ksm_step)]
+
+
+class WaitStepDoc(Model):
+    wait: WaitArgs
+
+
+class SweepStepDoc(Model):
+    sweep: SweepArgs
+
+
+class ExpectStepDoc(Model):
+    expect: Annotated[tuple[str, ...], Check(_expectations)]
+
+
+def _step_kind(value: Any) -> str | None:
+    return f"<{next(iter(value))}>" if isinstance(value, dict) and len(value) == 1 else None
+
+
+def _step_shape(value: Any) -> Any:
+    steps = ", ".join(STEP_KINDS)
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a step (one of {steps}), got {kind(value)}")
+    if len(value) != 1:
+        raise Invalid(f"a step has exactly one key ({steps}), got {len(value)}")
+    (key,) = value
+    if key not in STEP_KINDS:
+        raise Invalid(f"unknown step {key!r}", hint="steps: " + steps, at=(key,))
+    return value
+
+
+StepDoc = Annotated[
+    Union[  # noqa: UP007 (a union of tagged members reads better spelled out)
+        Annotated[FillStep, Tag("<fill>")],
+        Annotated[RewriteStep, Tag("<rewrite>")],
+        Annotated[VerifyStep, Tag("<verify>")],
+        Annotated[FreeStep, Tag("<free>")],
+        Annotated[KsmStepDoc, Tag("<ksm>")],
+        Annotated[WaitStepDoc, Tag("<wait>")],
+        Annotated[SweepStepDoc, Tag("<sweep>")],
+        Annotated[ExpectStepDoc, Tag("<expect>")],
+    ],
+    Discriminator(_step_kind),
+    Check(_step_shape),
+]
+
+
+class PhaseDoc(Model):
+    what = "a phase"
+    example = "e.g. - name: fill\n    steps: [...]"
+    name: Name
+    steps: Annotated[list[StepDoc], _nonempty("steps")]
+
+
+def _push_url(value: Any) -> Any:
+    """`push:` is a Pushgateway URL (harness.monitoring.push.check_url says what is one)."""
+    from harness.monitoring.push import check_url
+
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {kind(value)}")
+    try:
+        return check_url(value)
+    except HarnessError as exc:
+        raise Invalid(exc.message, hint=exc.hint) from None
+
+
+class PlaybookDoc(Model):
+    what = "a playbook"
+    example = HINT
+    name: Name
+    description: str = ""
+    fleet: FleetDoc
+    ksm: Tunables = {}  # noqa: RUF012 (pydantic copies defaults)
+    sample_interval: Annotated[float, between(0.1, 3600, integer=False)] = 1.0
+    shadow: ShadowSpec = ShadowSpec()
+    foreign: Annotated[ForeignPolicy, one_of(ForeignPolicy)] = ForeignPolicy.REFUSE
+    scan_samples: Annotated[bool, Check(boolean)] = False
+    push: Annotated[str | None, Check(_push_url)] = None
+    phases: Annotated[list[PhaseDoc], _nonempty("phases")]
+
+    @classmethod
+    def unknown_field(cls, key: str, data: dict[str, Any]) -> Invalid:
+        if {"hosts", "known_hosts", "defaults"} & set(data):
+            return Invalid(
+                f"unknown field {key!r}: this looks like an inventory, not a playbook",
+                hint="run a playbook on an inventory's hosts with "
+                "`ksmh run --inventory FILE PLAYBOOK`",
+            )
+        return super().unknown_field(key, data)
+
+    @model_validator(mode="after")
+    def _fits_the_fleet(self) -> PlaybookDoc:
+        """Phase names are unique; steps select guests of this fleet and fit in their RAM."""
+        seen: set[str] = set()
+        limit = self.fleet.memory_mib * MiB - GUEST_OVERHEAD
+        for i, phase in enumerate(self.phases):
+            if phase.name in seen:
+                raise fail(f"phase name {phase.name!r} is used twice", at=("phases", i, "name"))
+            seen.add(phase.name)
+            for j, step in enumerate(phase.steps):
+                (key,) = step.model_fields_set
+                args = getattr(step, key)
+                at = ("phases", i, "steps", j, key)
+                if isinstance(args, RegionArgs) and args.guests:
+                    top = args.guests[-1]
+                    if top >= self.fleet.count:
+                        raise fail(
+                            f"guest index {top} is outside the fleet (0..{self.fleet.count - 1})",
+                            hint="guests count from 0; raise fleet.count or pick others",
+                            at=(*at, "guests"),
+                        )
+                if isinstance(args, FillArgs) and args.size > limit:
+                    raise fail(
+                        f"{args.size // MiB} MiB does not fit a {self.fleet.memory_mib} MiB "
+                        f"guest (at most {limit // MiB} MiB)",
+                        hint="raise fleet.memory_mib or fill less",
+                        at=(*at, "size"),
+                    )
+        return self
+
+
+# -- from the document to what the runner runs ------------------------------------------------
+
+
+def _step(doc: Any, path: PathKey, src: Source, count: int) -> Step:
+    line = src.line(path)
+    (key,) = doc.model_fields_set
+    args = getattr(doc, key)
+    if isinstance(args, RegionArgs):
+        guests = args.guests or tuple(range(count))
+        base = {"line": line, "command": key, "region": args.region, "guests": guests}
+        if isinstance(args, FillArgs):
+            return AgentStep(**base, size=args.size, pattern=args.pattern)
+        if isinstance(args, RewriteArgs):
+            return AgentStep(**base, fraction=args.fraction, seed=args.seed)
+        return AgentStep(**base)
+    if isinstance(args, WaitArgs):
+        c = args.converged
+        if c is None:
+            return WaitStep(line, args.full_scans, None, args.seconds, args.timeout)
+        timeout = args.timeout if c.timeout is None else c.timeout
+        return WaitStep(line, converged_tolerance=c.tolerance, timeout=timeout)
+    if isinstance(args, SweepArgs):
+        knob = next(k for k in SWEEPABLE if getattr(args, k) is not None)
+        values = tuple(getattr(args, knob))
+        return SweepStep(line, knob, values, args.tolerance, args.timeout)
+    if key == "expect":
+        # A list of expectations: each its own line; a single string: the key's line.
+        lines = [src.lines.get((*path, key, i), src.line((*path, key))) for i in range(len(args))]
+        exps = tuple(parse_expectation(t, n) for t, n in zip(args, lines, strict=True))
+        return ExpectStep(line, exps)
+    return KsmStep(line, dict(args))
+
+
+def parse_playbook(data: object, src: Source) -> Playbook:
+    """Validate plain data (from harness.yamlfile) into a Playbook; PlaybookError if invalid."""
+    doc = validate(PlaybookDoc, data, src)
+    assert isinstance(data, dict)
+    phases = tuple(
+        Phase(
+            name=p.name,
+            steps=tuple(
+                _step(s, ("phases", i, "steps", j), src, doc.fleet.count)
+                for j, s in enumerate(p.steps)
+            ),
+            line=src.line(("phases", i)),
+        )
+        for i, p in enumerate(doc.phases)
+    )
+    return Playbook(
+        name=doc.name,
+        file=src.file,
+        description=doc.description,
+        fleet=doc.fleet.spec(),
+        ksm=dict(doc.ksm),
+        phases=phases,
+        sample_interval=doc.sample_interval,
+        shadow=doc.shadow,
+        foreign=doc.foreign,
+        scan_samples=doc.scan_samples,
+        push=doc.push,
+        raw=data,
+    )
+
+
+def _source(file: str) -> Source:
+    return Source(file=file, error_type=PlaybookError, hint=HINT)
 
 
 def load_playbook(path: Path) -> Playbook:
     """Read, parse and validate a playbook file."""
-    data, src = load_file(path)
-    return parse_playbook(data, src)
+    src = _source(str(path))
+    return parse_playbook(load_text(read_text(Path(path), src, "playbook"), src, "playbook"), src)
 
 
 def loads_playbook(text: str, file: str = "<string>") -> Playbook:
-    data, src = load_text(text, file)
-    return parse_playbook(data, src)
+    """Parse and validate playbook text (`file` names it in errors)."""
+    src = _source(file)
+    return parse_playbook(load_text(text, src, "playbook"), src)

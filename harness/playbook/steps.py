@@ -1,41 +1,42 @@
-"""One function per step kind; each records what happened in the runner's phase record."""
+"""One function per step kind; each records what happened in the phase's record.
+
+Steps see the run only through StepContext (harness.playbook.context): the leading side for
+waits and timing, sync points, knob writes, the fleet. They never ask which side leads.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from harness.console import plural
 from harness.errors import GuestError, HarnessError, ScanTimeout
-from harness.playbook import host
-from harness.playbook.schema import AgentStep, ExpectStep, KsmStep, Step, SweepStep, WaitStep
-
-if TYPE_CHECKING:
-    from harness.playbook.runner import Runner
+from harness.playbook.context import StepContext
+from harness.playbook.plan import AgentStep, ExpectStep, KsmStep, Step, SweepStep, WaitStep
 
 
-def run_step(r: Runner, step: Step) -> None:
+def run_step(ctx: StepContext, step: Step) -> None:
     if isinstance(step, AgentStep):
-        agent_step(r, step)
+        agent_step(ctx, step)
     elif isinstance(step, KsmStep):
-        r.say(f"line {step.line}: ksm " + " ".join(f"{k}={v}" for k, v in step.values.items()))
-        r._ksm_write(dict(step.values))
+        ctx.say(f"line {step.line}: ksm " + " ".join(f"{k}={v}" for k, v in step.values.items()))
+        ctx.write_knobs(dict(step.values))
     elif isinstance(step, WaitStep):
-        wait_step(r, step)
+        wait_step(ctx, step)
     elif isinstance(step, ExpectStep):
-        expect_step(r, step)
+        expect_step(ctx, step)
     elif isinstance(step, SweepStep):
-        sweep_step(r, step)
+        sweep_step(ctx, step)
     else:  # pragma: no cover - the schema builds only the kinds above
         raise HarnessError(f"unknown step {step!r}")
 
 
-def agent_step(r: Runner, step: AgentStep) -> None:
-    assert r.fleet is not None
+def agent_step(ctx: StepContext, step: AgentStep) -> None:
     selection = ",".join(str(i) for i in step.guests)
     args = step.agent_args()
-    r.say(f"line {step.line}: {step.command} {' '.join(args)} on guests {selection}")
+    ctx.say(f"line {step.line}: {step.command} {' '.join(args)} on guests {selection}")
     t0 = time.monotonic()
-    result = r.fleet.run(step.command, *args, guests=selection)
+    result = ctx.fleet.run(step.command, *args, guests=selection)
     seconds = time.monotonic() - t0
     per_guest: dict[str, str] = {}
     failed: list[str] = []
@@ -43,11 +44,11 @@ def agent_step(r: Runner, step: AgentStep) -> None:
         if res.ok:
             per_guest[name] = res.value.text if res.value is not None else "ok"
             if step.command == "verify" and res.value is not None:
-                r.phase_rec["verify"][name] = res.value.int("mismatched")
+                ctx.phase_record["verify"][name] = res.value.int("mismatched")
         else:
             per_guest[name] = f"error: {res.error}"
             failed.append(f"{name}: {res.error}")
-    r.phase_rec["agent"].append(
+    ctx.phase_record["agent"].append(
         {
             "line": step.line,
             "command": step.command,
@@ -58,40 +59,32 @@ def agent_step(r: Runner, step: AgentStep) -> None:
     )
     if failed:
         raise GuestError(
-            f"line {step.line}: {step.command} failed on {len(failed)} of {len(per_guest)} "
-            f"guests: {'; '.join(failed)}"
+            f"line {step.line}: {step.command} failed on {len(failed)} of "
+            f"{plural(len(per_guest), 'guest')}: {'; '.join(failed)}"
         )
-    r.say(f"  done in {seconds:.1f} s")
+    ctx.say(f"  done in {seconds:.1f} s")
 
 
-def _converge(r: Runner, tolerance: float, timeout: float) -> tuple[bool, int, float, int | None]:
+def _converge(ctx: StepContext, tolerance: float, timeout: float) -> tuple[bool, int, int | None]:
     """Scan until pages_sharing moves by at most `tolerance` over one full scan.
 
-    Returns (converged, full scans waited, seconds, pages_sharing). tolerance < 1 is relative
-    to pages_sharing, >= 1 is in pages.
+    Returns (converged, full scans waited, pages_sharing). tolerance < 1 is relative to
+    pages_sharing, >= 1 is in pages. The timeout is in the leader's seconds (wall clock for
+    the kernel, virtual time for the model).
     """
-    t0 = time.monotonic()
-    deadline = t0 + timeout
+    lead = ctx.leader
+    deadline = lead.clock() + timeout
     scans = 0
 
     def sharing() -> int:
-        if r.kernel is not None:
-            return r.kernel.read_counters().pages_sharing or 0
-        assert r.model is not None
-        return int(r.model.counters().get("pages_sharing", 0))
+        return lead.counters().get("pages_sharing", 0)
 
     def one_scan() -> None:
         nonlocal scans
-        left = deadline - time.monotonic()
+        left = deadline - lead.clock()
         if left <= 0:
             raise ScanTimeout("converge deadline")
-        if r.kernel is not None:
-            r.kernel.wait_full_scans(1, left)
-        else:
-            assert r.model is not None
-            r.model.sync(0)  # the guests keep running: look at them again each scan
-            if r.model.step(1) == 0:
-                raise ScanTimeout("the model's ksmd is not running (run=1 missing?)")
+        lead.wait_full_scans(1, left)
         scans += 1
 
     try:
@@ -102,113 +95,95 @@ def _converge(r: Runner, tolerance: float, timeout: float) -> tuple[bool, int, f
             cur = sharing()
             limit = tolerance * max(cur, prev, 1) if tolerance < 1 else tolerance
             if abs(cur - prev) <= limit:
-                return True, scans, time.monotonic() - t0, cur
-            r.say(f"  scan {scans}: pages_sharing {cur} ({cur - prev:+d})")
+                return True, scans, cur
+            ctx.say(f"  scan {scans}: pages_sharing {cur} ({cur - prev:+d})")
             prev = cur
     except ScanTimeout:
-        return False, scans, time.monotonic() - t0, sharing()
+        return False, scans, sharing()
 
 
-def wait_step(r: Runner, step: WaitStep) -> None:
+def wait_step(ctx: StepContext, step: WaitStep) -> None:
     rec: dict[str, Any] = {"line": step.line}
+    lead = ctx.leader
     t0 = time.monotonic()
     if step.full_scans is not None:
         rec["kind"] = "full_scans"
-        r.say(f"line {step.line}: wait for {step.full_scans} full scans")
-        if r.kernel is not None:
-            r.kernel.wait_full_scans(step.full_scans, step.timeout)
-        else:
-            assert r.model is not None
-            r.model.sync(0)
-            r.model.step(step.full_scans)
+        ctx.say(f"line {step.line}: wait for {step.full_scans} full scans")
+        lead.wait_full_scans(step.full_scans, step.timeout)
         rec["scans"] = step.full_scans
     elif step.seconds is not None:
         rec["kind"] = "seconds"
-        r.say(f"line {step.line}: wait {step.seconds:g} s")
-        if r.kernel is not None:
-            time.sleep(step.seconds)
-        else:
-            assert r.model is not None
-            r.model.sync(0)
-            r.model.kernel.advance(step.seconds)  # the model's ksmd in virtual time
-            r.model.publish()
+        ctx.say(f"line {step.line}: wait {step.seconds:g} s")
+        lead.sleep(step.seconds)
     else:
         rec["kind"] = "converged"
         tol = step.converged_tolerance or 0.0
-        r.say(
+        ctx.say(
             f"line {step.line}: wait until converged "
             f"(tolerance {tol:g}, timeout {step.timeout:g} s)"
         )
-        ok, scans, _seconds, sharing = _converge(r, tol, step.timeout)
+        ok, scans, sharing = _converge(ctx, tol, step.timeout)
         rec.update(scans=scans, pages_sharing=sharing, timed_out=not ok)
         if not ok:
             text = f"line {step.line}: not converged within {step.timeout:g} s ({scans} scans)"
-            r.failed.append(text)
-            r.say("  " + text)
+            ctx.fail(text)
+            ctx.say("  " + text)
     rec["seconds"] = round(time.monotonic() - t0, 3)
-    rec["t_end"] = round(r.t(), 3)
-    r.say(f"  waited {rec['seconds']:.1f} s")
-    r.phase_rec["waits"].append(rec)
-    r._sync(f"after wait line {step.line}")
+    rec["t_end"] = round(ctx.elapsed(), 3)
+    ctx.say(f"  waited {rec['seconds']:.1f} s")
+    ctx.phase_record["waits"].append(rec)
+    ctx.sync(f"after wait line {step.line}")
 
 
-def expect_step(r: Runner, step: ExpectStep) -> None:
-    values = r._sync(f"expect line {step.line}")
-    ctx = r.context(values)
+def expect_step(ctx: StepContext, step: ExpectStep) -> None:
+    values = ctx.sync(f"expect line {step.line}")
+    ectx = ctx.expectation_context(values)
     for e in step.expectations:
-        v = e.evaluate(ctx)
-        r.phase_rec["expectations"].append(
+        v = e.evaluate(ectx)
+        ctx.phase_record["expectations"].append(
             {"text": e.text, "line": e.line, "status": v.status, "detail": v.detail}
         )
         mark = {"passed": "ok  ", "failed": "FAIL", "skipped": "skip"}[v.status]
-        r.say(f"  {mark} {e.text}  ({v.detail})")
+        ctx.say(f"  {mark} {e.text}  ({v.detail})")
         if v.failed:
-            r.failed.append(f"line {e.line}: {e.text} ({v.detail})")
-    with r.state.lock:
-        r.state.failed = len(r.failed)
+            ctx.fail(f"line {e.line}: {e.text} ({v.detail})")
 
 
-def sweep_step(r: Runner, step: SweepStep) -> None:
-    """Per value: unmerge (run=2), set the knob, run=1, time to converge, ksmd CPU used."""
+def sweep_step(ctx: StepContext, step: SweepStep) -> None:
+    """Per value: unmerge (run=2), set the knob, run=1, time to converge, ksmd CPU used.
+
+    Time and CPU come from the leading side: measured on the kernel, the model's virtual clock
+    and CPU estimate in a model-only run.
+    """
     points: list[dict[str, Any]] = []
-    r.phase_rec["sweeps"].append({"tunable": step.tunable, "line": step.line, "points": points})
-    ksmd = host.ksmd_pid(r.opts.proc) if r.kernel is not None else None
+    ctx.phase_record["sweeps"].append(
+        {"tunable": step.tunable, "line": step.line, "points": points}
+    )
+    lead = ctx.leader
     for value in step.values:
-        r.say(f"line {step.line}: sweep {step.tunable}={value}")
-        r._ksm_write({"run": 2})
-        r._ksm_write({step.tunable: value})
-        cpu0 = host.cpu_seconds(ksmd, r.opts.proc) if ksmd else None
-        virt0 = r.model.kernel.now if r.kernel is None and r.model is not None else None
-        ns0 = (
-            getattr(r.model.kernel, "ksmd_runtime_ns", None)
-            if r.kernel is None and r.model
-            else None
-        )
-        r._ksm_write({"run": 1})
-        ok, scans, seconds, sharing = _converge(r, step.tolerance, step.timeout)
+        ctx.say(f"line {step.line}: sweep {step.tunable}={value}")
+        ctx.write_knobs({"run": 2})
+        ctx.write_knobs({step.tunable: value})
+        cpu0, t0 = lead.ksmd_cpu_seconds(), lead.clock()
+        ctx.write_knobs({"run": 1})
+        ok, scans, sharing = _converge(ctx, step.tolerance, step.timeout)
+        cpu1 = lead.ksmd_cpu_seconds()
         point: dict[str, Any] = {
             "value": value,
             "scans": scans,
             "pages_sharing": sharing,
             "converged": ok,
+            "seconds": round(lead.clock() - t0, 3),
         }
-        if r.kernel is not None:
-            point["seconds"] = round(seconds, 3)
-            if ksmd and cpu0 is not None:
-                point["ksmd_cpu_seconds"] = round(host.cpu_seconds(ksmd, r.opts.proc) - cpu0, 3)
-        elif r.model is not None and virt0 is not None:
-            # Model-only: the model's virtual clock and ksmd CPU estimate.
-            point["seconds"] = round(r.model.kernel.now - virt0, 3)
-            ns1 = getattr(r.model.kernel, "ksmd_runtime_ns", None)
-            if ns0 is not None and ns1 is not None:
-                point["ksmd_cpu_seconds"] = round((ns1 - ns0) / 1e9, 3)
+        if cpu0 is not None and cpu1 is not None:
+            point["ksmd_cpu_seconds"] = round(cpu1 - cpu0, 3)
         points.append(point)
         if not ok:
-            r.failed.append(
+            ctx.fail(
                 f"line {step.line}: {step.tunable}={value} did not converge in {step.timeout:g} s"
             )
-        r.say(
-            f"  {step.tunable}={value}: {point.get('seconds')} s, {scans} scans, "
+        ctx.say(
+            f"  {step.tunable}={value}: {point['seconds']} s, {scans} scans, "
             f"ksmd cpu {point.get('ksmd_cpu_seconds')} s"
         )
-        r._sync(f"sweep {step.tunable}={value}")
+        ctx.sync(f"sweep {step.tunable}={value}")

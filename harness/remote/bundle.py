@@ -28,18 +28,41 @@ import harness
 # Runtime dependencies a fleet host needs (exporter, KSM backends, playbooks, libvirt, and
 # numpy for the runner's shadow capture). matplotlib (plots) and fabric/paramiko (SSH) stay on
 # the controller: `ksmh run --inventory` renders the plots there after fetching the results.
-SHIPPED_DISTRIBUTIONS = ("prometheus-client", "PyYAML", "libvirt-python", "numpy")
+SHIPPED_DISTRIBUTIONS = (
+    "prometheus-client",
+    "PyYAML",
+    "libvirt-python",
+    "numpy",
+    # The playbook/inventory validation (harness.validation) and its dependencies.
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "qemu.qmp",  # stopping guests (QMP quit)
+    "rich",  # terminal output, and what it needs:
+    "markdown-it-py",
+    "mdurl",
+    "Pygments",
+)
 # The Debian package that provides each one when it cannot be shipped (ABI mismatch).
 SYSTEM_FALLBACK = {
     "prometheus-client": "python3-prometheus-client",
     "PyYAML": "python3-yaml",
     "libvirt-python": "python3-libvirt",
     "numpy": "python3-numpy",
-}
-# Non-package files the harness finds relative to site-packages (harness.guests.image's
-# REPO_ROOT): the guest agent's source, compiled on the host when it builds its guest image.
-REPO_ROOT = Path(harness.__file__).resolve().parents[1]
-SHIPPED_DATA = ("guest-images/agent/ksmh-agent.c",)
+    # pydantic-core is the compiled one; Debian 13's python3-pydantic is v2 (Debian 12's is v1,
+    # too old: such a host needs the controller's Python ABI).
+    "pydantic": "python3-pydantic",
+    "pydantic-core": "python3-pydantic-core",
+    "annotated-types": "python3-annotated-types",
+    "typing-inspection": "python3-typing-inspection",
+    "typing-extensions": "python3-typing-extensions",
+    "rich": "python3-rich",
+    "markdown-it-py": "python3-markdown-it",
+    "mdurl": "python3-mdurl",
+    "Pygments": "python3-pygments",
+}  # qemu.qmp is pure Python and always shipped (Debian has no package of it)
 
 
 @dataclass(frozen=True)
@@ -111,8 +134,6 @@ def build_bundle(remote_soabi: str) -> Bundle:
     for pkg in (Path(harness.__file__).parent, Path(ksm_model.__file__).parent):
         for rel, path in _package_files(pkg):
             entries[rel] = path.read_bytes()
-    for rel in SHIPPED_DATA:
-        entries[rel] = (REPO_ROOT / rel).read_bytes()
     eps = "[console_scripts]\nksmh = harness.cli:main\n"
     entries.update(_metadata("ksm-harness", harness.__version__, eps))
     entries.update(_metadata("ksm-model", getattr(ksm_model, "__version__", "0.1.0")))

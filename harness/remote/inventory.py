@@ -29,11 +29,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
+from pydantic import model_validator
 
 from harness.errors import HarnessError
+from harness.validation import Check, Invalid, Model, between, boolean, fail, kind, validate
+from harness.yamlfile import Source, load_text, read_text
 
 DEFAULT_PREFIX = "/opt/ksm-harness"
 DEFAULT_LISTEN = "127.0.0.1:9712"
@@ -42,23 +44,14 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 # Label names the monitoring config sets itself; an inventory label may not shadow them.
 RESERVED_LABELS = frozenset({"host", "instance", "job", "source", "counter", "pid", "name"})
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_ADDRESS_RE = re.compile(r"^[A-Za-z0-9_:][A-Za-z0-9_.:-]*$")  # DNS name, IPv4 or bare IPv6
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", re.ASCII)
+_ADDRESS_RE = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,252}", re.ASCII)  # DNS, IPv4, IPv6
+_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}", re.ASCII)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Characters systemd expands in unit files (specifiers, variables): never in a unit's paths.
+_UNIT_SPECIAL = ("%", "$")
 _SECRET_FIELDS = ("password", "passphrase", "sudo_password", "become_password")
-
-HOST_FIELDS = (
-    "address",
-    "port",
-    "user",
-    "key_file",
-    "libvirt_uri",
-    "labels",
-    "trust_on_first_use",
-    "exporter",
-    "prefix",
-    "python",
-)
-TOP_FIELDS = ("known_hosts", "defaults", "hosts")
+HINT = "see playbooks/inventory.example.yaml for the format"
 
 
 class InventoryError(HarnessError):
@@ -116,221 +109,247 @@ class Inventory:
 def load_inventory(path: Path | str) -> Inventory:
     """Read and validate an inventory file; raise InventoryError naming file, line and field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InventoryError(
-            f"{path}: cannot read inventory ({exc.strerror})",
-            hint="see playbooks/inventory.example.yaml for the format",
-        ) from None
-    return parse_inventory(text, path)
+    src = _source(path)
+    return _parse(load_text(read_text(path, src, "inventory"), src, "inventory"), src, path)
 
 
 def parse_inventory(text: str, path: Path) -> Inventory:
     """Validate inventory text; `path` names the file in errors and anchors relative paths."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InventoryError(f"{where}: not valid YAML: {problem}") from None
-    if root is None:
-        raise InventoryError(f"{path}: the inventory is empty", hint="it needs a `hosts:` mapping")
-    v = _Validator(path)
-    top = v.mapping(root, "inventory", TOP_FIELDS)
-    base = path.parent
-    kh_node = top.get("known_hosts")
-    known_hosts = _resolve(
-        base, v.string(kh_node, "known_hosts") if kh_node else DEFAULT_KNOWN_HOSTS
-    )
-    defaults: dict[str, yaml.Node] = {}
-    if "defaults" in top:
-        defaults = v.mapping(top["defaults"], "defaults", HOST_FIELDS)
-        if "address" in defaults:
-            v.fail(defaults["address"], "defaults.address", "address cannot have a default")
-    if "hosts" not in top:
-        v.fail(root, "hosts", "missing: the inventory needs a `hosts:` mapping")
-    hosts_node = top["hosts"]
-    if not isinstance(hosts_node, yaml.MappingNode) or not hosts_node.value:
-        v.fail(hosts_node, "hosts", "must be a non-empty mapping of host name to fields")
-    hosts: list[Host] = []
-    key_nodes: list[yaml.Node] = []
-    for key_node, value_node in hosts_node.value:
-        name = v.string(key_node, "hosts")
-        if any(h.name == name for h in hosts):
-            v.fail(key_node, f"hosts.{name}", "given twice")
-        if not _NAME_RE.match(name):
-            v.fail(key_node, f"hosts.{name}", "host names are letters, digits, '.', '_', '-'")
-        fields = {**defaults, **v.mapping(value_node, f"hosts.{name}", HOST_FIELDS)}
-        hosts.append(_host(v, name, fields, value_node, base))
-        key_nodes.append(key_node)
-    _check_unique(v, hosts, key_nodes)
-    return Inventory(path=path, hosts=tuple(hosts), known_hosts=known_hosts)
+    src = _source(path)
+    return _parse(load_text(text, src, "inventory"), src, path)
 
 
-def _host(v: _Validator, name: str, f: dict[str, yaml.Node], node: yaml.Node, base: Path) -> Host:
-    where = f"hosts.{name}"
-    for required in ("address", "user", "key_file"):
-        if required not in f:
-            v.fail(node, f"{where}.{required}", "missing (set it on the host or in defaults)")
-    address = v.string(f["address"], f"{where}.address")
-    if not _ADDRESS_RE.match(address):
-        # It ends up in known_hosts lines, the libvirt URI and the ssh-keyscan hint.
-        v.fail(f["address"], f"{where}.address", f"not a host name or IP address: {address!r}")
-    user = v.string(f["user"], f"{where}.user")
-    if not re.match(r"^[a-z_][a-z0-9_.-]*$", user):
-        v.fail(f["user"], f"{where}.user", f"not a valid user name: {user!r}")
-    port = v.integer(f["port"], f"{where}.port", 1, 65535) if "port" in f else 22
-    key_file = _resolve(base, v.string(f["key_file"], f"{where}.key_file"))
-    uri_default = f"qemu+ssh://{user}@{address}{'' if port == 22 else f':{port}'}/system"
-    uri = v.string(f["libvirt_uri"], f"{where}.libvirt_uri") if "libvirt_uri" in f else uri_default
-    if "://" not in uri:
-        v.fail(f["libvirt_uri"], f"{where}.libvirt_uri", f"not a libvirt URI: {uri!r}")
-    labels = v.labels(f["labels"], f"{where}.labels") if "labels" in f else {}
-    tofu = False
-    if "trust_on_first_use" in f:
-        tofu = v.boolean(f["trust_on_first_use"], f"{where}.trust_on_first_use")
-    listen = DEFAULT_LISTEN
-    if "exporter" in f:
-        ex = v.mapping(f["exporter"], f"{where}.exporter", ("listen",))
-        if "listen" in ex:
-            listen = v.listen(ex["listen"], f"{where}.exporter.listen")
-    prefix = DEFAULT_PREFIX
-    if "prefix" in f:
-        prefix = v.string(f["prefix"], f"{where}.prefix")
-        _check_prefix(prefix, f"{v.path}:{f['prefix'].start_mark.line + 1}: {where}.prefix")
-    python = v.string(f["python"], f"{where}.python") if "python" in f else "python3"
-    return Host(
-        name=name,
-        address=address,
-        user=user,
-        key_file=key_file,
-        port=port,
-        libvirt_uri=uri,
-        labels=labels,
-        trust_on_first_use=tofu,
-        exporter_listen=listen,
-        prefix=prefix,
-        python=python,
-    )
+def _source(path: Path) -> Source:
+    return Source(file=str(path), error_type=InventoryError, hint=HINT)
 
 
-def _check_prefix(prefix: str, where: str) -> None:
+# -- field checks -----------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    """A non-empty single-line string (it ends up in commands, known_hosts and unit files)."""
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid(f"expected a non-empty string, got {kind(value)}")
+    if _CONTROL_RE.search(value):
+        raise Invalid(f"{value!r} contains a newline or another control character")
+    return value
+
+
+def _address(value: Any) -> str:
+    # It ends up in known_hosts lines, the libvirt URI and the ssh-keyscan hint.
+    if not _ADDRESS_RE.fullmatch(_text(value)):
+        raise Invalid(f"not a host name or IP address: {value!r}")
+    return str(value)
+
+
+def _user(value: Any) -> str:
+    if not _USER_RE.fullmatch(_text(value)):
+        raise Invalid(f"not a valid user name: {value!r}", hint="lower-case letters, digits, _.-")
+    return str(value)
+
+
+def _uri(value: Any) -> str:
+    if "://" not in _text(value):
+        raise Invalid(f"not a libvirt URI: {value!r}", hint="e.g. qemu+ssh://ksm@10.0.0.11/system")
+    return str(value)
+
+
+def _prefix(value: Any) -> str:
+    check_prefix(_text(value))
+    return str(value)
+
+
+def check_prefix(prefix: str) -> None:
+    """An absolute directory other than /, without `..` or characters systemd would expand."""
     p = PurePosixPath(prefix)
     if not p.is_absolute() or ".." in p.parts or str(p) == "/":
-        raise InventoryError(
-            f"{where}: must be an absolute directory path other than /: {prefix!r}",
-            hint="see playbooks/inventory.example.yaml for the format",
+        raise Invalid(f"must be an absolute directory path other than /: {prefix!r}")
+    bad = [c for c in _UNIT_SPECIAL if c in prefix] or _CONTROL_RE.findall(prefix)
+    if bad:
+        raise Invalid(
+            f"{prefix!r} contains {bad[0]!r}, which systemd would expand in the exporter's unit",
+            hint="choose a directory name without %, $ or control characters",
         )
 
 
-def _check_unique(v: _Validator, hosts: list[Host], nodes: list[yaml.Node]) -> None:
-    """No two hosts share address:port, or an exporter address on one machine; an error
-    names the later host's line."""
-    seen: dict[tuple[str, int], str] = {}
-    listens: dict[tuple[str, str], str] = {}
-    for h, node in zip(hosts, nodes, strict=True):
-        other = seen.setdefault((h.address, h.port), h.name)
-        if other != h.name:
-            v.fail(node, f"hosts.{h.name}", f"same address:port as host {other!r}")
-        # Two exporters on one machine must not fight over one port (loopback fleets in tests).
-        lkey = (h.address, h.exporter_listen)
-        other = listens.setdefault(lkey, h.name)
-        if other != h.name:
-            v.fail(node, f"hosts.{h.name}.exporter.listen", f"same as host {other!r}")
+def _listen(value: Any) -> str:
+    text = _text(value)
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    ok = bool(sep) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    if ok:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            ok = False
+    if not ok:
+        raise Invalid(f"must be IP:PORT, e.g. 10.0.0.11:9712, got {value!r}")
+    return text
+
+
+def _labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a mapping of label name to value, got {kind(value)}")
+    out: dict[str, str] = {}
+    for key, v in value.items():
+        problem = label_name_problem(key)
+        if problem is not None:
+            raise Invalid(problem, at=(key,))
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        if not isinstance(v, str | int | float):
+            raise Invalid(f"label values are strings, got {kind(v)}", at=(key,))
+        out[key] = str(v)
+    return out
+
+
+def label_name_problem(key: object) -> str | None:
+    """Why `key` cannot be a label name (inventory labels, the doctor's --label), or None."""
+    if not isinstance(key, str) or not _LABEL_RE.match(key) or key.startswith("__"):
+        return "not a Prometheus label name"
+    if key in RESERVED_LABELS:
+        return "reserved: the monitoring config sets it"
+    return None
+
+
+def _hosts(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a mapping of host name to fields, got {kind(value)}")
+    if not value:
+        raise Invalid("names no host", hint="e.g. hosts: {kvm-a: {address: 10.0.0.11}}")
+    for name in value:
+        if not _NAME_RE.fullmatch(name):
+            raise Invalid("host names are letters, digits, '.', '_', '-'", at=(name,))
+    return value
+
+
+Text = Annotated[str, Check(_text)]
+
+
+# -- the document -----------------------------------------------------------------------------
+
+
+class ExporterDoc(Model):
+    what = "exporter settings"
+    listen: Annotated[str, Check(_listen)] = DEFAULT_LISTEN
+
+
+class HostDefaults(Model):
+    """Fields a `defaults:` block may give every host (all but address)."""
+
+    what = "host fields"
+    example = "set it on the host or in defaults:"
+    port: Annotated[int, between(1, 65535)] = 22
+    user: Annotated[str | None, Check(_user)] = None
+    key_file: Text | None = None
+    libvirt_uri: Annotated[str | None, Check(_uri)] = None
+    labels: Annotated[dict[str, str], Check(_labels)] = {}  # noqa: RUF012
+    trust_on_first_use: Annotated[bool, Check(boolean)] = False
+    exporter: ExporterDoc = ExporterDoc()
+    prefix: Annotated[str, Check(_prefix)] = DEFAULT_PREFIX
+    python: Text = "python3"
+
+    @classmethod
+    def unknown_field(cls, key: str, data: dict[str, Any]) -> Invalid:
+        if key in _SECRET_FIELDS:
+            return Invalid(
+                "passwords are not accepted in inventory files; use key_file",
+                hint="authentication is by key file only",
+            )
+        if key == "address":
+            return Invalid("address cannot have a default", hint="give each host its address")
+        return super().unknown_field(key, data)
+
+
+class HostDoc(HostDefaults):
+    address: Annotated[str, Check(_address)]
+    user: Annotated[str, Check(_user)]
+    key_file: Text
+
+
+class InventoryDoc(Model):
+    what = "an inventory"
+    example = "the inventory needs a `hosts:` mapping; " + HINT
+    known_hosts: Text = DEFAULT_KNOWN_HOSTS
+    defaults: HostDefaults = HostDefaults()
+    hosts: Annotated[dict[str, HostDoc], Check(_hosts)]
+
+    @classmethod
+    def unknown_field(cls, key: str, data: dict[str, Any]) -> Invalid:
+        if {"phases", "fleet"} & set(data):
+            return Invalid(
+                f"unknown field {key!r}: this looks like a playbook, not an inventory",
+                hint="run a playbook on an inventory's hosts with "
+                "`ksmh run --inventory INVENTORY PLAYBOOK`",
+            )
+        return super().unknown_field(key, data)
+
+    @model_validator(mode="after")
+    def _unique(self) -> InventoryDoc:
+        """No two hosts share address:port, or an exporter address on one machine."""
+        seen: dict[tuple[str, int], str] = {}
+        listens: dict[tuple[str, str], str] = {}
+        for name, h in self.hosts.items():
+            other = seen.setdefault((h.address, h.port), name)
+            if other != name:
+                raise fail(f"same address:port as host {other!r}", at=("hosts", name))
+            # Two exporters on one machine must not fight over one port (loopback fleets).
+            other = listens.setdefault((h.address, h.exporter.listen), name)
+            if other != name:
+                raise fail(f"same as host {other!r}", at=("hosts", name, "exporter", "listen"))
+        return self
+
+
+def _merge_defaults(data: Any, src: Source) -> Any:
+    """Each host's fields over the defaults; a defaulted field keeps the line it came from."""
+    if not isinstance(data, dict):
+        return data
+    defaults, hosts = data.get("defaults"), data.get("hosts")
+    if not isinstance(defaults, dict) or not isinstance(hosts, dict):
+        return data
+    merged: dict[str, Any] = {}
+    for name, fields in hosts.items():
+        if not isinstance(fields, dict):
+            merged[name] = fields
+            continue
+        merged[name] = {**{k: v for k, v in defaults.items() if k != "address"}, **fields}
+        for path, line in list(src.lines.items()):
+            if path[:1] == ("defaults",) and len(path) > 1 and path[1] not in fields:
+                src.lines.setdefault(("hosts", name, *path[1:]), line)
+    return {**data, "hosts": merged}
+
+
+def _parse(data: Any, src: Source, path: Path) -> Inventory:
+    doc = validate(InventoryDoc, _merge_defaults(data, src), src)
+    base = path.parent
+    hosts = []
+    for name, h in doc.hosts.items():
+        where = f"{h.user}@{h.address}{'' if h.port == 22 else f':{h.port}'}"
+        hosts.append(
+            Host(
+                name=name,
+                address=h.address,
+                user=h.user,
+                key_file=_resolve(base, h.key_file),
+                port=h.port,
+                libvirt_uri=h.libvirt_uri or f"qemu+ssh://{where}/system",
+                labels=dict(h.labels),
+                trust_on_first_use=h.trust_on_first_use,
+                exporter_listen=h.exporter.listen,
+                prefix=h.prefix,
+                python=h.python,
+            )
+        )
+    return Inventory(path=path, hosts=tuple(hosts), known_hosts=_resolve(base, doc.known_hosts))
+
+
+def _check_prefix(prefix: str, where: str) -> None:
+    try:
+        check_prefix(prefix)
+    except Invalid as exc:
+        raise InventoryError(f"{where}: {exc.message}", hint=exc.hint or HINT) from None
 
 
 def _resolve(base: Path, value: str) -> Path:
     p = Path(os.path.expanduser(value))
     return p if p.is_absolute() else (base / p)
-
-
-class _Validator:
-    """Typed accessors over YAML nodes that fail with file:line: field: problem."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, node: yaml.Node, where: str, problem: str) -> Any:
-        line = node.start_mark.line + 1
-        raise InventoryError(
-            f"{self.path}:{line}: {where}: {problem}",
-            hint="see playbooks/inventory.example.yaml for the format",
-        )
-
-    def mapping(
-        self, node: yaml.Node, where: str, allowed: tuple[str, ...]
-    ) -> dict[str, yaml.Node]:
-        if not isinstance(node, yaml.MappingNode):
-            self.fail(node, where, "must be a mapping")
-        out: dict[str, yaml.Node] = {}
-        for k, val in node.value:
-            key = self.string(k, where)
-            if key in _SECRET_FIELDS:
-                self.fail(
-                    k,
-                    f"{where}.{key}",
-                    "passwords are not accepted in inventory files; use key_file",
-                )
-            if key not in allowed:
-                self.fail(k, f"{where}.{key}", f"unknown field (known: {', '.join(allowed)})")
-            if key in out:
-                self.fail(k, f"{where}.{key}", "given twice")
-            out[key] = val
-        return out
-
-    def _scalar(self, node: yaml.Node, where: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            self.fail(node, where, "must be a single value")
-        return yaml.SafeLoader("").construct_object(node)
-
-    def string(self, node: yaml.Node, where: str) -> str:
-        value = self._scalar(node, where)
-        if not isinstance(value, str) or not value.strip():
-            self.fail(node, where, f"must be a non-empty string, got {value!r}")
-        return str(value)
-
-    def integer(self, node: yaml.Node, where: str, lo: int, hi: int) -> int:
-        value = self._scalar(node, where)
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            self.fail(node, where, f"must be an integer {lo}-{hi}, got {value!r}")
-        return int(value)
-
-    def boolean(self, node: yaml.Node, where: str) -> bool:
-        value = self._scalar(node, where)
-        if not isinstance(value, bool):
-            self.fail(node, where, f"must be true or false, got {value!r}")
-        return bool(value)
-
-    def listen(self, node: yaml.Node, where: str) -> str:
-        value = self.string(node, where)
-        host, sep, port = value.rpartition(":")
-        host = host.strip("[]")
-        ok = bool(sep) and port.isdigit() and 1 <= int(port) <= 65535 and bool(host)
-        if ok:
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                ok = False
-        if not ok:
-            self.fail(node, where, f"must be IP:PORT, e.g. 10.0.0.11:9712, got {value!r}")
-        return value
-
-    def labels(self, node: yaml.Node, where: str) -> dict[str, str]:
-        if not isinstance(node, yaml.MappingNode):
-            self.fail(node, where, "must be a mapping of label name to value")
-        out: dict[str, str] = {}
-        for k, val in node.value:
-            key = self.string(k, where)
-            if not _LABEL_RE.match(key) or key.startswith("__"):
-                self.fail(k, f"{where}.{key}", "not a Prometheus label name")
-            if key in RESERVED_LABELS:
-                self.fail(k, f"{where}.{key}", "reserved: the monitoring config sets it")
-            value = self._scalar(val, f"{where}.{key}")
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            if not isinstance(value, str | int | float):
-                self.fail(val, f"{where}.{key}", "label values are strings")
-            out[key] = str(value)
-        return out

@@ -7,8 +7,9 @@ nothing of ours installed there and only reads files.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+
+from pydantic import TypeAdapter, ValidationError
 
 from harness.errors import RemoteCommandFailed
 from harness.remote.ssh import Session
@@ -67,6 +68,9 @@ class Facts:
     state: str | None  # the exporter command line the supervisor was started with (JSON)
 
 
+MAX_REPLY = 64 * 1024
+
+
 def read_facts(s: Session, prefix: str) -> Facts:
     """Run the probe with the host's interpreter; RemoteCommandFailed if it cannot run."""
     r = s.run([s.host.python, "-c", _FACTS, prefix], check=False)
@@ -76,20 +80,21 @@ def read_facts(s: Session, prefix: str) -> Facts:
             f"{s.host.name}: {s.host.python} does not run there: {last}",
             hint="install python3 (>= 3.11) or set `python:` for this host in the inventory",
         )
-    d = json.loads(r.stdout)
-    return Facts(
-        version=(int(d["version"][0]), int(d["version"][1])),
-        soabi=str(d["soabi"]),
-        machine=str(d["machine"]),
-        uid=int(d["uid"]),
-        systemd=bool(d["systemd"]),
-        ksm_present=bool(d["ksm_present"]),
-        ksm_writable=bool(d["ksm_writable"]),
-        ksm_run=d["ksm_run"],
-        kvm_exists=bool(d["kvm_exists"]),
-        kvm_rw=bool(d["kvm_rw"]),
-        digest=d["digest"],
-        venv=bool(d["venv"]),
-        supervisor=d["supervisor"],
-        state=d["state"],
-    )
+    return parse_facts(s.host.name, r.stdout)
+
+
+def parse_facts(host: str, reply: str) -> Facts:
+    """The probe's JSON reply as Facts; a reply of the wrong shape fails this host alone."""
+    try:
+        return _FACTS_REPLY.validate_json(reply[:MAX_REPLY], strict=True)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "reply"
+        raise RemoteCommandFailed(
+            f"{host}: unexpected reply from the host probe ({where}: {err['msg']})",
+            hint="something on the host wraps or replaces its python; check `python:` in the "
+            "inventory",
+        ) from None
+
+
+_FACTS_REPLY = TypeAdapter(Facts)

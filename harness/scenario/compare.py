@@ -11,28 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.console import plural
 from harness.ksm.sysfs import SysfsBackend
-from harness.ksm.types import COUNTER_NAMES
+from harness.record import Difference, Snapshot, diff_snapshots
 from harness.scenario.kernel_runner import KernelRunner, run_on_kernel
 from harness.scenario.model_runner import ModelRunner
-from harness.scenario.series import STAT_FIELDS, Series, Snapshot
+from harness.scenario.series import Series
 from harness.scenario.spec import Scenario, action_text
-
-
-@dataclass(frozen=True)
-class Difference:
-    """One value that differs: where (F and phase), what, and both values."""
-
-    scan: int  # 0 for the initial snapshot taken before run=1
-    phase: str  # "initial", "end" (of scan F), "after actions", "outcome"
-    field: str  # a counter name, "<process>.<ksm_stat field>", "processes", "samples"
-    kernel: object
-    model: object
-
-    def __str__(self) -> str:
-        return (
-            f"F={self.scan} {self.phase}: {self.field} kernel={self.kernel!r} model={self.model!r}"
-        )
 
 
 @dataclass(frozen=True)
@@ -63,7 +48,7 @@ class Comparison:
             + (f" (seed {s.seed})" if s.seed is not None else "")
             + f": kernel and model differ; first at {first}",
             s.describe(),
-            f"{len(self.differences)} difference(s):",
+            f"{plural(len(self.differences), 'difference')}:",
         ]
         lines += [f"  {d}" for d in self.differences[:limit]]
         if len(self.differences) > limit:
@@ -107,9 +92,9 @@ def _value(snap: Snapshot, field: str) -> object:
 def compare(kernel: Series, model: Series) -> Comparison:
     """Every difference between two series of the same scenario, in time order."""
     diffs: list[Difference] = []
-    _snapshots(0, "initial", kernel.initial, model.initial, diffs)
+    diffs += diff_snapshots(kernel.initial, model.initial, scan=0, phase="initial")
     for ks, ms in zip(kernel.samples, model.samples, strict=False):
-        _snapshots(ks.scan, "end", ks.end, ms.end, diffs)
+        diffs += diff_snapshots(ks.end, ms.end, scan=ks.scan, phase="end")
         if ks.outcomes != ms.outcomes:
             diffs.append(Difference(ks.scan, "outcome", "actions", ks.outcomes, ms.outcomes))
         if (ks.after_actions is None) != (ms.after_actions is None):
@@ -117,7 +102,9 @@ def compare(kernel: Series, model: Series) -> Comparison:
                 Difference(ks.scan, "after actions", "snapshot", ks.after_actions, ms.after_actions)
             )
         elif ks.after_actions is not None and ms.after_actions is not None:
-            _snapshots(ks.scan, "after actions", ks.after_actions, ms.after_actions, diffs)
+            diffs += diff_snapshots(
+                ks.after_actions, ms.after_actions, scan=ks.scan, phase="after actions"
+            )
     if len(kernel.samples) != len(model.samples):
         diffs.append(
             Difference(
@@ -129,23 +116,6 @@ def compare(kernel: Series, model: Series) -> Comparison:
             )
         )
     return Comparison(kernel=kernel, model=model, differences=tuple(diffs))
-
-
-def _snapshots(scan: int, phase: str, k: Snapshot, m: Snapshot, out: list[Difference]) -> None:
-    names = list(COUNTER_NAMES) + sorted((set(k.counters) | set(m.counters)) - set(COUNTER_NAMES))
-    for name in names:
-        kv, mv = k.counters.get(name), m.counters.get(name)
-        if kv != mv:
-            out.append(Difference(scan, phase, name, kv, mv))
-    if set(k.processes) != set(m.processes):
-        out.append(Difference(scan, phase, "processes", sorted(k.processes), sorted(m.processes)))
-    for proc in k.processes:
-        if proc not in m.processes:
-            continue
-        for f in STAT_FIELDS:
-            kv, mv = k.processes[proc].get(f), m.processes[proc].get(f)
-            if kv != mv:
-                out.append(Difference(scan, phase, f"{proc}.{f}", kv, mv))
 
 
 def run_both(

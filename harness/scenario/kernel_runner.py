@@ -32,11 +32,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import procfs
 from harness.errors import KsmWriteRefused, ScanTimeout
-from harness.ksm.lock import ksm_lock
 from harness.ksm.sysfs import SysfsBackend
+from harness.record import Snapshot, StatValue, stat_record
 from harness.scenario.errors import ForeignKsmActivity, SamplingError
-from harness.scenario.series import ScanSample, Series, Snapshot, StatValue, relative
+from harness.scenario.series import ScanSample, Series, relative
 from harness.scenario.spec import (
     Action,
     Exit,
@@ -82,7 +83,8 @@ class KernelRunner:
     def run(self, scenario: Scenario) -> Series:
         """Run the scenario and return its kernel series; always kills the workers.
 
-        With THP processes, khugepaged is pinned for the run (harness.thp).
+        With THP processes, khugepaged is pinned for the run (harness.thp; the old interval
+        goes into the run's journal).
         """
         b = self.backend
         self.check_no_foreign(set())
@@ -91,7 +93,9 @@ class KernelRunner:
         )
         try:
             with (
-                khugepaged_pinned() if huge else nullcontext(),
+                khugepaged_pinned(b.root.parent / "transparent_hugepage")
+                if huge
+                else nullcontext(),
                 WorkerPool(
                     python=self.python, page_size=b.page_size, timeout=self.worker_timeout
                 ) as pool,
@@ -184,15 +188,7 @@ class KernelRunner:
 
     def read_stat(self, pid: int) -> dict[str, StatValue]:
         """/proc/PID/ksm_stat with the kernel's field names (what ksm_model returns too)."""
-        s = self.backend.ksm_stat(pid)
-        return {
-            "ksm_rmap_items": s.rmap_items,
-            "ksm_zero_pages": s.zero_pages,
-            "ksm_merging_pages": s.merging_pages,
-            "ksm_process_profit": s.process_profit,
-            "ksm_merge_any": s.merge_any,
-            "ksm_mergeable": s.mergeable,
-        }
+        return stat_record(self.backend.ksm_stat(pid))
 
     @contextmanager
     def _full_scans_fd(self) -> Iterator[int]:
@@ -252,20 +248,22 @@ class KernelRunner:
         total = sum(c[n] or 0 for n in _RESET_COUNTERS)
         ours = sum(int(s["ksm_rmap_items"] or 0) for s in snap.processes.values())
         if total > ours:
-            found = foreign_ksm_users(self.backend.proc, pids | {os.getpid()})
+            found = procfs.ksm_users(self.backend.proc, exclude=pids | {os.getpid()})
             raise ForeignKsmActivity(
                 f"F={scan}: KSM tracks {total} rmap_items but the scenario's processes own "
-                f"{ours}; other registered processes: {describe(found) or 'none found'}",
+                f"{ours}; other registered processes: "
+                f"{procfs.describe_users(found) or 'none found'}",
                 hint="stop the other KSM users (QEMU guests?) or wait for them; they must hold "
                 "the ksm-harness lock while merging",
             )
 
     def check_no_foreign(self, ours: set[int]) -> None:
         """Raise ForeignKsmActivity if any process but `ours` is registered with KSM."""
-        found = foreign_ksm_users(self.backend.proc, ours | {os.getpid()})
+        found = procfs.ksm_users(self.backend.proc, exclude=ours | {os.getpid()})
         if found:
             raise ForeignKsmActivity(
-                f"processes outside the scenario are registered with KSM: {describe(found)}",
+                "processes outside the scenario are registered with KSM: "
+                + procfs.describe_users(found),
                 hint="their pages would change every counter; stop them (or wait) and retry",
             )
 
@@ -296,16 +294,11 @@ def runner_tunables(
 
 def anon_huge_kb(proc: Path, pid: int, addr: int, length: int) -> int:
     """AnonHugePages (kB) of the VMAs of `pid` inside [addr, addr+length), from smaps."""
-    total = 0
-    inside = False
-    for line in (proc / str(pid) / "smaps").read_text().splitlines():
-        head = line.split(None, 1)[0] if line else ""
-        if "-" in head and not head.endswith(":"):
-            lo, _, hi = head.partition("-")
-            inside = addr <= int(lo, 16) and int(hi, 16) <= addr + length
-        elif inside and head == "AnonHugePages:":
-            total += int(line.split()[1])
-    return total
+    return sum(
+        v.anon_huge_kib
+        for v in procfs.smaps(pid, proc)
+        if addr <= v.start and v.end <= addr + length
+    )
 
 
 def refusal(code: int | None) -> str:
@@ -315,36 +308,12 @@ def refusal(code: int | None) -> str:
     return "refused " + errno.errorcode.get(code, str(code))
 
 
-def foreign_ksm_users(proc: Path, ours: set[int]) -> list[tuple[int, str, str]]:
-    """(pid, comm, reason) of every process not in `ours` that KSM knows about."""
-    found = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) in ours:
-            continue
-        try:
-            text = (entry / "ksm_stat").read_text()
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        fields = dict(line.replace(":", "").split(None, 1) for line in text.splitlines() if line)
-        if fields.get("ksm_mergeable", "").strip() == "yes":
-            found.append((int(entry.name), comm, "ksm_mergeable: yes"))
-        elif int(fields.get("ksm_rmap_items", "0")) > 0:
-            found.append((int(entry.name), comm, f"ksm_rmap_items {fields['ksm_rmap_items']}"))
-    return found
-
-
-def describe(found: list[tuple[int, str, str]]) -> str:
-    """foreign_ksm_users() output as one line for an error message."""
-    return ", ".join(f"pid {pid} ({comm}, {why})" for pid, comm, why in found)
-
-
 def run_on_kernel(scenario: Scenario, backend: SysfsBackend | None = None, **kw: object) -> Series:
-    """Take the host-wide KSM lock, save every knob, run the scenario, restore the knobs.
+    """Take the host-wide KSM lock (re-entrant: the pytest `ksm` fixture may hold it already),
+    journal and save every knob, run the scenario, restore the knobs."""
+    from harness.recovery import run_session
 
-    Pass `backend` only when you do NOT already hold the lock (the pytest `ksm` fixture holds
-    it: use KernelRunner(ksm).run(scenario) there, or flock would wait for ourselves).
-    """
     b = backend or SysfsBackend()
-    with ksm_lock(), b.saved():
+    name = f"scenario-{scenario.name}-{os.getpid()}"
+    with run_session(b, name, "scenario", echo=lambda s: print(s, file=sys.stderr)):
         return KernelRunner(b, **kw).run(scenario)  # type: ignore[arg-type]

@@ -1,19 +1,31 @@
-"""Scenario.from_mapping: build a Scenario from plain data (a dict, e.g. loaded from YAML).
+"""Scenario.from_mapping and scenario files: pydantic models of the format (harness.validation).
 
-Every error is a ScenarioError whose message starts with the path of the offending field,
-such as ``processes[1].contents[3]`` or ``actions[2].after``.
+The models mirror the frozen values of harness.scenario.spec field for field: a model's fields
+that a value's dataclass also has are passed through by name, so a new scenario field or action
+field is one line here (its type and check) next to the one line in spec.py. A new action is a
+dataclass there and a model with `target` here, listed in ACTIONS.
+
+Every error is a ScenarioError naming the offending field (``processes[1].contents[3]: ...``);
+from a file (`load_scenario`), also the file and line. Semantic checks (names alive when used,
+times ordered, ksmd kept busy) stay with the values (spec.Scenario.__post_init__).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Union
 
+from pydantic import Discriminator, Tag, model_validator
+
+from harness.errors import KsmWriteRefused
+from harness.ksm.tunables import validate as validate_tunables
 from harness.scenario import tokens as tk
 from harness.scenario.errors import ScenarioError
 from harness.scenario.spec import (
     MAX_PAGES,
-    NAME_RE,
+    SCENARIO_TUNABLES,
     Action,
     Dontneed,
     Exit,
@@ -26,164 +38,305 @@ from harness.scenario.spec import (
     Spawn,
     Unmergeable,
     Write,
-    check_tunables,
 )
+from harness.validation import Check, Invalid, Model, between, fail, kind, matching, validate
+from harness.yamlfile import Source, load_text, read_text
 
-_TOP_KEYS = {"name", "seed", "scans", "tunables", "processes", "actions"}
-
-
-def scenario_from_mapping(data: Mapping[str, Any]) -> Scenario:
-    """The Scenario described by `data` (see harness.scenario.spec for the format)."""
-    if not isinstance(data, Mapping):
-        raise ScenarioError(f"scenario: expected a mapping, got {type(data).__name__}")
-    _no_extra(data, _TOP_KEYS, "scenario")
-    name = data.get("name", "scenario")
-    if not isinstance(name, str):
-        raise ScenarioError(f"name: {name!r} must be a string")
-    seed = data.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ScenarioError(f"seed: {seed!r} must be an integer")
-    if "scans" not in data:
-        raise ScenarioError("scans: missing (how many full scans to sample)")
-    tunables = data.get("tunables") or {}
-    if not isinstance(tunables, Mapping):
-        raise ScenarioError("tunables: expected a mapping of name: value")
-    procs = data.get("processes")
-    if not isinstance(procs, Sequence) or isinstance(procs, str) or not procs:
-        raise ScenarioError("processes: expected a non-empty list")
-    processes = tuple(_process(p, f"processes[{i}]") for i, p in enumerate(procs))
-    acts = data.get("actions") or []
-    if not isinstance(acts, Sequence) or isinstance(acts, str):
-        raise ScenarioError("actions: expected a list")
-    actions = tuple(_action(a, f"actions[{i}]") for i, a in enumerate(acts))
-    return Scenario(
-        processes=processes,
-        scans=data["scans"],
-        tunables=tuple(tunables.items()),
-        actions=actions,
-        name=name,
-        seed=seed,
-    )
+MAX_SCANS = 100_000
+Name = Annotated[
+    str, matching(r"[A-Za-z0-9_.-]{1,32}", "must be 1-32 letters, digits, '_', '.', '-'")
+]
+Int = Annotated[int, between(-(2**63), 2**63 - 1)]
+TOKEN_HINT = "page tokens: one letter or digit, 0xNN or a byte value, zero, u:<k>; tok*n repeats"
 
 
-def _no_extra(m: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    extra = sorted(set(m) - allowed)
-    if extra:
-        raise ScenarioError(
-            f"{where}.{extra[0]}: unknown field", hint="known: " + ", ".join(sorted(allowed))
-        )
-
-
-def _process(p: object, where: str) -> ProcessSpec:
-    if not isinstance(p, Mapping):
-        raise ScenarioError(f"{where}: expected a mapping with name and pages/fill or contents")
-    _no_extra(p, {"name", "pages", "fill", "contents", "thp"}, where)
-    name = p.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ScenarioError(f"{where}.name: {name!r} must be 1-32 letters, digits, '_', '.', '-'")
-    if "contents" in p:
-        if "pages" in p or "fill" in p:
-            raise ScenarioError(f"{where}: give either contents or pages + fill, not both")
-        contents = p["contents"]
-        if not isinstance(contents, Sequence) or isinstance(contents, str):
-            raise ScenarioError(f"{where}.contents: expected a list of tokens ('a', 'a*10', ...)")
-        pages: list[str] = []
-        for j, item in enumerate(contents):
-            try:
-                pages.extend(
-                    tk.decode_runs([item]) if isinstance(item, str) else [tk.normalize(item)]
-                )
-            except tk.TokenError as exc:
-                raise ScenarioError(f"{where}.contents[{j}]: {exc}") from None
-    else:
-        count = p.get("pages")
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_PAGES:
-            raise ScenarioError(f"{where}.pages: {count!r} must be an integer in 1..{MAX_PAGES}")
-        if "fill" not in p:
-            raise ScenarioError(f"{where}.fill: missing (the token every page is filled with)")
-        try:
-            pages = [tk.normalize(p["fill"])] * count
-        except tk.TokenError as exc:
-            raise ScenarioError(f"{where}.fill: {exc}") from None
-    if not 1 <= len(pages) <= MAX_PAGES:
-        raise ScenarioError(f"{where}.contents: {len(pages)} pages, must be 1..{MAX_PAGES}")
-    thp = p.get("thp", False)
-    if not isinstance(thp, bool):
-        raise ScenarioError(f"{where}.thp: {thp!r} must be true or false")
-    return ProcessSpec(name=name, pages=tuple(pages), thp=thp)
-
-
-_RANGE = {"process", "start", "count"}
-_ACTION_FIELDS: dict[str, set[str]] = {
-    "write": {"process", "pages", "page", "content"},
-    "unmergeable": _RANGE,
-    "mergeable": _RANGE,
-    "dontneed": _RANGE,
-    "spawn": {"process", "pages", "fill", "contents", "thp"},
-    "fork": {"process", "child"},
-    "exit": {"process"},
-    "rerun": set(),
-    "set": {"tunable", "value"},
-}
-
-
-def _action(a: object, where: str) -> Action:
-    if not isinstance(a, Mapping):
-        raise ScenarioError(f"{where}: expected a mapping with after and do")
-    kind = a.get("do")
-    if kind not in _ACTION_FIELDS:
-        raise ScenarioError(
-            f"{where}.do: {kind!r} is not an action", hint="one of: " + ", ".join(_ACTION_FIELDS)
-        )
-    _no_extra(a, {"after", "do"} | _ACTION_FIELDS[kind], where)
-    after = a.get("after")
-    if not isinstance(after, int) or isinstance(after, bool):
-        raise ScenarioError(f"{where}.after: {after!r} must be an integer (a full-scan count)")
-    optional = {"pages", "page", "start", "count", "fill", "contents", "thp"}
-    for key in _ACTION_FIELDS[kind] - optional:
-        if key not in a:
-            raise ScenarioError(f"{where}.{key}: missing for do: {kind}")
-    if kind == "write":
-        return Write(after, a["process"], _pages(a, where), _token(a["content"], where))
-    if kind in ("unmergeable", "mergeable", "dontneed"):
-        start, count = a.get("start", 0), a.get("count")
-        for key, v in (("start", start), ("count", count)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
-                raise ScenarioError(f"{where}.{key}: {v!r} must be an integer")
-        if kind == "unmergeable":
-            return Unmergeable(after, a["process"], start, count)
-        if kind == "mergeable":
-            return Mergeable(after, a["process"], start, count)
-        return Dontneed(after, a["process"], start, count)
-    if kind == "spawn":
-        spec = {k: v for k, v in a.items() if k not in ("after", "do")}
-        spec["name"] = spec.pop("process")
-        return Spawn(after, _process(spec, where))
-    if kind == "fork":
-        return Fork(after, a["process"], a["child"])
-    if kind == "exit":
-        return Exit(after, a["process"])
-    if kind == "rerun":
-        return Rerun(after)
-    name, value = a["tunable"], a["value"]
-    parsed = check_tunables([(str(name), value)], f"{where}.tunable")
-    return SetTunable(after, parsed[0][0], parsed[0][1])
-
-
-def _pages(a: Mapping[str, Any], where: str) -> tuple[int, ...]:
-    if ("pages" in a) == ("page" in a):
-        raise ScenarioError(f"{where}.pages: give exactly one of page or pages")
-    raw = a["pages"] if "pages" in a else [a["page"]]
-    if not isinstance(raw, Sequence) or isinstance(raw, str):
-        raise ScenarioError(f"{where}.pages: expected a list of page indexes")
-    for page in raw:
-        if not isinstance(page, int) or isinstance(page, bool):
-            raise ScenarioError(f"{where}.pages: {page!r} is not a page index")
-    return tuple(raw)
-
-
-def _token(value: object, where: str) -> str:
+def _token(value: Any) -> str:
     try:
         return tk.normalize(value)
     except tk.TokenError as exc:
-        raise ScenarioError(f"{where}.content: {exc}") from None
+        raise Invalid(str(exc), hint=TOKEN_HINT) from None
+
+
+def _contents(value: Any) -> tuple[str, ...]:
+    """Tokens and runs ('a*50') -> one token per page, refusing more than MAX_PAGES first."""
+    if not isinstance(value, list | tuple):
+        raise Invalid(f"expected a list of tokens ('a', 'a*10', ...), got {kind(value)}")
+    pages: list[str] = []
+    for j, item in enumerate(value):
+        token, count = item, 1
+        if isinstance(item, str) and "*" in item:
+            token, _, n = item.rpartition("*")
+            if not (n.isascii() and n.isdigit() and len(n) <= 7 and int(n) >= 1):
+                raise Invalid(f"{item!r}: the repeat count must be a positive integer", at=(j,))
+            count = int(n)
+        if len(pages) + count > MAX_PAGES:
+            raise Invalid(f"more than {MAX_PAGES} pages", at=(j,))
+        try:
+            pages.extend([tk.normalize(token)] * count)
+        except tk.TokenError as exc:
+            raise Invalid(str(exc), hint=TOKEN_HINT, at=(j,)) from None
+    return tuple(pages)
+
+
+Token = Annotated[str, Check(_token)]
+
+
+class Buffer(Model):
+    """One process's pages: `pages` + `fill`, or `contents`."""
+
+    pages: Annotated[int | None, between(1, MAX_PAGES)] = None
+    fill: Token | None = None
+    contents: Annotated[tuple[str, ...] | None, Check(_contents)] = None
+    thp: bool = False  # MADV_HUGEPAGE on a 2 MiB-aligned buffer (else MADV_NOHUGEPAGE)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Buffer:
+        if self.contents is not None:
+            if self.pages is not None or self.fill is not None:
+                raise fail("give either contents or pages + fill, not both")
+            if not self.contents:
+                raise fail("no pages", at=("contents",))
+        elif self.pages is None:
+            raise fail("missing: how many pages (or contents)", at=("pages",))
+        elif self.fill is None:
+            raise fail("missing: the token every page is filled with", at=("fill",))
+        return self
+
+    def tokens(self) -> tuple[str, ...]:
+        if self.contents is not None:
+            return self.contents
+        assert self.fill is not None and self.pages is not None
+        return (self.fill,) * self.pages
+
+
+class ProcessDoc(Buffer):
+    what = "a process"
+    example = "e.g. {name: p1, pages: 100, fill: a} or {name: p2, contents: ['a*50', 'u:1']}"
+    name: Name
+
+    def spec(self) -> ProcessSpec:
+        return ProcessSpec(name=self.name, pages=self.tokens(), thp=self.thp)
+
+
+class ActionDoc(Model):
+    """Fields every action has; `target` is the spec dataclass it builds."""
+
+    what = "an action (a mapping with after and do)"
+    target: ClassVar[type[Any]]
+    after: Int
+    do: str
+
+    def action(self) -> Action:
+        names = {f.name for f in dataclasses.fields(self.target)}
+        action: Action = self.target(
+            **{n: getattr(self, n) for n in type(self).model_fields if n in names}
+        )
+        return action
+
+
+def _page_list(value: Any) -> Any:
+    if not isinstance(value, list | tuple):
+        raise Invalid(f"expected a list of page indexes, got {kind(value)}")
+    return tuple(value)
+
+
+class WriteDoc(ActionDoc):
+    target = Write
+    process: str
+    pages: Annotated[tuple[Int, ...] | None, Check(_page_list)] = None
+    page: Int | None = None
+    content: Token
+
+    @model_validator(mode="after")
+    def _one_of(self) -> WriteDoc:
+        if (self.pages is None) == (self.page is None):
+            raise fail("give exactly one of page or pages", at=("pages",))
+        return self
+
+    def action(self) -> Action:
+        pages = self.pages if self.pages is not None else (self.page,)
+        return Write(
+            self.after, self.process, tuple(p for p in pages if p is not None), self.content
+        )
+
+
+class RangeDoc(ActionDoc):
+    process: str
+    start: Int = 0
+    count: Int | None = None
+
+
+class UnmergeableDoc(RangeDoc):
+    target = Unmergeable
+
+
+class MergeableDoc(RangeDoc):
+    target = Mergeable
+
+
+class DontneedDoc(RangeDoc):
+    target = Dontneed
+
+
+class SpawnDoc(ActionDoc, Buffer):
+    target = Spawn
+    process: Name
+
+    def action(self) -> Action:
+        return Spawn(self.after, ProcessSpec(name=self.process, pages=self.tokens(), thp=self.thp))
+
+
+class ForkDoc(ActionDoc):
+    target = Fork
+    process: str
+    child: str
+
+
+class ExitDoc(ActionDoc):
+    target = Exit
+    process: str
+
+
+class RerunDoc(ActionDoc):
+    target = Rerun
+
+
+class SetDoc(ActionDoc):
+    target = SetTunable
+    tunable: str
+    value: Int | str
+
+    @model_validator(mode="after")
+    def _known(self) -> SetDoc:
+        try:
+            _tunables({self.tunable: self.value})
+        except Invalid as exc:
+            field = "tunable" if self.tunable not in SCENARIO_TUNABLES else "value"
+            raise fail(exc.message, exc.hint, at=(field,)) from None
+        return self
+
+    def action(self) -> Action:
+        value = validate_tunables({self.tunable: self.value})[self.tunable]
+        return SetTunable(self.after, self.tunable, int(value))
+
+
+ACTIONS: dict[str, type[ActionDoc]] = {
+    "write": WriteDoc,
+    "unmergeable": UnmergeableDoc,
+    "mergeable": MergeableDoc,
+    "dontneed": DontneedDoc,
+    "spawn": SpawnDoc,
+    "fork": ForkDoc,
+    "exit": ExitDoc,
+    "rerun": RerunDoc,
+    "set": SetDoc,
+}
+
+
+def _action_shape(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a mapping with after and do, got {kind(value)}")
+    if value.get("do") not in ACTIONS:
+        raise Invalid(
+            f"{value.get('do')!r} is not an action",
+            hint="one of: " + ", ".join(ACTIONS),
+            at=("do",) if "do" in value else (),
+        )
+    return value
+
+
+ActionUnion = Annotated[
+    Union[  # noqa: UP007 (tagged members read better spelled out)
+        Annotated[WriteDoc, Tag("<write>")],
+        Annotated[UnmergeableDoc, Tag("<unmergeable>")],
+        Annotated[MergeableDoc, Tag("<mergeable>")],
+        Annotated[DontneedDoc, Tag("<dontneed>")],
+        Annotated[SpawnDoc, Tag("<spawn>")],
+        Annotated[ForkDoc, Tag("<fork>")],
+        Annotated[ExitDoc, Tag("<exit>")],
+        Annotated[RerunDoc, Tag("<rerun>")],
+        Annotated[SetDoc, Tag("<set>")],
+    ],
+    Discriminator(lambda v: f"<{v.get('do')}>" if isinstance(v, dict) else None),
+    Check(_action_shape),
+]
+
+
+def _tunables(value: Any) -> dict[str, int | str]:
+    """Scenario tunables by name, each parsed as the kernel would (harness.ksm.tunables)."""
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a mapping of tunable: value, got {kind(value)}")
+    for key, v in value.items():
+        where = (key,)
+        if key not in SCENARIO_TUNABLES:
+            raise Invalid(
+                f"{key!r} is not a scenario tunable",
+                hint="allowed: " + ", ".join(SCENARIO_TUNABLES),
+                at=where,
+            )
+        try:
+            validate_tunables({key: v})
+        except KsmWriteRefused as exc:
+            raise Invalid(exc.message.removeprefix(f"{key}: "), exc.hint, at=where) from None
+    return validate_tunables(dict(value))
+
+
+def _list(value: Any) -> Any:
+    if not isinstance(value, list | tuple):
+        raise Invalid(f"expected a list, got {kind(value)}")
+    return list(value)
+
+
+def _nonempty_list(value: Any) -> Any:
+    if not _list(value):
+        raise Invalid("expected a non-empty list")
+    return list(value)
+
+
+class ScenarioDoc(Model):
+    """The scenario format; fields named like spec.Scenario's are passed through."""
+
+    what = "a scenario"
+    example = "see the README's scenario format"
+    name: str = "scenario"
+    seed: Int | None = None
+    scans: Annotated[int, between(1, MAX_SCANS)]
+    tunables: Annotated[dict[str, Int | str], Check(_tunables)] = {}  # noqa: RUF012
+    processes: Annotated[list[ProcessDoc], Check(_nonempty_list)]
+    actions: Annotated[list[ActionUnion], Check(_list)] = []  # noqa: RUF012
+
+    def scenario(self) -> Scenario:
+        names = {f.name for f in dataclasses.fields(Scenario)}
+        fields = {n: getattr(self, n) for n in type(self).model_fields if n in names}
+        fields.update(
+            processes=tuple(p.spec() for p in self.processes),
+            tunables=tuple(self.tunables.items()),
+            actions=tuple(a.action() for a in self.actions),
+        )
+        return Scenario(**fields)
+
+
+HINT = "see the scenario format in README.md (Scenarios) and harness/scenario/spec.py"
+
+
+def _source(file: str = "") -> Source:
+    return Source(file=file, error_type=ScenarioError, hint=HINT)
+
+
+def scenario_from_mapping(data: Mapping[str, Any], src: Source | None = None) -> Scenario:
+    """The Scenario described by `data` (see harness.scenario.spec for the format)."""
+    if isinstance(data, Mapping) and not isinstance(data, dict):
+        data = dict(data)
+    doc = validate(ScenarioDoc, data, src or _source())
+    try:
+        return doc.scenario()
+    except ScenarioError as exc:  # the values' own (semantic) checks
+        raise ScenarioError(exc.message, hint=exc.hint or HINT) from None
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read a scenario YAML file; errors name file, line and field."""
+    src = _source(str(path))
+    return scenario_from_mapping(
+        load_text(read_text(Path(path), src, "scenario"), src, "scenario"), src
+    )

@@ -1,5 +1,7 @@
 """The result of running a scenario on one side: a series of counter snapshots.
 
+Snapshot (harness.record) is the one record format of runs and scenarios alike.
+
 Both runners return exactly this shape, so compare() needs no knowledge of where it came from.
 """
 
@@ -10,39 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.ksm.types import COUNTER_NAMES
+from harness.record import Snapshot
 from harness.scenario.spec import Scenario
 
-# Per process: /proc/PID/ksm_stat fields, with the kernel's names (the model's ksm_stat() uses
-# them too), and the AnonHugePages of the process's buffer in kB (from /proc/PID/smaps; in the
-# model, Process.anon_huge_bytes()): PMD-mapped transparent huge pages, which a KSM merge
-# splits.
-STAT_FIELDS = (
-    "ksm_rmap_items",
-    "ksm_zero_pages",
-    "ksm_merging_pages",
-    "ksm_process_profit",
-    "ksm_merge_any",
-    "ksm_mergeable",
-    "anon_huge_kb",
-)
 # Cumulative counters that run=2 does not reset; reported relative to the start of the run.
 DELTA_COUNTERS = ("pages_scanned", "pages_skipped")
-
-StatValue = int | bool | None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Every sysfs counter and every live scenario process's ksm_stat at one instant."""
-
-    counters: Mapping[str, int | None]
-    processes: Mapping[str, Mapping[str, StatValue]]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "counters": dict(self.counters),
-            "processes": {k: dict(v) for k, v in self.processes.items()},
-        }
 
 
 @dataclass(frozen=True)

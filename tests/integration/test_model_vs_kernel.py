@@ -21,12 +21,13 @@ import pytest
 
 from harness.ksm.sysfs import SysfsBackend
 from harness.pytest_plugin import add_failure_artefact
+from harness.record import Snapshot
 from harness.scenario.compare import compare
 from harness.scenario.errors import ForeignKsmActivity, SamplingError
 from harness.scenario.generate import generate
 from harness.scenario.kernel_runner import KernelRunner
 from harness.scenario.model_runner import ModelRunner
-from harness.scenario.series import Series, Snapshot
+from harness.scenario.series import Series
 from harness.scenario.spec import Scenario
 from harness.scenario.workers import WorkerPool, process_alive
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 import urllib.request
 from collections.abc import Callable
 
@@ -133,7 +135,9 @@ def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
     assert parse_listen(text) == expected
 
 
-@pytest.mark.parametrize("text", ["9712", "host:", "h:99999", "h:x"])
+@pytest.mark.parametrize(
+    "text", ["9712", "host:", "h:99999", "h:x", "127.0.0.1:\u00b2", "h:\u0663", "h:" + "9" * 4000]
+)
 def test_parse_listen_rejects(text: str) -> None:
     with pytest.raises(HarnessError, match="bad listen address"):
         parse_listen(text)
@@ -147,4 +151,34 @@ def test_serve_reports_a_busy_port(fake_backend: Make) -> None:
             serve([target], f"127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
+        thread.join(5)
+
+
+def _get(port: int) -> bytes:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+
+
+def test_idle_connections_are_closed_and_concurrent_ones_bounded(fake_backend: Make) -> None:
+    """Real sockets: two silent clients hold both slots, a third is answered 503 at once; the
+    silent ones are closed after the idle timeout, and the endpoint serves again."""
+    target = ExportTarget(fake_backend("linux-6.18"), host="h1")
+    server, thread = serve([target], "127.0.0.1:0", idle_timeout=0.5, max_connections=2)
+    port = server.server_port
+    start = time.monotonic()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        idle[0].sendall(b"GET /metrics HTTP/1.0\r\n")  # a request that never completes
+        time.sleep(0.2)  # both accepted and holding their slots
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
+            assert third.recv(100).startswith(b"HTTP/1.0 503 Service Unavailable")
+        for s in idle:
+            assert s.recv(100) == b""  # closed by the server, not by us
+        assert 0.45 < time.monotonic() - start < 3
+        time.sleep(0.1)  # the handler threads release their slots
+        assert b'ksm_pages_sharing{host="h1",source="kernel"} 298.0' in _get(port)
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
         thread.join(5)

@@ -78,57 +78,183 @@ hosts:
 BASE = "defaults: {user: ops, key_file: /k}\nhosts:\n"
 H = "  a:\n    address: h\n"  # host a; its next field is on line 5
 
-# (inventory body after BASE, the error it must give after "/x/")
+FORMAT = "see playbooks/inventory.example.yaml for the format"
+ALLOWED_HOST = (
+    "allowed here: port, user, key_file, libvirt_uri, labels, trust_on_first_use, exporter, "
+    "prefix, python, address"
+)
+
+# (inventory body after BASE, the exact error after "/x/", its hint)
 HOST_ERRORS = [
-    ("  a: {port: 22}\n", "inv.yaml:3: hosts.a.address: missing (set it on the host or in"),
-    (H + "    port: 70000\n", "inv.yaml:5: hosts.a.port: must be an integer 1-65535, got 70000"),
-    (H + "    port: '22'\n", "inv.yaml:5: hosts.a.port: must be an integer 1-65535, got '22'"),
-    (H + "    adress: x\n", "inv.yaml:5: hosts.a.adress: unknown field (known: address, port"),
-    (H + "    password: x\n", "inv.yaml:5: hosts.a.password: passwords are not accepted in"),
-    (H + "    labels: {host: x}\n", "inv.yaml:5: hosts.a.labels.host: reserved: the monitoring"),
-    (H + "    labels: {9bad: x}\n", "inv.yaml:5: hosts.a.labels.9bad: not a Prometheus label"),
-    (H + "    exporter: {listen: 'localhost:9'}\n", "inv.yaml:5: hosts.a.exporter.listen: must be"),
-    (H + "    trust_on_first_use: maybe\n", "inv.yaml:5: hosts.a.trust_on_first_use: must be true"),
-    (H + "    prefix: rel/dir\n", "inv.yaml:5: hosts.a.prefix: must be an absolute directory path"),
-    ("  a: {address: h}\n  b: {address: h}\n", "inv.yaml:4: hosts.b: same address:port as host"),
-    ("  a: {address: h, port: 1}\n  a: {address: i}\n", "inv.yaml:4: hosts.a: given twice"),
-    ("  a b: {address: h}\n", "inv.yaml:3: hosts.a b: host names are letters, digits"),
-    ("  a: [1, 2]\n", "inv.yaml:3: hosts.a: must be a mapping"),
-    ("  a: {address: h, user: 'Bad User'}\n", "inv.yaml:3: hosts.a.user: not a valid user name"),
-    ("  a: {address: '-oProxyCommand=x'}\n", "inv.yaml:3: hosts.a.address: not a host name or"),
-    ("  a: {address: 'u@h h'}\n", "inv.yaml:3: hosts.a.address: not a host name or IP address"),
+    (
+        "  a: {port: 22}\n",
+        "inv.yaml:3: hosts.a: missing required field 'address'",
+        "set it on the host or in defaults:",
+    ),
+    (H + "    port: 70000\n", "inv.yaml:5: hosts.a.port: 70000 is out of range 1..65535", FORMAT),
+    (
+        H + "    port: '22'\n",
+        "inv.yaml:5: hosts.a.port: expected an integer 1..65535, got str '22'",
+        FORMAT,
+    ),
+    (H + "    adress: x\n", "inv.yaml:5: hosts.a.adress: unknown field 'adress'", ALLOWED_HOST),
+    (
+        H + "    password: x\n",
+        "inv.yaml:5: hosts.a.password: passwords are not accepted in inventory files; use key_file",
+        "authentication is by key file only",
+    ),
+    (
+        H + "    labels: {host: x}\n",
+        "inv.yaml:5: hosts.a.labels.host: reserved: the monitoring config sets it",
+        FORMAT,
+    ),
+    (
+        H + "    labels: {9bad: x}\n",
+        "inv.yaml:5: hosts.a.labels.9bad: not a Prometheus label name",
+        FORMAT,
+    ),
+    (
+        H + "    exporter: {listen: 'localhost:9'}\n",
+        "inv.yaml:5: hosts.a.exporter.listen: must be IP:PORT, e.g. 10.0.0.11:9712, "
+        "got 'localhost:9'",
+        FORMAT,
+    ),
+    (
+        H + "    exporter: {listen: '127.0.0.1:\u00b2'}\n",
+        "inv.yaml:5: hosts.a.exporter.listen: must be IP:PORT, e.g. 10.0.0.11:9712, "
+        "got '127.0.0.1:\u00b2'",
+        FORMAT,
+    ),
+    (
+        H + "    trust_on_first_use: maybe\n",
+        "inv.yaml:5: hosts.a.trust_on_first_use: expected true or false, got str 'maybe'",
+        FORMAT,
+    ),
+    (
+        H + "    prefix: rel/dir\n",
+        "inv.yaml:5: hosts.a.prefix: must be an absolute directory path other than /: 'rel/dir'",
+        FORMAT,
+    ),
+    (
+        "  a: {address: h}\n  b: {address: h}\n",
+        "inv.yaml:4: hosts.b: same address:port as host 'a'",
+        FORMAT,
+    ),
+    (
+        "  a: {address: h, port: 1}\n  a: {address: i}\n",
+        "inv.yaml:4: hosts.a: duplicate key",
+        "remove one of them",
+    ),
+    (
+        "  a b: {address: h}\n",
+        "inv.yaml:3: hosts.a b: host names are letters, digits, '.', '_', '-'",
+        FORMAT,
+    ),
+    ("  a: [1, 2]\n", "inv.yaml:3: hosts.a: expected host fields (a mapping), got a list", FORMAT),
+    (
+        "  a: {address: h, user: 'Bad User'}\n",
+        "inv.yaml:3: hosts.a.user: not a valid user name: 'Bad User'",
+        "lower-case letters, digits, _.-",
+    ),
+    (
+        "  a: {address: '-oProxyCommand=x'}\n",
+        "inv.yaml:3: hosts.a.address: not a host name or IP address: '-oProxyCommand=x'",
+        FORMAT,
+    ),
+    (
+        "  a: {address: 'u@h h'}\n",
+        "inv.yaml:3: hosts.a.address: not a host name or IP address: 'u@h h'",
+        FORMAT,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("body", "message"), HOST_ERRORS)
-def test_errors_name_file_line_and_field(body: str, message: str) -> None:
+@pytest.mark.parametrize(("body", "message", "hint"), HOST_ERRORS)
+def test_errors_name_file_line_and_field(body: str, message: str, hint: str) -> None:
     with pytest.raises(InventoryError) as exc:
         parse_inventory(BASE + body, Path("/x/inv.yaml"))
-    assert exc.value.message.startswith("/x/" + message), exc.value.message
-    assert exc.value.hint == "see playbooks/inventory.example.yaml for the format"
+    assert (exc.value.message, exc.value.hint) == ("/x/" + message, hint)
 
 
 DOCUMENT_ERRORS = [
-    ("", "/x/inv.yaml: the inventory is empty"),
-    ("hosts: {}\n", "/x/inv.yaml:1: hosts: must be a non-empty mapping of host name to fields"),
-    ("known_hosts: k\n", "/x/inv.yaml:1: hosts: missing: the inventory needs a `hosts:`"),
-    ("hosts:\n  a: {address: [\n", "/x/inv.yaml:3: not valid YAML"),
-    ("defaults: {address: h}\nhosts: {a: {}}\n", "/x/inv.yaml:1: defaults.address: address"),
-    ("hostz: {}\n", "/x/inv.yaml:1: inventory.hostz: unknown field (known: known_hosts, defaults"),
+    ("", "/x/inv.yaml:1: the inventory is empty", FORMAT),
+    (
+        "hosts: {}\n",
+        "/x/inv.yaml:1: hosts: names no host",
+        "e.g. hosts: {kvm-a: {address: 10.0.0.11}}",
+    ),
+    (
+        "known_hosts: k\n",
+        "/x/inv.yaml:1: (top level): missing required field 'hosts'",
+        "the inventory needs a `hosts:` mapping; " + FORMAT,
+    ),
+    (
+        "hosts:\n  a: {address: [\n",
+        "/x/inv.yaml:3: not valid YAML: expected the node content, but found '<stream end>'",
+        "check indentation and quoting around that line",
+    ),
+    (
+        "defaults: {address: h}\nhosts: {a: {}}\n",
+        "/x/inv.yaml:1: defaults.address: address cannot have a default",
+        "give each host its address",
+    ),
+    (
+        "hostz: {}\n",
+        "/x/inv.yaml:1: hostz: unknown field 'hostz'",
+        "allowed here: known_hosts, defaults, hosts",
+    ),
+    (
+        "name: quickstart\nfleet: {count: 4}\nphases: []\n",
+        "/x/inv.yaml:1: name: unknown field 'name': this looks like a playbook, not an inventory",
+        "run a playbook on an inventory's hosts with `ksmh run --inventory INVENTORY PLAYBOOK`",
+    ),
+    (
+        "defaults: {prefix: '/opt/k%h'}\nhosts: {a: {address: h}}\n",
+        "/x/inv.yaml:1: defaults.prefix: '/opt/k%h' contains '%', which systemd would expand "
+        "in the exporter's unit",
+        "choose a directory name without %, $ or control characters",
+    ),
+    (
+        "defaults: {user: u, key_file: k}\nhosts:\n  a: {address: h, prefix: '/opt/$HOME'}\n",
+        "/x/inv.yaml:3: hosts.a.prefix: '/opt/$HOME' contains '$', which systemd would expand "
+        "in the exporter's unit",
+        "choose a directory name without %, $ or control characters",
+    ),
+    (
+        'hosts:\n  a: {address: h, user: u, key_file: k, prefix: "/opt/a\\nExecStartPre=x"}\n',
+        "/x/inv.yaml:2: hosts.a.prefix: '/opt/a\\nExecStartPre=x' contains a newline or another "
+        "control character",
+        FORMAT,
+    ),
+    (
+        "base: &b {user: u, key_file: k}\nhosts: {a: {<<: *b, address: h}}\n",
+        "/x/inv.yaml:1: YAML anchors and aliases (&name, *name) are not accepted",
+        "write the values out (an inventory's `defaults:` block shares fields)",
+    ),
+    (
+        "hosts: {a: {<<: {user: u}, address: h, key_file: k}}\n",
+        "/x/inv.yaml:1: hosts.a: YAML merge keys (<<) are not accepted",
+        "write the fields out (an inventory's `defaults:` block shares fields)",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("text", "message"), DOCUMENT_ERRORS)
-def test_document_level_errors(text: str, message: str) -> None:
+@pytest.mark.parametrize(("text", "message", "hint"), DOCUMENT_ERRORS)
+def test_document_level_errors(text: str, message: str, hint: str) -> None:
     with pytest.raises(InventoryError) as exc:
         parse_inventory(text, Path("/x/inv.yaml"))
-    assert exc.value.message.startswith(message), exc.value.message
+    assert (exc.value.message, exc.value.hint) == (message, hint)
+
+
+def test_defaulted_field_errors_name_the_defaults_line() -> None:
+    text = "defaults:\n  user: u\n  key_file: k\n  port: 0\nhosts:\n  a: {address: h}\n"
+    with pytest.raises(InventoryError) as exc:
+        parse_inventory(text, Path("/x/inv.yaml"))
+    assert exc.value.message == "/x/inv.yaml:4: defaults.port: 0 is out of range 1..65535"
 
 
 def test_missing_file_is_an_inventory_error(tmp_path: Path) -> None:
-    with pytest.raises(
-        InventoryError, match=r"cannot read inventory \(No such file or directory\)"
-    ):
+    with pytest.raises(InventoryError, match=r"cannot read inventory: No such file or directory"):
         load_inventory(tmp_path / "nope.yaml")
 
 

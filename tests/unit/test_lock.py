@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -59,3 +61,68 @@ def test_reentrant_in_one_thread_exclusive_across_threads(tmp_path: Path) -> Non
         events.append("outer-end")
     t.join(10)
     assert events == ["inner", "outer-end", "other"]
+
+
+def test_refuses_a_world_writable_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with (
+        pytest.raises(HarnessError, match="writable by other users") as exc,
+        ksm_lock(shared / "ksm.lock", timeout=0.1),
+    ):
+        pass
+    assert exc.value.hint and "chmod 755" in exc.value.hint
+    assert not (shared / "ksm.lock").exists()
+
+
+def test_refuses_a_symlink_planted_as_the_lock(tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_text("keep me\n")
+    (tmp_path / "ksm.lock").symlink_to(target)
+    with pytest.raises(HarnessError, match="symlink"), ksm_lock(tmp_path / "ksm.lock"):
+        pass
+    assert target.read_text() == "keep me\n"
+
+
+def test_the_lock_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    lock = tmp_path / "run" / "ksm.lock"
+    with ksm_lock(lock):
+        pass
+    assert lock.stat().st_mode & 0o777 == 0o600
+    assert lock.parent.stat().st_mode & 0o777 == 0o755
+
+
+NOT_ROOT = """
+import fcntl, os, sys
+try:
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("took it")
+except PermissionError as exc:
+    print("refused", exc.errno)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as another user")
+def test_another_user_cannot_take_the_host_lock_to_block_runs() -> None:
+    from harness.ksm import lock
+
+    os.close(lock._open_lock(lock.DEFAULT_LOCK))  # make sure it exists, as a run would
+    done = subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            NOT_ROOT,
+            str(lock.DEFAULT_LOCK),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.stdout.strip() == "refused 13", done.stdout + done.stderr

@@ -24,12 +24,15 @@ def ctx(primary: str = "kernel", verify: dict[str, int | str] | None = None) -> 
         ("pages_sharing >= 0.995 * model", "passed", "65280 >= 64675"),
         ("pages_sharing >= 1.01 * model", "failed", "65280 >= 65650"),
         ("model.pages_shared == 256", "passed", "256 == 256"),
-        ("saved_bytes >= 255MiB", "passed", "267386880 >= 267386880"),
-        ("saved_bytes > 255MiB", "failed", "267386880 > 267386880"),
+        ("saved_bytes >= 255MiB", "passed", "255 MiB >= 255 MiB"),
+        ("saved_bytes >= 255m", "passed", "255 MiB >= 255 MiB"),
+        ("saved_bytes >= 0.25G", "failed", "255 MiB >= 256 MiB"),
+        ("saved_bytes > 255MiB", "failed", "255 MiB > 255 MiB"),
+        ("saved_bytes > 267386880", "failed", "255 MiB > 255 MiB"),
         ("delta.pages_sharing == 64280", "passed", "64280 == 64280"),
         ("model.delta.pages_sharing < 65001", "passed", "65000 < 65001"),
         ("pages_sharing != kernel", "failed", "65280 != 65280"),
-        ("mem_available >= 1GiB", "passed", "2147483648 >= 1073741824"),
+        ("mem_available >= 1GiB", "passed", "2 GiB >= 1 GiB"),
         ("mem_available_min >= 1GiB", "skipped", "no value for host.mem_available_min in this run"),
         ("ksm_zero_pages == 0", "skipped", "no value for kernel.ksm_zero_pages in this run"),
         (
@@ -118,3 +121,31 @@ def test_negative_and_percent_constants() -> None:
     assert e.rhs is not None and e.rhs.factor == -500.0
     e = parse_expectation("sharing_ratio >= 50%")
     assert e.rhs is not None and e.rhs.factor == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "hint"),
+    [
+        (
+            "saved_bytes >= 240MB",
+            "MB is a decimal unit; write MiB (or M) for the binary size",
+            "sizes take K/KiB, M/MiB, G/GiB, T/TiB (binary: 1M = 1024 KiB); "
+            "a bare number means bytes",
+        ),
+        (
+            "saved_bytes >= 240XB",
+            "unknown unit 'XB'",
+            "sizes take K/KiB, M/MiB, G/GiB, T/TiB (binary: 1M = 1024 KiB); "
+            "a bare number means bytes",
+        ),
+        (
+            "pages_sharing >= " + "1" * 500,
+            "an expectation of 517 characters is too long (at most 400)",
+            "split it into several expectations",
+        ),
+    ],
+)
+def test_size_errors_in_expectations(text: str, message: str, hint: str) -> None:
+    with pytest.raises(ExpectationSyntax) as info:
+        parse_expectation(text)
+    assert (str(info.value), info.value.hint) == (message, hint)

@@ -16,7 +16,6 @@ from harness.playbook.schema import (
     WaitStep,
     load_playbook,
     loads_playbook,
-    parse_size,
     valid_pattern,
 )
 
@@ -81,25 +80,6 @@ def test_cli_check_valid(capsys: pytest.CaptureFixture[str]) -> None:
 def test_missing_file() -> None:
     with pytest.raises(PlaybookError, match=r"^nope\.yaml: cannot read playbook: No such file"):
         load_playbook(Path("nope.yaml"))
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [
-        ("64MiB", 64 << 20),
-        ("64M", 64 << 20),
-        ("1 GiB", 1 << 30),
-        (4096, 4096),
-        ("8k", 8192),
-        ("12", 12),
-        ("64 MB", 64 << 20),
-        ("x", None),
-        (True, None),
-        (1.5, None),
-    ],
-)
-def test_parse_size(text: object, value: int | None) -> None:
-    assert parse_size(text) == value
 
 
 @pytest.mark.parametrize(

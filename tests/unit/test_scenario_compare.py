@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from harness.ksm.types import COUNTER_NAMES
+from harness.record import STAT_FIELDS, Snapshot
 from harness.scenario.compare import Difference, compare
-from harness.scenario.series import STAT_FIELDS, ScanSample, Series, Snapshot, relative
+from harness.scenario.series import ScanSample, Series, relative
 from harness.scenario.spec import Scenario
 
 SCEN = Scenario.from_mapping(

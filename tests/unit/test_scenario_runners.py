@@ -1,18 +1,17 @@
 """Runner logic without a kernel or the real model: the model runner drives a recording fake
-through the documented API, and foreign-process detection reads a fake /proc tree."""
+through the documented API (wrapped by the one model adapter, ModelBackend)."""
 
 from __future__ import annotations
 
 import errno
 import types
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
 from harness.scenario import model_runner
 from harness.scenario.errors import ModelUnavailable
-from harness.scenario.kernel_runner import BIG_PAGES_TO_SCAN, foreign_ksm_users, refusal
+from harness.scenario.kernel_runner import BIG_PAGES_TO_SCAN, refusal
 from harness.scenario.spec import Scenario
 
 
@@ -79,10 +78,14 @@ class FakeKernel:
 
     def __init__(self, profile: str, numa_nodes: int, page_size: int, **kw: Any) -> None:
         self.args = (profile, numa_nodes, page_size, kw)
+        self.page_size = page_size
         self.log: list[str] = []
         self.sysfs = FakeSysfs(self.log)
         self.procs: list[FakeProcess] = []
         FakeKernel.instances.append(self)
+
+    def process(self, pid: int) -> FakeProcess:
+        return next(p for p in self.procs if p.pid == pid)
 
     def spawn(self, name: str) -> FakeProcess:
         self.log.append(f"spawn {name}")
@@ -142,9 +145,9 @@ def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) 
             ],
         }
     )
-    series = model_runner.run_on_model(s, profile="6.1")
+    series = model_runner.ModelRunner(profile="6.1", hz=100).run(s)
     k = fake_model.instances[0]
-    assert k.args == ("6.1", 1, 4096, {"hz": 250, "thp": "madvise", "pt_reclaim": False})
+    assert k.args == ("6.1", 1, 4096, {"hz": 100})
     assert k.log == [
         "sysfs run=0",
         "sysfs run=2",
@@ -220,26 +223,3 @@ def test_model_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 def test_refusal_text() -> None:
     assert refusal(errno.EBUSY) == "refused EBUSY"
     assert refusal(None) == "refused (no errno)"
-
-
-def write_proc(root: Path, pid: int, comm: str, stat: str) -> None:
-    d = root / str(pid)
-    d.mkdir()
-    (d / "comm").write_text(comm + "\n")
-    (d / "ksm_stat").write_text(stat)
-
-
-def test_foreign_ksm_users(tmp_path: Path) -> None:
-    registered = "ksm_rmap_items 0\nksm_merging_pages 0\nksm_merge_any: no\nksm_mergeable: yes\n"
-    idle = "ksm_rmap_items 0\nksm_merging_pages 0\nksm_merge_any: no\nksm_mergeable: no\n"
-    write_proc(tmp_path, 10, "qemu-system-x86", registered)
-    write_proc(tmp_path, 11, "bash", idle)
-    write_proc(tmp_path, 12, "python3", registered)  # one of ours
-    write_proc(tmp_path, 13, "old", "ksm_rmap_items 5\nksm_merging_pages 2\n")  # 6.1-style
-    write_proc(tmp_path, 14, "kthreadd", "")  # no mm: prints nothing
-    (tmp_path / "self").mkdir()
-    found = foreign_ksm_users(tmp_path, {12})
-    assert sorted(found) == [
-        (10, "qemu-system-x86", "ksm_mergeable: yes"),
-        (13, "old", "ksm_rmap_items 5"),
-    ]

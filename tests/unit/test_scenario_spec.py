@@ -152,7 +152,7 @@ def test_scenario_is_frozen() -> None:
     [
         ({"scans": 0}, "scans"),
         ({"scans": "3"}, "scans"),
-        ({"bogus": 1}, "scenario.bogus"),
+        ({"bogus": 1}, "bogus: unknown field 'bogus'"),
         ({"processes": []}, "processes"),
         ({"processes": [{"name": "p 1", "pages": 1, "fill": "a"}]}, "processes[0].name"),
         ({"processes": [{"name": "p1", "pages": 0, "fill": "a"}]}, "processes[0].pages"),
@@ -173,8 +173,11 @@ def test_scenario_is_frozen() -> None:
         ({"actions": [{"after": 1, "do": "jump"}]}, "actions[0].do"),
         ({"actions": [{"after": 4, "do": "rerun"}]}, "actions[0].after"),
         ({"actions": [{"after": 0, "do": "rerun"}]}, "actions[0].after"),
-        ({"actions": [{"do": "rerun"}]}, "actions[0].after"),
-        ({"actions": [{"after": 1, "do": "exit"}]}, "actions[0].process"),
+        ({"actions": [{"do": "rerun"}]}, "actions[0]: missing required field 'after'"),
+        (
+            {"actions": [{"after": 1, "do": "exit"}]},
+            "actions[0]: missing required field 'process'",
+        ),
         ({"actions": [{"after": 1, "do": "exit", "process": "p9"}]}, "actions[0].process"),
         ({"actions": [{"after": 1, "do": "rerun", "process": "p1"}]}, "actions[0].process"),
         (
@@ -195,7 +198,7 @@ def test_scenario_is_frozen() -> None:
         ),
         (
             {"actions": [{"after": 1, "do": "set", "tunable": "max_page_sharing", "value": 0}]},
-            "actions[0].tunable.max_page_sharing",
+            "actions[0].value: 0 is out of range 2..2147483647",
         ),
         (
             {"actions": [{"after": 2, "do": "rerun"}, {"after": 1, "do": "rerun"}]},

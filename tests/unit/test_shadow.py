@@ -9,13 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harness.pagemap import KPF_THP
+from harness.procfs import KPF_THP, KPF_ZERO_PAGE, PM_FILE, PM_PRESENT
 from harness.shadow import (
     ABSENT,
-    KPF_ZERO_PAGE,
     PAGE,
-    PM_FILE,
-    PM_PRESENT,
     ProcessCapture,
     Shadow,
     ShadowError,
@@ -254,7 +251,7 @@ def test_replay_passes_the_thp_layout() -> None:
             VmaCapture(
                 Vma(start, start + len(keys) * PAGE, ("mg", "hg")),
                 np.array(keys, dtype="S16"),
-                frozenset({0x401}),
+                huge=frozenset({0x401}),
             )
         ],
         thp_disabled=True,
@@ -328,3 +325,31 @@ def test_capture_finds_huge_pages_by_pfn_and_kpageflags(tmp_path: Path) -> None:
     (vc,) = cap.vmas
     assert vc.huge == frozenset({1}) and cap.thp_disabled
     assert cap.present == 1024  # zero-filled pages of a THP or not, all are scanned
+
+
+def test_a_zombie_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    """A guest's QEMU killed mid-run is a zombie until reaped: /proc/PID exists, pagemap
+    gives ESRCH. The capture skips it (the next agent step reports the dead guest)."""
+    import subprocess
+    import sys
+    import time
+
+    from harness.procfs import Vma, pid_alive
+    from harness.shadow import Shadow, ShadowError, capture_vmas
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while pid_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)  # exited, not reaped: a zombie
+    assert Path(f"/proc/{child.pid}").exists() and not pid_alive(child.pid)
+    try:
+        with pytest.raises(ShadowError, match=f"process {child.pid} exited during capture"):
+            capture_vmas(child.pid, [Vma(0x10000, 0x11000, ("rd", "wr", "mg"))])
+
+        class NoModel:
+            def spawn(self, name: str) -> None:
+                raise AssertionError("nothing to replay")
+
+        assert Shadow(NoModel()).capture({child.pid: "gone"}) == []
+    finally:
+        child.wait()

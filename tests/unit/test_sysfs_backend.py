@@ -106,6 +106,7 @@ def test_derived_figures() -> None:
 
 def test_write_in_safe_order_and_skip_unchanged(fake_backend: Make) -> None:
     b = fake_backend("linux-6.18")
+    (b.root / "pages_shared").write_text("0\n")  # max_page_sharing can change only then
     writes: list[tuple[str, str]] = []
     real = b._write
     b._write = lambda n, t: (writes.append((n, t)), real(n, t))[1]  # type: ignore[method-assign]
@@ -253,3 +254,101 @@ def test_ksm_stat_and_old_kernel_fallback(fake_backend: Make) -> None:
     assert (s.merge_any, s.mergeable) == (False, True)
     old = b.ksm_stat(4343)
     assert old.merging_pages == 57 and old.rmap_items is None
+
+
+def refusing(b: SysfsBackend, name: str, code: int) -> list[tuple[str, str]]:
+    """Make the fake kernel refuse every write of `name` with `code`; returns the write log."""
+    writes: list[tuple[str, str]] = []
+    real = b._write
+
+    def write(n: str, t: str) -> None:
+        writes.append((n, t))
+        if n == name:
+            raise OSError(code, os.strerror(code))
+        real(n, t)
+
+    b._write = write  # type: ignore[method-assign]
+    return writes
+
+
+def test_set_is_all_or_nothing_against_the_advisor(fake_backend: Make) -> None:
+    b = fake_backend("linux-6.18")
+    (b.root / "advisor_mode").write_text("none [scan-time]\n")
+    before = snapshot(b.root)
+    with pytest.raises(KsmWriteRefused, match="pages_to_scan: the kernel refuses it while"):
+        b.write_tunables(sleep_millisecs=5, pages_to_scan=700)
+    assert snapshot(b.root) == before
+    # Switching the advisor off in the same set makes pages_to_scan writable again.
+    b.write_tunables(advisor_mode="none", pages_to_scan=700)
+    assert b.read_tunables().pages_to_scan == 700
+
+
+def test_set_is_all_or_nothing_while_pages_are_merged(fake_backend: Make) -> None:
+    b = fake_backend("linux-6.18")  # pages_shared 2
+    before = snapshot(b.root)
+    with pytest.raises(KsmBusy, match=r"max_page_sharing: .*pages are merged \(pages_shared 2\)"):
+        b.write_tunables(sleep_millisecs=5, max_page_sharing=16)
+    assert snapshot(b.root) == before
+    b.write_tunables(sleep_millisecs=5, max_page_sharing=256)  # unchanged: no EBUSY possible
+
+
+def test_a_refusal_we_could_not_foresee_undoes_what_was_written(fake_backend: Make) -> None:
+    b = fake_backend("linux-6.18")
+    before = snapshot(b.root)
+    writes = refusing(b, "sleep_millisecs", errno.EINVAL)
+    with pytest.raises(KsmWriteRefused, match=r"sleep_millisecs=5: the kernel refused it \(EINVAL"):
+        b.write_tunables(smart_scan=0, pages_to_scan=300, sleep_millisecs=5)
+    assert writes[:3] == [("smart_scan", "0"), ("pages_to_scan", "300"), ("sleep_millisecs", "5")]
+    assert snapshot(b.root) == before
+
+
+def test_restore_goes_on_past_a_refused_write_and_writes_run_last(fake_backend: Make) -> None:
+    b = fake_backend("linux-6.18")
+    saved = b.read_tunables()
+    for name, value in (("run", "0"), ("pages_to_scan", "9"), ("smart_scan", "0")):
+        (b.root / name).write_text(value + "\n")
+    (b.root / "sleep_millisecs").write_text("7\n")
+    writes = refusing(b, "pages_to_scan", errno.EINVAL)
+    problems = b.restore(saved)
+    assert problems == ["pages_to_scan: not restored to 100 (pages_to_scan=100: the kernel "
+                        "refused it (EINVAL))"]  # fmt: skip
+    assert writes == [
+        ("smart_scan", "1"),
+        ("pages_to_scan", "100"),
+        ("sleep_millisecs", "20"),
+        ("run", "1"),
+    ]
+    now = b.read_tunables()
+    assert (now.smart_scan, now.sleep_millisecs, now.run, now.pages_to_scan) == (1, 20, 1, 9)
+
+
+def test_restore_unmerges_for_busy_knobs_then_restores_run(fake_backend: Make) -> None:
+    b = fake_backend("linux-6.18")
+    saved = b.read_tunables()
+    (b.root / "max_page_sharing").write_text("16\n")
+    writes: list[tuple[str, str]] = []
+    real = b._write
+
+    def write(n: str, t: str) -> None:
+        writes.append((n, t))
+        if n == "max_page_sharing" and (b.root / "run").read_text().strip() != "2":
+            raise OSError(errno.EBUSY, "busy")
+        real(n, t)
+
+    b._write = write  # type: ignore[method-assign]
+    assert b.restore(saved) == []
+    assert writes == [
+        ("max_page_sharing", "256"),
+        ("run", "2"),
+        ("max_page_sharing", "256"),
+        ("run", "1"),
+    ]
+
+
+def test_saved_reports_what_it_could_not_restore(fake_backend: Make) -> None:
+    from harness.errors import RestoreIncomplete
+
+    b = fake_backend("linux-6.18")
+    with pytest.raises(RestoreIncomplete, match=r"KSM knobs not restored: smart_scan"), b.saved():
+        (b.root / "smart_scan").write_text("0\n")
+        refusing(b, "smart_scan", errno.EPERM)
