@@ -50,9 +50,10 @@ class FleetDoc(Model):
     accel: Annotated[AccelKind, one_of(AccelKind)] = AccelKind.AUTO
     vcpus: Annotated[int, between(1, 64)] = 1
     mem_merge: Annotated[bool, Check(boolean)] = True
-    # Transparent huge pages for guest RAM. Off by default: QEMU madvises its RAM
-    # MADV_HUGEPAGE, and zero-filled subpages of a THP never merge (see harness.shadow).
-    thp: Annotated[bool, Check(boolean)] = False
+    # Transparent huge pages for guest RAM, as production KVM hosts run guests (QEMU madvises
+    # its RAM MADV_HUGEPAGE). The model follows them (harness.shadow passes the THP layout);
+    # false boots QEMU with THP disabled (PR_SET_THP_DISABLE).
+    thp: Annotated[bool, Check(boolean)] = True
 
     def spec(self) -> FleetSpec:
         """The one mapping from a playbook to what Fleet(spec) boots."""

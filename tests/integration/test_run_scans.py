@@ -15,7 +15,7 @@ from harness.report.results import read_results
 
 PLAYBOOK = """
 name: scans
-fleet: {count: 1, memory_mib: 128}
+fleet: {count: 1, memory_mib: 128, thp: false}  # small pages: all merge at the second visit
 ksm: {pages_to_scan: 8000, sleep_millisecs: 20}
 scan_samples: true
 phases:

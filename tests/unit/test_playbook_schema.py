@@ -39,7 +39,7 @@ def test_shipped_playbook_validates(path: Path) -> None:
 
 def test_quickstart_contents() -> None:
     pb = load_playbook(ROOT / "playbooks" / "quickstart.yaml")
-    assert (pb.fleet.count, pb.fleet.memory_mib, pb.fleet.thp) == (4, 256, False)
+    assert (pb.fleet.count, pb.fleet.memory_mib, pb.fleet.thp) == (4, 256, True)  # the default
     fill = pb.phases[0].steps[0]
     assert isinstance(fill, AgentStep)
     assert fill.agent_args() == ("a", str(64 * 2**20), "byte:0x5a")
