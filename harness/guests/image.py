@@ -1,14 +1,15 @@
 """Reproducible build of the busybox guest image, on demand.
 
-Inputs: the newest /boot/vmlinuz-*-amd64 and its modules and the static busybox (Debian
-packages), and the agent's C source and the init script shipped inside this package
-(harness/guests/data/, read through importlib.resources, so an installed wheel builds the same
-image as a checkout). Output in the cache directory (harness.paths: guest-images/ under
-/var/cache/ksm-harness for root, ~/.cache/ksm-harness otherwise; KSM_HARNESS_IMAGE_DIR moves
-it): vmlinuz, initramfs.cpio.gz, ksmh-agent and manifest.json (kernel release, sha256 of every
-input and artifact). The initramfs is written by our own cpio (newc) writer with fixed owners, modes
-and mtimes, and gzip with mtime 0, so the same inputs give the same bytes. A build is skipped
-when the manifest's input digest matches and every artifact still has its recorded hash.
+Inputs: the default kernel package's /boot/vmlinuz (see find_kernel) and its modules, the
+static busybox (Debian packages), and the agent's C source and the init script shipped inside
+this package (harness/guests/data/, read through importlib.resources, so an installed wheel
+builds the same image as a checkout). Output in the cache directory (harness.paths:
+guest-images/ under /var/cache/ksm-harness for root, ~/.cache/ksm-harness otherwise;
+KSM_HARNESS_IMAGE_DIR moves it): vmlinuz, initramfs.cpio.gz, ksmh-agent and manifest.json
+(kernel release, sha256 of every input and artifact). The initramfs is written by our own cpio
+(newc) writer with fixed owners, modes and mtimes, and gzip with mtime 0, so the same inputs
+give the same bytes. A build is skipped when the manifest's input digest matches and every
+artifact still has its recorded hash.
 
 `python -m harness.guests.image [--out DIR] [--force]` is what `make -C guest-images` runs.
 """
@@ -42,6 +43,10 @@ AGENT_SOURCE = data_path("harness.guests", "data/ksmh-agent.c")
 BUSYBOX = Path("/bin/busybox")
 BOOT = Path("/boot")
 MODULES_ROOT = Path("/lib/modules")
+DPKG_STATUS = Path("/var/lib/dpkg/status")
+# The distribution's default kernel (a meta-package): which installed release guests boot
+# when none is asked for, so installing another kernel package changes nothing by itself.
+DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
 # The guest needs these (and their dependencies, read from modules.dep) for the agent port.
 WANTED_MODULES = ("virtio_pci", "virtio_console")
 
@@ -77,20 +82,62 @@ def _version_key(release: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", release)]
 
 
-def find_kernel(boot: Path = BOOT, modules_root: Path = MODULES_ROOT) -> tuple[Path, str]:
-    """The newest Debian amd64 kernel in boot that also has its modules installed."""
-    found = []
+def installed_kernels(boot: Path = BOOT, modules_root: Path = MODULES_ROOT) -> dict[str, Path]:
+    """Release -> vmlinuz of every Debian amd64 kernel in `boot` with its modules installed."""
+    found = {}
     for vmlinuz in boot.glob("vmlinuz-*-amd64"):
         release = vmlinuz.name.removeprefix("vmlinuz-")
         if (modules_root / release / "modules.dep").exists():
-            found.append((release, vmlinuz))
+            found[release] = vmlinuz
+    return dict(sorted(found.items(), key=lambda rv: _version_key(rv[0])))
+
+
+def default_release(status: Path = DPKG_STATUS) -> str | None:
+    """The release the default kernel meta-package (linux-image-amd64) depends on, from the
+    dpkg status file (e.g. "6.1.0-57-amd64" on bookworm); None when it is not installed."""
+    try:
+        text = status.read_text(errors="replace")
+    except OSError:
+        return None
+    for stanza in text.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[0] != " "
+        )
+        if fields.get("Package") != DEFAULT_KERNEL_PACKAGE or "installed" not in fields.get(
+            "Status", ""
+        ):
+            continue
+        m = re.search(r"linux-image-(\S+-amd64)\b", fields.get("Depends", ""))
+        return m.group(1) if m else None
+    return None
+
+
+def find_kernel(
+    boot: Path = BOOT,
+    modules_root: Path = MODULES_ROOT,
+    release: str | None = None,
+    status: Path = DPKG_STATUS,
+) -> tuple[Path, str]:
+    """The guest kernel: `release` when given; else the default meta-package's kernel when it
+    is installed, else the newest Debian amd64 kernel in boot that has its modules."""
+    found = installed_kernels(boot, modules_root)
     if not found:
         raise HarnessError(
             f"no guest kernel: no {boot}/vmlinuz-*-amd64 with modules in {modules_root}",
             hint="apt-get install linux-image-amd64",
         )
-    release, vmlinuz = max(found, key=lambda rv: _version_key(rv[0]))
-    return vmlinuz, release
+    if release is not None:
+        if release not in found:
+            raise HarnessError(
+                f"no guest kernel {release!r} (installed: {', '.join(found)})",
+                hint=f"apt-get install linux-image-{release}",
+            )
+        return found[release], release
+    default = default_release(status)
+    if default in found:
+        return found[default], default
+    release = list(found)[-1]
+    return found[release], release
 
 
 def module_load_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:

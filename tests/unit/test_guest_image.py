@@ -108,9 +108,28 @@ def fake_inputs(root: Path) -> ImageInputs:
 
 def test_find_kernel_picks_newest_release_numerically(tmp_path: Path) -> None:
     inputs = fake_inputs(tmp_path)
-    path, release = find_kernel(inputs.boot, inputs.modules_root)
+    no_status = tmp_path / "no-dpkg-status"  # no default kernel package: the newest
+    path, release = find_kernel(inputs.boot, inputs.modules_root, status=no_status)
     assert release == "6.1.0-10-amd64"
     assert path.read_bytes() == b"new kernel"
+
+
+def test_the_default_kernel_package_wins_over_a_newer_release(tmp_path: Path) -> None:
+    """Installing another kernel package (the kernel matrix does) must not change what the
+    default guest boots: linux-image-amd64's dependency names the release."""
+    inputs = fake_inputs(tmp_path)
+    status = tmp_path / "status"
+    other = "Package: linux-image-6.1.0-10-amd64\nStatus: install ok installed\n"
+    meta = (
+        "Package: linux-image-amd64\nStatus: install ok installed\n"
+        "Depends: linux-image-6.1.0-9-amd64 (= 6.1.38-1)\n"
+    )
+    status.write_text(f"{other}\n{meta}")
+    path, release = find_kernel(inputs.boot, inputs.modules_root, status=status)
+    assert (release, path.read_bytes()) == ("6.1.0-9-amd64", b"old kernel")
+    # Not installed (deinstall): the newest release again.
+    status.write_text(meta.replace("install ok installed", "deinstall ok config-files"))
+    assert find_kernel(inputs.boot, inputs.modules_root, status=status)[1] == "6.1.0-10-amd64"
 
 
 def test_no_kernel_is_a_clear_error(tmp_path: Path) -> None:
