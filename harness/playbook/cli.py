@@ -102,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.playbook_name = playbook.name
         args.push_url = push
         return cmd_run_fleet(args)
+    from harness.monitoring.push import push_results
     from harness.playbook.runner import Runner, RunOptions
 
     export = args.export or DEFAULT_EXPORT
@@ -156,20 +157,6 @@ def _push_url(option: str | None, playbook: str | None) -> str | None:
     if option is not None:
         return None if option == "off" else check_url(option)
     return playbook
-
-
-def push_results(directory: Path, url: str, host: str | None = None) -> bool:
-    """Push one results directory; print one line (stderr when it failed, prefixed with
-    `host` when given: a fleet's host pushed under its inventory name). Never raises."""
-    from harness.monitoring.push import push_run
-
-    prefix = f"{host}: " if host else ""
-    if not (directory / "run.json").exists():
-        print(f"{prefix}ksmh: push to {url} skipped: the run wrote no results", file=sys.stderr)
-        return False
-    outcome = push_run(directory, url, host=host)
-    print(prefix + outcome.line, file=sys.stdout if outcome.ok else sys.stderr)
-    return outcome.ok
 
 
 def cmd_report(args: argparse.Namespace) -> int:
