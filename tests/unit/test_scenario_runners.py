@@ -24,6 +24,12 @@ class FakeSysfs:
             "pages_scanned": "500",
             "pages_shared": "0",
             "max_page_sharing": "256",
+            # Tunables the runner writes: a knob the kernel lacks is not written at all.
+            "pages_to_scan": "100",
+            "sleep_millisecs": "20",
+            "use_zero_pages": "0",
+            "smart_scan": "1",
+            "stable_node_chains_prune_millisecs": "2000",
         }
 
     def read(self, name: str) -> str:
