@@ -30,6 +30,11 @@ def terminal(stream: IO[str] | None = None) -> Console | None:
     return Console(file=stream, highlight=False)
 
 
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 guest', '2 guests', '0 guests' (plural_form for the irregular ones)."""
+    return f"{n} {noun if n == 1 else plural_form or noun + 's'}"
+
+
 def plain_table(rows: Sequence[Sequence[str]], indent: str = "", gap: str = "  ") -> list[str]:
     """Left-aligned columns, widths from the widest cell; trailing spaces stripped."""
     if not rows:

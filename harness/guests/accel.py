@@ -27,6 +27,10 @@ from harness.kinds import AccelKind
 from harness.paths import cache_dir
 
 PROBE_DEADLINE = 15.0
+# A verdict that KVM is unusable is retried after this long: the probe may have failed for a
+# passing reason (a loaded host missing the deadline), and TCG is far slower. A usable verdict
+# holds while the host key (host, kernel release, /dev/kvm) stays the same.
+FAILED_VERDICT_TTL = 6 * 3600.0
 DEV_KVM = Path("/dev/kvm")
 
 
@@ -161,6 +165,7 @@ def resolve_accel(
     probe: Callable[[GuestImage], KvmVerdict] | None = None,
     key: str | None = None,
     refresh: bool = False,
+    ttl: float = FAILED_VERDICT_TTL,
 ) -> AccelChoice:
     """Turn auto|kvm|tcg into the accelerator to use; `kvm` unusable raises AccelUnavailable."""
     requested = parse_kind(AccelKind, requested)
@@ -169,6 +174,8 @@ def resolve_accel(
     path = cache_path or default_cache_path()
     key = key or host_key()
     verdict = None if refresh else cached_verdict(path, key)
+    if verdict is not None and not verdict.usable and time.time() - verdict.probed_at > ttl:
+        verdict = None  # an old failure: look again
     cached = verdict is not None
     if verdict is None:
         verdict = (probe or probe_kvm)(image)

@@ -17,11 +17,18 @@ RUNTIME_ROOT = Path(os.environ.get("KSM_HARNESS_RUNTIME", "/run/ksm-harness")) /
 
 @dataclass(frozen=True)
 class Leftover:
-    """A guest of ours still running (by name prefix), possibly from a crashed run."""
+    """A guest of ours still running (by name prefix), possibly from a crashed run.
+
+    `parent` is the live process that started it (a run, a fleet, an accelerator probe), None
+    when that process is gone (the QEMU was re-parented to init) or cannot be known (libvirt);
+    `persistent` marks a defined libvirt domain, which we never create and never remove.
+    """
 
     name: str
     pid: int | None
     backend: str
+    parent: int | None = None
+    persistent: bool = False
 
 
 class GuestBackend(Protocol):

@@ -10,19 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from harness.console import rich_table, terminal
+from harness import procfs
+from harness.console import plural, rich_table, terminal
 from harness.errors import GuestBootTimeout, GuestError, HarnessError
 from harness.fleet_result import FleetResult
 from harness.guests.agent import AgentReply
 from harness.guests.backend import RUNTIME_ROOT, Leftover
 from harness.guests.fleet import Fleet, list_runs
-from harness.guests.spec import FleetSpec
+from harness.guests.spec import NAME_PREFIX, FleetSpec
 from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
 from harness.signals import signals_as_interrupt
 
@@ -70,7 +72,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_list)
 
     p = fsub.add_parser("exec", help="run an agent command: ksmh fleet exec -- fill a 32M zero")
-    p.add_argument("--run", default=None, help="run id (default: the only run)")
+    p.add_argument("--run", type=run_id, default=None, help="run id (default: the only run)")
     p.add_argument("--guests", default=None, metavar="SEL", help="names or indices: 0,2,5-7")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S")
     p.add_argument("command", nargs=argparse.REMAINDER, help="agent command and arguments")
@@ -78,8 +80,13 @@ def register(sub: Any) -> None:
 
     p = fsub.add_parser("down", help="stop a run's guests and remove its files")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--run", default=None, help="run id")
-    group.add_argument("--all", action="store_true", help="every run and every leftover guest")
+    group.add_argument("--run", type=run_id, default=None, help="run id")
+    group.add_argument(
+        "--all",
+        action="store_true",
+        help="every run and leftover guest that is ours to stop: never one a live process "
+        "(another run, an accelerator probe) still owns, nor a persistent libvirt domain",
+    )
     p.set_defaults(func=cmd_down)
 
 
@@ -272,21 +279,52 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return _print_result(result)
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def run_id(text: str) -> str:
+    """--run takes a fleet run id (as `fleet list` shows), never a path."""
+    if not RUN_ID.fullmatch(text) or ".." in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a fleet run id (e.g. r6b0d2f1a39c2; see `ksmh fleet list`)"
+        )
+    return text
+
+
+def _live_owner(owner: object, mine: set[int]) -> str | None:
+    """A description of the live process (other than us or our ancestors) that owns a run, or
+    None when it is ours to stop: its owner is dead, or is this command's own lineage."""
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        return None  # no owner recorded: a crashed write, or an older version's run
+    pid, start = owner["pid"], owner.get("start")
+    if pid in mine or not procfs.pid_alive(pid, started=start if isinstance(start, int) else None):
+        return None
+    return f"pid {pid} ({procfs.cmdline(pid) or procfs.comm(pid) or '?'})"
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     if not args.all:
         fleet = Fleet.attach(args.run, args.runtime_dir)
         result = fleet.down()
-        print(f"run {fleet.run_id}: {len(result)} guests stopped")
+        print(f"run {fleet.run_id}: {plural(len(result), 'guest')} stopped")
         return _print_result(result) if not result.ok else 0
     status = 0
+    mine = set(procfs.lineage(os.getpid()))
+    kept: set[str] = set()  # run ids a live process owns: their guests are not leftovers either
     for data in list_runs(args.runtime_dir):
+        rid = str(data.get("run_id"))
+        owner = _live_owner(data.get("owner"), mine)
+        if owner is not None:
+            kept.add(rid)
+            print(f"run {rid}: left alone, a live process owns it: {owner}")
+            continue
         try:
-            fleet = Fleet.attach(data["run_id"], args.runtime_dir)
+            fleet = Fleet.attach(rid, args.runtime_dir)
             result = fleet.down()
-            print(f"run {fleet.run_id}: {len(result)} guests stopped")
+            print(f"run {fleet.run_id}: {plural(len(result), 'guest')} stopped")
             status |= 0 if result.ok else _print_result(result)
         except HarnessError as exc:
-            print(f"run {data.get('run_id')}: {exc}")
+            print(f"run {rid}: {exc}")
             status = 1
     # Directories without a readable run.json (a crash mid-write) go too.
     if args.runtime_dir.exists():
@@ -299,6 +337,10 @@ def cmd_down(args: argparse.Namespace) -> int:
             if d.is_dir() and not fresh and not (d / "run.json").exists():
                 shutil.rmtree(d, ignore_errors=True)
     for lo in _leftovers(args.runtime_dir):  # both backends list only ksmh- names
+        why = _not_ours_to_stop(lo, kept, mine)
+        if why:
+            print(f"left {lo.name} alone: {why}")
+            continue
         try:
             _remove(lo)
             print(f"removed leftover {lo.name} ({lo.backend}, pid {lo.pid or '-'})")
@@ -306,6 +348,17 @@ def cmd_down(args: argparse.Namespace) -> int:
             print(f"could not remove {lo.name}: {exc}")
             status = 1
     return status
+
+
+def _not_ours_to_stop(lo: Leftover, kept: set[str], mine: set[int]) -> str | None:
+    if lo.persistent:
+        return "a persistent libvirt domain (ksm-harness creates only transient ones)"
+    if any(lo.name.startswith(f"{NAME_PREFIX}{rid}-") for rid in kept):
+        return "its run is owned by a live process"
+    if lo.parent is not None and lo.parent not in mine:
+        who = procfs.cmdline(lo.parent) or procfs.comm(lo.parent) or "?"
+        return f"its QEMU belongs to live pid {lo.parent} ({who})"
+    return None
 
 
 def _remove(lo: Leftover) -> None:

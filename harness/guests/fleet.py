@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from harness import procfs
 from harness.console import BootProgress
 from harness.errors import GuestError, HarnessError
 from harness.fleet_result import FleetResult, MemberResult
@@ -54,6 +55,7 @@ from harness.kinds import AccelKind, ImageKind
 from harness.signals import raise_interrupt, signals_as_interrupt
 
 RUN_FILE = "run.json"
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, the NUL included
 # The result of one agent command (or boot) on one guest.
 GuestResult = MemberResult[AgentReply]
 # Kept for callers that install it themselves (harness.signals.raise_interrupt).
@@ -129,11 +131,25 @@ class Fleet:
         self.image = image
         self.run_id = run_id or new_run_id()
         self.run_dir = runtime_root / self.run_id
+        longest = self.run_dir / f"{guest_name(self.run_id, max(spec.count - 1, 0))}.agent"
+        if len(str(longest).encode()) >= SUN_PATH_MAX:
+            raise HarnessError(
+                f"runtime directory {runtime_root} is too long for the guests' sockets "
+                f"({longest} is over {SUN_PATH_MAX - 1} bytes, the limit of a UNIX socket path)",
+                hint="use a shorter runtime directory (KSM_HARNESS_RUNTIME or --runtime-dir)",
+            )
         self.progress = progress
         self.accel_resolver: AccelResolver = accel_resolver or (
             lambda req, img: resolve_accel(req, img)
         )
         self.accel: AccelChoice | None = None
+        # Who booted it: `fleet down --all` leaves a fleet alone while this process lives (a
+        # run's fleet), and stops it once it is gone (a detached `fleet up`, a crashed run).
+        # Set once at creation; attaching from another process keeps it.
+        self.owner: dict[str, int | None] = {
+            "pid": os.getpid(),
+            "start": procfs.start_time(os.getpid()),
+        }
         self.guests: list[Guest] = []
         self._atexit_registered = False
         self._signals: ExitStack | None = None
@@ -377,7 +393,7 @@ class Fleet:
                 "cmdline": list(self.image.cmdline),
             },
             "created": time.time(),
-            "owner_pid": os.getpid(),
+            "owner": self.owner,
             "guests": [
                 {
                     "name": g.spec.name,
@@ -429,6 +445,8 @@ class Fleet:
                     runtime_root=runtime_root, **kw)  # fmt: skip
         accel = AccelKind.KVM if data.get("accel") == AccelKind.KVM else AccelKind.TCG
         fleet.accel = AccelChoice(accel, data.get("accel_reason") or "", True)
+        if isinstance(data.get("owner"), dict):
+            fleet.owner = data["owner"]
         for g in data["guests"]:
             gspec = GuestSpec(
                 name=g["name"], memory_mib=spec.memory_mib, image=image,

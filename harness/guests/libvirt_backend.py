@@ -20,8 +20,10 @@ from harness.guests.libvirt_xml import libvirt_xml
 from harness.guests.spec import GuestSpec
 from harness.kinds import GuestBackendKind
 from harness.run import run
+from harness.waiting import wait_until
 
 DEFAULT_URI = "qemu:///system"
+RECONNECT_TIMEOUT = 30.0  # a restarted libvirtd answers within seconds
 LIBVIRT_RUN = Path("/run/libvirt")
 
 
@@ -79,22 +81,63 @@ class LibvirtBackend:
         self.libvirt = _libvirt()
         if start_daemons and uri in ("qemu:///system", "qemu+unix:///system"):
             ensure_daemons()
+        self.start_daemons = start_daemons
+        self._conn = self._open()
+
+    def _open(self) -> Any:
         try:
-            self.conn = self.libvirt.open(uri)
+            return self.libvirt.open(self.uri)
         except self.libvirt.libvirtError as exc:
             raise HarnessError(
-                f"cannot connect to libvirt at {uri}: {exc}",
+                f"cannot connect to libvirt at {self.uri}: {exc}",
                 hint="is libvirtd running? (no systemd here: `libvirtd -d` as root)",
             ) from exc
+
+    @property
+    def conn(self) -> Any:
+        """A live connection: libvirtd may have been restarted under a long run (its transient
+        domains survive that), so a dead connection is opened again, waiting for the daemon."""
+        try:
+            alive = bool(self._conn.isAlive())
+        except self.libvirt.libvirtError:
+            alive = False
+        if alive:
+            return self._conn
+        with contextlib.suppress(self.libvirt.libvirtError):
+            self._conn.close()
+
+        def reopened() -> Any:
+            if self.start_daemons and self.uri in ("qemu:///system", "qemu+unix:///system"):
+                ensure_daemons()
+            try:
+                return self.libvirt.open(self.uri)
+            except self.libvirt.libvirtError:
+                return None
+
+        self._conn = wait_until(
+            reopened,
+            RECONNECT_TIMEOUT,
+            interval=0.5,
+            error=lambda: HarnessError(
+                f"lost the libvirt connection to {self.uri} and could not open it again "
+                f"within {RECONNECT_TIMEOUT:g} s",
+                hint="is libvirtd running? (`libvirtd -d` as root)",
+            ),
+        )
+        return self._conn
 
     def _local(self) -> bool:
         return "://" in self.uri and self.uri.split("://", 1)[1].startswith("/")
 
     def _domain(self, name: str) -> Any | None:
+        """The domain called `name`, None when there is none; GuestError when libvirt fails."""
+        conn = self.conn
         try:
-            return self.conn.lookupByName(name)
-        except self.libvirt.libvirtError:
-            return None
+            return conn.lookupByName(name)
+        except self.libvirt.libvirtError as exc:
+            if exc.get_error_code() == self.libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise GuestError(f"libvirt cannot look up {name}: {exc}") from exc
 
     def start(self, spec: GuestSpec) -> int | None:
         spec.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +185,11 @@ class LibvirtBackend:
         for dom in self.conn.listAllDomains(0):
             name = dom.name()
             if is_ours(name):
-                found.append(Leftover(name=name, pid=self._pid_of(name), backend=self.name))
+                found.append(
+                    Leftover(
+                        name, self._pid_of(name), self.name, persistent=bool(dom.isPersistent())
+                    )
+                )
         return sorted(found, key=lambda lo: lo.name)
 
     def remove_leftover(self, leftover: Leftover) -> None:
@@ -150,13 +197,18 @@ class LibvirtBackend:
         if dom is None:
             return
         try:
+            if dom.isPersistent():
+                raise GuestError(
+                    f"libvirt domain {leftover.name} is persistent (defined): ksm-harness only "
+                    "creates transient domains, so it is not ours to remove",
+                    hint=f"if it is yours: virsh destroy {leftover.name}; virsh undefine "
+                    f"{leftover.name}",
+                )
             if dom.isActive():
                 dom.destroy()
-            if dom.isPersistent():
-                dom.undefine()
         except self.libvirt.libvirtError as exc:
             raise GuestError(f"cannot remove libvirt domain {leftover.name}: {exc}") from exc
 
     def close(self) -> None:
         with contextlib.suppress(self.libvirt.libvirtError):
-            self.conn.close()
+            self._conn.close()

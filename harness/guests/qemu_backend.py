@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import procfs
 from harness.errors import GuestError
 from harness.guests.backend import Leftover, is_ours, pid_alive, remove_quietly
 from harness.guests.qemu_argv import QEMU_BINARY, qemu_argv
@@ -171,7 +172,13 @@ class QemuBackend:
             name = guest_name_of(argv)
             # libvirt's QEMUs are the libvirt backend's business (it destroys them cleanly).
             if name and is_ours(name) and "libvirt" not in " ".join(argv):
-                found.append(Leftover(name=name, pid=int(entry.name), backend=self.name))
+                pid = int(entry.name)
+                parent = procfs.parent_pid(pid, self.proc)
+                found.append(
+                    Leftover(
+                        name, pid, self.name, parent=parent if parent not in (None, 1) else None
+                    )
+                )
         return sorted(found, key=lambda lo: lo.name)
 
     def remove_leftover(self, leftover: Leftover) -> None:

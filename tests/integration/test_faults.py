@@ -322,3 +322,32 @@ def test_a_foreign_ksm_user_is_captured_and_compared_exactly(
     for name in ("pages_shared", "pages_sharing"):
         assert abs(k[name] - m[name]) <= 0.01 * k[name], (name, k[name], m[name])
     assert_host_clean(host_before, run.lines)
+
+
+@pytest.mark.libvirt
+def test_libvirtd_restarted_mid_run(
+    tiny: Path, tmp_path: Path, host_before: dict[str, int | str]
+) -> None:
+    """Transient domains outlive a libvirtd restart; the run reconnects, goes on and tears the
+    domain down at the end (before: a dead connection made `stop` a silent no-op)."""
+    from harness.guests.libvirt_backend import LIBVIRT_RUN, LibvirtBackend, _socket_answers
+
+    pb = tmp_path / "libvirt.yaml"
+    pb.write_text(TINY.replace("fleet: {count: 1,", "fleet: {backend: libvirt, count: 1,"))
+    run = RunProc(pb, tmp_path / "out")
+    run.wait_for(STAGES["wait"])
+    subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=False)
+    deadline = time.monotonic() + 30
+    while _socket_answers(LIBVIRT_RUN / "libvirt-sock") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
+    code = run.finish()
+    verdict = only_run_json(tmp_path / "out")["verdict"]
+    assert verdict["status"] in ("passed", "failed"), verdict  # type: ignore[index]
+    assert code == verdict["exit_status"]  # type: ignore[index]
+    backend = LibvirtBackend(start_daemons=False)
+    try:
+        assert [d.name() for d in backend.conn.listAllDomains(0) if "ksmh-" in d.name()] == []
+    finally:
+        backend.close()
+    assert_host_clean(host_before, run.lines)

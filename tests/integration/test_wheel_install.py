@@ -81,7 +81,7 @@ def test_installed_wheel_builds_boots_runs_and_writes_monitoring(venv: Path) -> 
             assert (name, status, reply) == (f"ksmh-{run_id}-g00", "ok", "pong")
             down = sh(ksmh, "fleet", "down", "--run", run_id)
             run_id = None
-            assert down.splitlines() == [f"run {up.split()[1].rstrip(':')}: 1 guests stopped"]
+            assert down.splitlines() == [f"run {up.split()[1].rstrip(':')}: 1 guest stopped"]
             assert not (runtime / "fleet" / up.split()[1].rstrip(":")).exists()
         out = sh(ksmh, "monitoring", "config", "inventory.example.yaml", "--out", "mon")
         assert out.splitlines()[0] == "mon/prometheus.yml"  # relative to the working dir
