@@ -48,8 +48,11 @@ AGENT_SOURCE = data_path("harness.guests", "data/ksmh-agent.c")
 # agent starts for the kernel matrix (harness.kernels).
 WORKER_SOURCE = data_path("harness.guests", "data/ksmh-worker.c")
 BUSYBOX = Path("/bin/busybox")
-BOOT = Path("/boot")
-MODULES_ROOT = Path("/lib/modules")
+# Where kernel packages are found: / (their /boot and /lib/modules), or a tree a package was
+# unpacked into (dpkg-deb -x, then depmod -b) given as KSM_HARNESS_KERNEL_ROOT.
+KERNEL_ROOT = Path(os.environ.get("KSM_HARNESS_KERNEL_ROOT") or "/")
+BOOT = KERNEL_ROOT / "boot"
+MODULES_ROOT = KERNEL_ROOT / "lib/modules"
 DPKG_STATUS = Path("/var/lib/dpkg/status")
 # The distribution's default kernel (a meta-package): which installed release guests boot
 # when none is asked for, so installing another kernel package changes nothing by itself.
