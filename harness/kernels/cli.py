@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
         default=[],
         metavar="RELEASE",
         help="an installed guest kernel (e.g. 6.1.0-57-amd64, or a prefix such as 6.12) or "
-        "`host`; repeatable (default: the host and every installed guest kernel)",
+        "`host`; repeatable (default: every installed guest kernel, then the host)",
     )
     c.add_argument("--seeds", type=_count, default=30, help="random scenarios per kernel (30)")
     c.add_argument("--seed-start", type=_count, default=0, help="first seed (0)")

@@ -156,11 +156,15 @@ def check(target: Target, scenarios: Sequence[Scenario], say: Say) -> KernelRow:
 @contextmanager
 def host_target(say: Say) -> Iterator[Target]:
     """The host's own kernel, under the KSM lock with every knob saved and restored."""
+    from harness.ksm.lock import DEFAULT_LOCK
     from harness.ksm.sysfs import SysfsBackend
     from harness.recovery import run_session
 
     backend = SysfsBackend()
-    with run_session(backend, f"kernels-check-{os.getpid()}", "kernels", echo=say):
+    with run_session(
+        backend, f"kernels-check-{os.getpid()}", "kernels", echo=say,
+        on_wait=lambda: say(f"host: waiting for the host KSM lock {DEFAULT_LOCK}"),
+    ):  # fmt: skip
         runner = KernelRunner(backend)
         release = os.uname().release
         stat = Path("/proc/self/ksm_stat")
@@ -186,12 +190,13 @@ def guest_target(release: str, say: Say) -> Iterator[Target]:
 
 def resolve_kernels(wanted: Sequence[str] | None) -> list[str]:
     """The kernels to check: `wanted` (release names, a prefix such as 6.12, or host), or by
-    default the host and every installed Debian guest kernel."""
+    default every installed Debian guest kernel and then the host (last: it waits for the host
+    KSM lock, which guests with mem_merge off do not need)."""
     from harness.guests.image import installed_kernels
 
     installed = list(installed_kernels())
     if not wanted:
-        return [HOST, *installed]
+        return [*installed, HOST]
     out: list[str] = []
     for name in wanted:
         if name == HOST or name in installed:
