@@ -31,8 +31,11 @@ def terminal(stream: IO[str] | None = None) -> Console | None:
 
 
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:
-    """'1 guest', '2 guests', '0 guests' (plural_form for the irregular ones)."""
-    return f"{n} {noun if n == 1 else plural_form or noun + 's'}"
+    """'1 guest', '2 guests', '0 guests', '3 processes' (plural_form for the irregular ones)."""
+    if n == 1:
+        return f"{n} {noun}"
+    regular = noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+    return f"{n} {plural_form or regular}"
 
 
 def plain_table(rows: Sequence[Sequence[str]], indent: str = "", gap: str = "  ") -> list[str]:

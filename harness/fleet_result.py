@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from harness.console import plural
 from harness.errors import GuestError, HarnessError
 
 T = TypeVar("T")
@@ -81,6 +82,7 @@ class FleetResult(Mapping[str, MemberResult[T]]):
                 f"{r.name}: {str(r.error).removeprefix(f'{r.name}: ')}" for r in self.failed
             )
             raise error(
-                f"{self.operation} failed on {len(self.failed)} of {len(self)} {self.noun}: {lines}"
+                f"{self.operation} failed on {len(self.failed)} of "
+                f"{plural(len(self), self.noun.removesuffix('s'), self.noun)}: {lines}"
             )
         return self

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from harness import procfs
 from harness.errors import HarnessError
 
 PAGE = 4096
@@ -270,7 +271,7 @@ def capture_vmas(
     try:
         pagemap = os.open(base / "pagemap", os.O_RDONLY)
         mem = os.open(base / "mem", os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or a zombie (ESRCH)
         raise ShadowError(f"process {pid} exited during capture") from None
     except PermissionError:
         raise ShadowError(f"cannot read /proc/{pid}/mem", hint="run as root") from None
@@ -280,7 +281,10 @@ def capture_vmas(
     nbytes = 0
     try:
         for vma in vmas:
-            raw = os.pread(pagemap, vma.pages * 8, (vma.start // PAGE) * 8)
+            try:
+                raw = os.pread(pagemap, vma.pages * 8, (vma.start // PAGE) * 8)
+            except ProcessLookupError:  # it exited meanwhile: its mm is gone
+                raise ShadowError(f"process {pid} exited during capture") from None
             entries = np.frombuffer(raw, dtype="<u8")
             if len(entries) < vma.pages:  # the VMA shrank under us: pad as absent
                 entries = np.concatenate((entries, np.zeros(vma.pages - len(entries), "<u8")))
@@ -367,7 +371,7 @@ class Shadow:
             try:
                 caps.append(capture_process(pid, name, self.proc, self.fallback_hugepage))
             except ShadowError:
-                if not (self.proc / str(pid)).exists():
+                if not procfs.pid_alive(pid, self.proc):  # gone, or a zombie
                     continue  # exited: the model keeps its last view until told otherwise
                 raise
         caps.sort(key=lambda c: (c.start, c.pid))

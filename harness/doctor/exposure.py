@@ -109,7 +109,7 @@ def pagemap_entries(pid: int, vmas: Iterable[Any], proc: Path = procfs.PROC) -> 
     """The pagemap words of each VMA (objects with start and pages), in order."""
     try:
         fd = os.open(proc / str(pid) / "pagemap", os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or a zombie (ESRCH)
         raise HarnessError(f"no process {pid}") from None
     except PermissionError:
         raise HarnessError(f"cannot read /proc/{pid}/pagemap", hint="run as root") from None
@@ -118,6 +118,8 @@ def pagemap_entries(pid: int, vmas: Iterable[Any], proc: Path = procfs.PROC) -> 
         for v in vmas:
             raw = procfs.read_pagemap(fd, v.start // PAGE_SIZE, v.pages)
             out.append(np.frombuffer(raw, dtype="<u8"))
+    except ProcessLookupError:  # it exited while we read
+        raise HarnessError(f"process {pid} exited while its page tables were read") from None
     finally:
         os.close(fd)
     return out

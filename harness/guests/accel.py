@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness.errors import AccelUnavailable, HarnessError
 from harness.guests.agent import AgentClient, UnixChannel
-from harness.guests.backend import RUNTIME_ROOT
+from harness.guests.backend import RUNTIME_ROOT, prepare_runtime_root
 from harness.guests.qemu_backend import QemuBackend
 from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec, parse_kind
 from harness.kinds import AccelKind
@@ -86,7 +86,7 @@ def probe_kvm(
     problem = static_kvm_problem(dev_kvm)
     if problem is not None:
         return KvmVerdict(False, problem, time.time(), 0.0)
-    run_dir = runtime_root / f"probe-{secrets.token_hex(4)}"
+    run_dir = prepare_runtime_root(runtime_root) / f"probe-{secrets.token_hex(4)}"
     spec = GuestSpec(
         name=f"{NAME_PREFIX}probe-{run_dir.name[6:]}",
         memory_mib=128,

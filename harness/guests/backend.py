@@ -10,9 +10,23 @@ from typing import Protocol
 
 from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec, parse_kind
 from harness.kinds import GuestBackendKind, ImageKind
+from harness.ksm.lock import private_dir
+from harness.paths import is_root, runtime_dir
 
-# Runtime state of fleets (sockets, pid files, console logs, run.json), one directory per run.
-RUNTIME_ROOT = Path(os.environ.get("KSM_HARNESS_RUNTIME", "/run/ksm-harness")) / "fleet"
+# Runtime state of fleets (sockets, pid files, console logs, run.json), one directory per run,
+# under the runtime directory (harness.paths: root's /run/ksm-harness, or a per-user one).
+RUNTIME_ROOT = runtime_dir() / "fleet"
+
+
+def prepare_runtime_root(root: Path) -> Path:
+    """Create a fleet runtime root (and, for the default one, the runtime directory above it),
+    checked to be ours alone: a non-root user's is 0700 and must not be another user's (a
+    planted /tmp/ksm-harness-UID), since guest sockets there accept commands."""
+    mode = 0o755 if is_root() else 0o700
+    hint = "set KSM_HARNESS_RUNTIME to a directory of yours"
+    if root == RUNTIME_ROOT:
+        private_dir(root.parent, mode, hint)
+    return private_dir(root, mode, hint)
 
 
 @dataclass(frozen=True)

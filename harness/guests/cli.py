@@ -44,17 +44,25 @@ def register(sub: Any) -> None:
         help="RAM per guest: 256 (a bare number is MiB), 256M, 1GiB (default 256 MiB)",
     )
     p.add_argument(
-        "--backend", choices=choices(GuestBackendKind), default=GuestBackendKind.QEMU.value
+        "--backend",
+        choices=choices(GuestBackendKind),
+        default=GuestBackendKind.QEMU.value,
+        help="guest backend: a QEMU process per guest, or libvirt domains",
     )
     p.add_argument("--uri", default=None, help="libvirt URI (default qemu:///system)")
-    p.add_argument("--accel", choices=choices(AccelKind), default=AccelKind.AUTO.value)
+    p.add_argument(
+        "--accel",
+        choices=choices(AccelKind),
+        default=AccelKind.AUTO.value,
+        help="accelerator; auto: KVM if a probe guest runs under it here, else TCG",
+    )
     p.add_argument(
         "--image",
         choices=choices(ImageKind),
         default=ImageKind.BUSYBOX.value,
         help="busybox (default, ~5 s boot) or debian (mmdebstrap + systemd, built on first use)",
     )
-    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--vcpus", type=int, default=1, help="virtual CPUs per guest")
     p.add_argument(
         "--no-mem-merge", action="store_true", help="do not mark guest RAM mergeable for KSM"
     )
@@ -64,7 +72,13 @@ def register(sub: Any) -> None:
         help="start QEMU with transparent huge pages off (as playbooks do by default)",
     )
     p.add_argument("--concurrency", type=int, default=4, help="guests booting at once")
-    p.add_argument("--ready-timeout", type=float, default=180.0, metavar="S")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=180.0,
+        metavar="S",
+        help="seconds a guest may take to boot to its agent",
+    )
     p.set_defaults(func=cmd_up)
 
     p = fsub.add_parser("list", help="show fleet runs and leftover guests")
@@ -74,7 +88,9 @@ def register(sub: Any) -> None:
     p = fsub.add_parser("exec", help="run an agent command: ksmh fleet exec -- fill a 32M zero")
     p.add_argument("--run", type=run_id, default=None, help="run id (default: the only run)")
     p.add_argument("--guests", default=None, metavar="SEL", help="names or indices: 0,2,5-7")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, metavar="S", help="seconds per agent command"
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="agent command and arguments")
     p.set_defaults(func=cmd_exec)
 
@@ -158,7 +174,7 @@ def _up(args: argparse.Namespace) -> int:
         )
     fleet.detach()
     accel = fleet.accel
-    print(f"run {fleet.run_id}: {len(result.succeeded)}/{len(result)} guests ready "
+    print(f"run {fleet.run_id}: {len(result.succeeded)}/{plural(len(result), 'guest')} ready "
           f"({fleet.backend.name}, accel {accel.accel if accel else '?'})")  # fmt: skip
     status = _print_result(result)
     if accel is not None:

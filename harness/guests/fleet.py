@@ -47,6 +47,7 @@ from harness.guests.backend import (
     GuestBackend,
     build_image,
     make_backend,
+    prepare_runtime_root,
     remove_quietly,
 )
 from harness.guests.spec import NAME_PREFIX, FleetSpec, GuestImage, GuestSpec
@@ -163,7 +164,8 @@ class Fleet:
         if self.image is None:
             self.image = build_image(spec.image)
         self.accel = self.accel_resolver(spec.accel, self.image)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_runtime_root(self.run_dir.parent)
+        self.run_dir.mkdir(exist_ok=True)
         self.guests = [
             Guest(
                 GuestSpec(

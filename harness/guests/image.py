@@ -342,8 +342,15 @@ def build_initramfs(
 
 @contextmanager
 def _build_lock(out: Path) -> Iterator[None]:
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise HarnessError(
+            f"cannot build the guest image in {out}: {exc.strerror}",
+            hint="set KSM_HARNESS_CACHE (or XDG_CACHE_HOME, or KSM_HARNESS_IMAGE_DIR for the "
+            "images alone) to a directory you can write",
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # concurrent tests and CLI calls build once
         yield

@@ -11,8 +11,9 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from harness.errors import GuestError, HarnessError
 from harness.guests.backend import Leftover, is_ours, remove_quietly
@@ -23,6 +24,7 @@ from harness.run import run
 from harness.waiting import wait_until
 
 DEFAULT_URI = "qemu:///system"
+T = TypeVar("T")
 RECONNECT_TIMEOUT = 30.0  # a restarted libvirtd answers within seconds
 LIBVIRT_RUN = Path("/run/libvirt")
 
@@ -60,6 +62,11 @@ def ensure_daemons(run_dir: Path = LIBVIRT_RUN, timeout: float = 15.0) -> list[s
     return started
 
 
+def _quiet(_ctx: object, _error: object) -> None:
+    """libvirt's default error handler prints every error to stderr ("libvirt: DBus Utils
+    error : ..."), also those we expect and handle; the libvirtError we catch has the text."""
+
+
 def _libvirt() -> Any:
     try:
         import libvirt
@@ -68,6 +75,7 @@ def _libvirt() -> Any:
             "the libvirt Python binding is not importable",
             hint="pip install libvirt-python (it is in pyproject.toml)",
         ) from exc
+    libvirt.registerErrorHandler(_quiet, None)
     return libvirt
 
 
@@ -88,9 +96,15 @@ class LibvirtBackend:
         try:
             return self.libvirt.open(self.uri)
         except self.libvirt.libvirtError as exc:
+            system = self.uri.endswith("/system")
+            hint = (
+                "is libvirtd running? (no systemd here: `libvirtd -d` as root)"
+                if os.geteuid() == 0 or not system
+                else f"{self.uri} is root's: run as root, or boot plain QEMU guests (backend "
+                "qemu), which any user can"
+            )
             raise HarnessError(
-                f"cannot connect to libvirt at {self.uri}: {exc}",
-                hint="is libvirtd running? (no systemd here: `libvirtd -d` as root)",
+                f"cannot connect to libvirt at {self.uri}: {exc}", hint=hint
             ) from exc
 
     @property
@@ -129,11 +143,26 @@ class LibvirtBackend:
     def _local(self) -> bool:
         return "://" in self.uri and self.uri.split("://", 1)[1].startswith("/")
 
+    def _lost(self, exc: Any) -> bool:
+        """The error is the connection's (libvirtd went away), not the operation's. A restarted
+        libvirtd shows only when the next call fails: isAlive() stays true until then."""
+        return bool(exc.get_error_domain() == self.libvirt.VIR_FROM_RPC)
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        """fn(connection), once more on a fresh connection when the old one was lost."""
+        try:
+            return fn(self.conn)
+        except self.libvirt.libvirtError as exc:
+            if not self._lost(exc):
+                raise
+            with contextlib.suppress(self.libvirt.libvirtError):
+                self._conn.close()  # conn then opens a new one, waiting for the daemon
+            return fn(self.conn)
+
     def _domain(self, name: str) -> Any | None:
         """The domain called `name`, None when there is none; GuestError when libvirt fails."""
-        conn = self.conn
         try:
-            return conn.lookupByName(name)
+            return self._call(lambda c: c.lookupByName(name))
         except self.libvirt.libvirtError as exc:
             if exc.get_error_code() == self.libvirt.VIR_ERR_NO_DOMAIN:
                 return None
@@ -143,7 +172,7 @@ class LibvirtBackend:
         spec.runtime_dir.mkdir(parents=True, exist_ok=True)
         remove_quietly(spec.agent_socket)
         try:
-            self.conn.createXML(libvirt_xml(spec), 0)
+            self._call(lambda c: c.createXML(libvirt_xml(spec), 0))
         except self.libvirt.libvirtError as exc:
             raise GuestError(f"libvirt refused to start {spec.name}: {exc}") from exc
         return self.pid(spec)
@@ -182,7 +211,7 @@ class LibvirtBackend:
 
     def leftovers(self) -> list[Leftover]:
         found = []
-        for dom in self.conn.listAllDomains(0):
+        for dom in self._call(lambda c: c.listAllDomains(0)):
             name = dom.name()
             if is_ours(name):
                 found.append(

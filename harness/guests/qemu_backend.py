@@ -161,11 +161,19 @@ class QemuBackend:
         return not pid_alive(pid)
 
     def leftovers(self) -> list[Leftover]:
-        """QEMU processes whose guest name carries our prefix, whoever started them."""
+        """Our user's QEMU processes whose guest name carries our prefix. Another user's
+        guests are theirs to stop (each user has its own runtime directory, so they would
+        otherwise look like leftovers here)."""
         found = []
+        uid = os.geteuid()
         for entry in self.proc.iterdir():
             if not entry.name.isdigit():
                 continue
+            try:
+                if entry.stat().st_uid != uid:
+                    continue
+            except OSError:
+                continue  # exited meanwhile
             argv = _cmdline(int(entry.name), self.proc)
             if not argv or "qemu-system" not in Path(argv[0]).name:
                 continue

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ from harness.errors import HarnessError
 from harness.ksm.backend import BackendBase
 from harness.ksm.select import BACKENDS, open_backend
 from harness.ksm.sysfs import KSM_ROOT, PROC_ROOT, SysfsBackend
-from harness.ksm.types import Counters, derive
+from harness.ksm.types import Counters, Tunables, derive
+from harness.paths import is_root
 from harness.units import human_bytes
 
 
@@ -86,6 +86,36 @@ def _backend(args: argparse.Namespace, need_write: bool = False) -> BackendBase:
     )
 
 
+def staleness(backend: BackendBase, counters: Counters, tunables: Tunables) -> dict[str, Any]:
+    """Whether the counters still describe memory that exists.
+
+    With ksmd stopped (run=0) the counters stay as its last scan left them: when the
+    processes whose pages were merged exit, nothing recounts, so "saved 158 MiB" can describe
+    memory that is gone. That is stale when no process is registered with KSM any more;
+    without root the registered processes cannot all be seen, so it may be (stale: None).
+    `{"stale": True | False | None, "note": text or None}`.
+    """
+    merged = (counters.pages_shared or 0) + (counters.ksm_zero_pages or 0)
+    if tunables.run != 0 or not merged or backend.source != "kernel":
+        return {"stale": False, "note": None}
+    users = backend.registered()
+    if users:
+        return {"stale": False, "note": None}
+    fix = "`ksmh set run=1` lets ksmd recount (run=2 unmerges)"
+    if users is None:
+        return {
+            "stale": None,
+            "note": "ksmd is stopped (run=0): the counters are frozen at its last scan and may "
+            "describe memory that is gone (not root: the processes registered with KSM "
+            f"cannot all be seen); {fix}",
+        }
+    return {
+        "stale": True,
+        "note": "the counters are stale: ksmd is stopped (run=0) and no process is registered "
+        f"with KSM, so they describe memory that may be gone; {fix}",
+    }
+
+
 def status_dict(backend: BackendBase) -> dict[str, Any]:
     counters = backend.read_counters()
     tunables = backend.read_tunables()
@@ -100,40 +130,53 @@ def status_dict(backend: BackendBase) -> dict[str, Any]:
             "sharing_ratio": d.sharing_ratio,
             "waste_ratio": d.waste_ratio,
         },
+        **staleness(backend, counters, tunables),
     }
 
 
-def _derived_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
+def _derived_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The derived figures for people: sizes, not raw bytes (the counters keep the bytes)."""
+    d = s["derived"]
     ratio = "-" if d["sharing_ratio"] is None else f"{d['sharing_ratio']:.2f}"
     waste = "-" if d["waste_ratio"] is None else f"{d['waste_ratio']:.2f}"
-    return [
-        ("saved", human_bytes(d["saved_bytes"])),
-        ("sharing ratio (sharing/shared)", ratio),
-        ("waste ratio (unshared/sharing)", waste),
-    ]
+    mark = {True: " (stale)", None: " (may be stale)"}.get(s.get("stale"), "")
+    rows = [("saved", human_bytes(d["saved_bytes"]) + mark)]
+    if s["counters"].get("general_profit") is not None:
+        rows.append(("profit (general_profit)", human_bytes(s["counters"]["general_profit"])))
+    rows.append(("sharing ratio (sharing/shared)", ratio))
+    rows.append(("waste ratio (unshared/sharing)", waste))
+    return rows
 
 
 def format_status(s: dict[str, Any]) -> str:
     """`ksmh status` as plain text: counters, tunables, derived figures."""
     width = 36
-    lines = [f"KSM ({s['source']}, page size {s['page_size']})", "", "counters"]
+    lines = [f"KSM ({s['source']}, page size {s['page_size']})", ""]
+    if s.get("note"):
+        lines += [f"note: {s['note']}", ""]
+    lines += ["counters"]
     lines += [f"  {k:<{width}}{v}" for k, v in s["counters"].items()]
     lines += ["", "tunables"]
     lines += [f"  {k:<{width}}{v}" for k, v in s["tunables"].items()]
     lines += ["", "derived"]
-    lines += [f"  {k:<{width}}{v}" for k, v in _derived_rows(s["derived"])]
+    lines += [f"  {k:<{width}}{v}" for k, v in _derived_rows(s)]
     return "\n".join(lines)
 
 
 def status_tables(s: dict[str, Any]) -> list[Any]:
     """`ksmh status` on a terminal: a heading, then three rich tables."""
+    from rich.text import Text
+
+    note = [Text(f"note: {s['note']}", style="bold yellow")] if s.get("note") else []
     return [
         f"KSM ({s['source']}, page size {s['page_size']})",
+        *note,
         rich_table(("counter", "value"), [(k, str(v)) for k, v in s["counters"].items()],
                    title="counters", right=(1,)),
         rich_table(("tunable", "value"), [(k, str(v)) for k, v in s["tunables"].items()],
                    title="tunables", right=(1,)),
-        rich_table(("derived", "value"), _derived_rows(s["derived"]), right=(1,)),
+        rich_table(("derived", "value"), _derived_rows(s),
+                   right=(1,)),
     ]  # fmt: skip
 
 
@@ -182,7 +225,7 @@ def _recover_quietly(backend: SysfsBackend) -> None:
         with ksm_lock(DEFAULT_LOCK, timeout=0):
             recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr), proc=backend.proc)
     except HarnessError as exc:
-        if os.geteuid() != 0:
+        if not is_root():
             return  # not root: the write that follows fails with its own clear message
         if "holds" in exc.message:
             print(f"ksmh: warning: a ksm-harness run is in progress ({exc.message}); "
@@ -196,6 +239,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
     from harness.recovery import recover
 
+    if not is_root():
+        raise HarnessError(
+            "ksmh recover undoes what root's runs left (their journals, guests and KSM knobs): "
+            "it needs root",
+            hint="sudo ksmh recover; your own guests: `ksmh fleet list`, "
+            "`ksmh fleet down --run ID`",
+        )
     # Under the lock: a run starting meanwhile must not save our half-restored knobs as its
     # baseline (it recovers first itself, once it holds the lock).
     print(f"ksmh: taking the host KSM lock {DEFAULT_LOCK}", file=sys.stderr)
@@ -309,7 +359,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     backend = _backend(args)
     pids = {pid: _comm(args.proc_root, pid) for pid in args.pid}
-    target = ExportTarget(backend=backend, watch=(lambda: pids) if pids else None)
+    target = ExportTarget(backend=backend, watch=_watched(pids, args.proc_root) if pids else None)
     target.sharing = _sharing(args)
     if args.host:
         target.host = args.host
@@ -320,7 +370,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
-    finally:
+    finally:  # Ctrl-C: `ksmh: interrupted`, exit status 130, as for `ksmh watch`
         server.shutdown()
+
+
+def _watched(pids: dict[int, str], proc: Path) -> Callable[[], dict[int, str]]:
+    """The --pid processes, for each scrape. A process that does not exist (at start, or
+    once it has exited) is said once on stderr; its series are left out and each scrape
+    counts it in ksm_exporter_read_errors_total."""
+    told: set[int] = set()
+
+    def watch() -> dict[int, str]:
+        for pid, name in pids.items():
+            if pid not in told and not (proc / str(pid)).exists():
+                told.add(pid)
+                what = "no such process" if name == str(pid) else f"{name} has exited"
+                print(
+                    f"ksmh: --pid {pid}: {what}; its series are left out "
+                    "(ksm_exporter_read_errors_total counts each scrape)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return pids
+
+    watch()  # a mistyped PID is said at start, not at the first scrape
+    return watch

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.errors import HarnessError
 from harness.ksm.select import BACKENDS
 from harness.ksm.sysfs import KSM_ROOT
@@ -30,7 +31,8 @@ def register(sub: Any) -> None:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="kernel: real KSM; model: the model alone; auto: kernel if present and writable",
+        help="kernel: real KSM; model: the model alone; auto: kernel if present and writable "
+        "(root), else the model",
     )
     p.add_argument(
         "--out", type=Path, default=Path("results"), help="results root (default results/)"
@@ -97,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     push = _push_url(args.push, playbook.push)
     if args.check:
         steps = sum(len(p.steps) for p in playbook.phases)
-        print(f"{args.playbook}: valid ({len(playbook.phases)} phases, {steps} steps)")
+        phases = plural(len(playbook.phases), "phase")
+        print(f"{args.playbook}: valid ({phases}, {plural(steps, 'step')})")
         return 0
     if args.inventory is not None:
         from harness.remote.run import cmd_run_fleet

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import procfs
+from harness.console import plural
 from harness.errors import HarnessError
 from harness.exporter import parse_listen
 from harness.journal import JOURNAL_DIR, FleetEntry, Journal
@@ -32,6 +33,7 @@ from harness.ksm.lock import DEFAULT_LOCK
 from harness.ksm.select import choose_backend
 from harness.ksm.sysfs import KSM_ROOT, SysfsBackend
 from harness.ksm.types import counters_with_derived
+from harness.paths import is_root
 from harness.playbook import host
 from harness.playbook.context import FleetLike
 from harness.playbook.expect import Context
@@ -47,6 +49,13 @@ from harness.sides import Side
 from harness.sides.kernel import KernelSide
 from harness.sides.model import ModelSide
 from harness.signals import shielded, signals_as_interrupt
+
+# What a non-root model-only run on a host with KSM does without the host lock and journal.
+UNGUARDED = (
+    "not root: running without the host KSM lock and run journal: this run's guests are not "
+    "protected from other runs, nor protect them (a root run sees them as foreign KSM users "
+    "and refuses), and a SIGKILL leaves them running (`ksmh fleet list` finds them)"
+)
 
 
 class ForeignKsmUsers(HarnessError):
@@ -182,20 +191,25 @@ class Runner:
             self.opts.echo(f"*** {banner} ***")
         self.results.run = self._header(banner, kernel is not None)
         # Guests' RAM is mergeable wherever the host has KSM: a model-only run holds the lock
-        # (and journals its guests) there too, so no other run's counters see them.
+        # (and journals its guests) there too, so no other run's counters see them. The lock
+        # and the journals are root's: a non-root model-only run goes without, and says so.
         guarded = kernel is not None or (o.sysfs_root / "run").exists()
-        self.journal = stack.enter_context(
-            run_session(
-                kernel,
-                self.run_id,
-                "playbook",
-                echo=self.say,
-                lock_path=o.lock_path,
-                journal_dir=o.journal_dir,
-                take_lock=o.take_lock and guarded,
-                on_wait=lambda: self.say(f"waiting for the host KSM lock {o.lock_path}"),
+        if kernel is None and guarded and not is_root():
+            self.say(UNGUARDED)
+            self.results.run["unguarded"] = UNGUARDED
+        else:
+            self.journal = stack.enter_context(
+                run_session(
+                    kernel,
+                    self.run_id,
+                    "playbook",
+                    echo=self.say,
+                    lock_path=o.lock_path,
+                    journal_dir=o.journal_dir,
+                    take_lock=o.take_lock and guarded,
+                    on_wait=lambda: self.say(f"waiting for the host KSM lock {o.lock_path}"),
+                )
             )
-        )
         self.dir = new_results_dir(o.out, self.run_id)  # exclusive, after the lock
         self.run_id = self.dir.name
         self.results.run["run_id"] = self.run_id
@@ -237,8 +251,8 @@ class Runner:
         found = procfs.ksm_users(self.opts.proc, exclude=ours | {os.getpid()})
         if found:
             raise ForeignKsmUsers(
-                f"{len(found)} process(es) outside this run use KSM: "
-                + procfs.describe_users(found),
+                f"{plural(len(found), 'process')} outside this run "
+                f"{'uses' if len(found) == 1 else 'use'} KSM: " + procfs.describe_users(found),
                 hint="their pages change every counter: stop them, or set `foreign: capture` "
                 "in the playbook to model them too",
             )
@@ -314,7 +328,7 @@ class Runner:
             for i, (n, p) in enumerate(self.guest_pids.items())
         ]
         self.say(
-            f"fleet {fleet.run_id} ready: {len(self.guest_pids)} guests, "
+            f"fleet {fleet.run_id} ready: {plural(len(self.guest_pids), 'guest')}, "
             f"accel {self.results.run['accelerator']}"
         )
         names = {pid: name for name, pid in self.guest_pids.items()}
@@ -355,7 +369,9 @@ class Runner:
         sampler.stop()
         if sampler.errors:
             # Each failed sample is a gap in samples.csv: say so rather than leave it silent.
-            self.say(f"{len(sampler.errors)} samples failed; the last: {sampler.errors[-1]}")
+            self.say(
+                f"{plural(len(sampler.errors), 'sample')} failed; the last: {sampler.errors[-1]}"
+            )
 
     # -- sampling and sync points ------------------------------------------------------------
     def _sample_live(self) -> None:
@@ -440,7 +456,7 @@ class Runner:
 
         self.state.phase = phase.name
         n = len(phase.steps)
-        self.say(f"== phase {phase.name} ({n} step{'s' if n != 1 else ''})")
+        self.say(f"== phase {phase.name} ({plural(n, 'step')})")
         rec: dict[str, Any] = {
             "name": phase.name,
             "line": phase.line,

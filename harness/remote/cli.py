@@ -52,7 +52,7 @@ def _inventory(args: argparse.Namespace) -> Any:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when every host is usable, 1 otherwise."""
-    from harness.console import terminal
+    from harness.console import plural, terminal
     from harness.remote.check import check_host, check_table, format_table, problem_lines, rows
     from harness.remote.fleet import on_fleet
 
@@ -71,7 +71,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     bad = [c.host for c in checks if not c.usable]
     if bad:
         print(
-            f"ksmh: {len(bad)} of {len(checks)} hosts unusable: {', '.join(bad)}", file=sys.stderr
+            f"ksmh: {len(bad)} of {plural(len(checks), 'host')} unusable: {', '.join(bad)}",
+            file=sys.stderr,
         )
         return 1
     return 0

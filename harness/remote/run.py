@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.errors import HarnessError, RemoteCommandFailed
 from harness.fleet_result import FleetResult
 from harness.remote.fleet import on_fleet
@@ -211,7 +212,10 @@ def _collect(
     status = _status(r.exit_code, res.run)
     if status == 2 and r.exit_code == 1 and error is None:
         error, hint = parse_error(r.stderr)  # exit 1 without a failed verdict: a crash
-    echo(f"{name}: exit {r.exit_code}, fetched {len(files)} files into {local}")
+    verdict_error = (res.run.get("verdict") or {}).get("error")
+    if status == 2 and isinstance(verdict_error, str):
+        error = verdict_error  # the run's own account (e.g. "interrupted (signal SIGTERM)")
+    echo(f"{name}: exit {r.exit_code}, fetched {plural(len(files), 'file')} into {local}")
     return summarize_host(name, status, res.run, samples=res.samples, directory=str(local),
                           address=address, error=error, hint=hint)  # fmt: skip
 
@@ -275,7 +279,7 @@ def run_fleet(
     token = secrets.token_hex(3)  # two controllers starting in the same second never share
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     remote = _Remote()
-    echo(f"fleet run {fleet_id}: {playbook} on {len(inventory.hosts)} hosts")
+    echo(f"fleet run {fleet_id}: {playbook} on {plural(len(inventory.hosts), 'host')}")
 
     def one(s: Session) -> HostSummary:
         return run_on_host(s, playbook, fleet_id, token, opts, echo, remote)
@@ -371,7 +375,7 @@ def cmd_run_fleet(args: Any) -> int:
                 push_results(Path(h.directory), push, host=h.host)
     bad = [h.host for h in fr.hosts if h.status == "error"]
     if bad:
-        print(f"ksmh: {len(bad)} of {len(fr.hosts)} hosts errored: {', '.join(bad)}",
+        print(f"ksmh: {len(bad)} of {plural(len(fr.hosts), 'host')} errored: {', '.join(bad)}",
               file=sys.stderr)  # fmt: skip
     if fr.interrupted:
         raise KeyboardInterrupt

@@ -16,6 +16,7 @@ import base64
 import fcntl
 import hashlib
 import io
+import logging
 import shlex
 import stat
 import threading
@@ -30,6 +31,12 @@ from harness.errors import RemoteCommandFailed
 from harness.remote.inventory import Host
 
 CONNECT_TIMEOUT = 10.0
+
+# paramiko logs what it also raises, e.g. "Secsh channel 1 open FAILED: Connection refused" at
+# ERROR when the exporter is not listening; with no handler configured, Python's last-resort
+# handler would print that to stderr beside our own one-line report of the same failure. A
+# NullHandler stops that and leaves paramiko's records to an application that wants them.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 class HostUnreachable(RemoteCommandFailed):

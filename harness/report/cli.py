@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.errors import HarnessError
 from harness.report.regression import Floors
 
@@ -108,13 +109,14 @@ def cmd_trend(args: argparse.Namespace) -> int:
             f = flag_doc(g, m)
             print(
                 f"FLAGGED {g.playbook}/{g.host}/{g.kernel_release}: {f['metric']} since "
-                f"{f['since']} ({f['nights']} nights): {fmt(f['baseline_median'], f['unit'])} -> "
+                f"{f['since']} ({plural(f['nights'], 'night')}): "
+                f"{fmt(f['baseline_median'], f['unit'])} -> "
                 f"{fmt(f['latest'], f['unit'])} ({f['direction']})"
             )
     for file, why in trend.skipped:
         print(f"skipped {file}: {why}")
     print(
-        f"trend: {path} ({trend.runs_read} runs, {len(trend.groups)} series, "
+        f"trend: {path} ({plural(trend.runs_read, 'run')}, {len(trend.groups)} series, "
         f"{trend.flagged} flagged)"
     )
     return 1 if trend.flagged else 0

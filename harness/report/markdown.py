@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from harness.console import plural
 from harness.report.results import Results
+from harness.units import format_size
 
 TABLE_COUNTERS = (
     "pages_shared",
@@ -19,6 +21,7 @@ TABLE_COUNTERS = (
     "ksm_zero_pages",
     "general_profit",
 )
+BYTE_COUNTERS = {"general_profit"}  # the others count pages
 MARK = {"passed": "PASS", "failed": "FAIL", "skipped": "skip"}
 CAPTIONS = {
     "counters": "KSM counters over time: the kernel as sampled, the model at sync points",
@@ -71,20 +74,25 @@ def _counter_table(counters: Mapping[str, Any]) -> list[str]:
         head += " | kernel - model"
     lines = [head + " |", "|---" * (1 + 2 * len(sources) + (len(sources) == 2)) + "|"]
     for name in TABLE_COUNTERS:
+        show = _size if name in BYTE_COUNTERS else _v  # pages as numbers, bytes as sizes
         cells = []
         ends = []
         for s in sources:
             end = counters[s].get("end", {}).get(name)
             delta = counters[s].get("delta", {}).get(name)
             ends.append(end)
-            cells += [_v(end), _v(delta)]
+            cells += [show(end), show(delta)]
         if all(c == "-" for c in cells):
             continue
         if len(sources) == 2:
             k, m = ends
-            cells.append("-" if k is None or m is None else _v(k - m))
+            cells.append("-" if k is None or m is None else show(k - m))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _size(x: Any) -> str:
+    return format_size(x) if isinstance(x, int | float) else _v(x)
 
 
 def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
@@ -105,6 +113,8 @@ def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
         out += ["", "Failed expectations:"] + [f"- {t}" for t in verdict["failed"]]
     if run.get("banner"):
         out += ["", f"> {run['banner']}"]
+    if run.get("unguarded"):
+        out += ["", f"> {run['unguarded']}"]
     host = run.get("host", {})
     out += [
         "",
@@ -128,7 +138,11 @@ def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
             f"- shadow capture: {sh.get('captures', 0)} captures, "
             f"{_v(sh.get('mib_hashed'))} MiB hashed at {_v(sh.get('capture_mib_per_s'))} MiB/s, "
             f"model scans {_v(sh.get('model_scans'))} in {_v(sh.get('model_seconds'))} s"
-            + (f", {sh['pages_vanished']} pages vanished" if sh.get("pages_vanished") else "")
+            + (
+                f", {plural(sh['pages_vanished'], 'page')} vanished"
+                if sh.get("pages_vanished")
+                else ""
+            )
         )
     if run.get("backend") == "kernel" and run.get("shadow"):
         out += ["", "## Reading kernel against model", "", *READING]

@@ -9,11 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from harness.report.mpl import plt
 from harness.report.results import Results
 
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")

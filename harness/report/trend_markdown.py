@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.console import plural
 from harness.report.trend import FAMILIES, Group, Metric, Trend, latest_baseline
 from harness.units import human_bytes
 
@@ -122,7 +123,7 @@ def render_markdown(trend: Trend, doc: dict[str, Any], plots: dict[str, str]) ->
     out = [
         "# Nightly trend",
         "",
-        f"{trend.runs_read} runs from {', '.join(doc['inputs'])}, "
+        f"{plural(trend.runs_read, 'run')} from {', '.join(doc['inputs'])}, "
         f"{len(trend.groups)} series (playbook, host, kernel release); generated "
         f"{doc['generated']}.",
         "",

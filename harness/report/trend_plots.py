@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from harness.report.mpl import plt
 from harness.report.plots import _save
 from harness.report.trend import Family, Group, Metric, Trend
 

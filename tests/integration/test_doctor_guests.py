@@ -23,8 +23,8 @@ from harness.doctor.facts import Options
 from harness.guests.fleet import Fleet, new_run_id
 from harness.guests.qemu_argv import qemu_argv
 from harness.guests.qemu_backend import QemuBackend
-from harness.guests.spec import GuestSpec
-from harness.guests.thp import set_thp_disable
+from harness.guests.spec import FleetSpec, GuestSpec
+from harness.kinds import AccelKind
 from harness.ksm.select import choose_backend
 from harness.ksm.sysfs import SysfsBackend
 from harness.prereqs import missing_fleet, missing_ksm_kernel
@@ -77,17 +77,13 @@ def fleet() -> Iterator[Fleet]:
     assert isinstance(backend, SysfsBackend)
     with run_session(backend, "pytest-doctor-guests", "pytest", echo=print):
         before = int(NR_HUGEPAGES.read_text())
-        f = Fleet(3, MEMORY_MIB, backend=BackedQemu(), accel="tcg", run_id=new_run_id(),
-                  concurrency=3, progress=False)  # fmt: skip
+        # thp off: zero-filled THP subpages would never merge (the fleet disables it in QEMU).
+        spec = FleetSpec(3, MEMORY_MIB, accel=AccelKind.TCG, concurrency=3, thp=False)
+        f = Fleet(spec, backend=BackedQemu(), run_id=new_run_id(), progress=False)
         try:
             if _hugepages(before + HUGEPAGES) < before + HUGEPAGES:
                 pytest.fail(f"could not reserve {HUGEPAGES} huge pages (vm.nr_hugepages)")
-            thp_off = set_thp_disable(True)
-            try:
-                f.up().raise_if_failed()
-            finally:
-                if thp_off:
-                    set_thp_disable(False)
+            f.up().raise_if_failed()
             f.fill("a", "16M", "byte:0x5a").raise_if_failed()
             yield f
         finally:

@@ -9,7 +9,6 @@ the run, no journal, the lock free, and run.json (where one was written) saying 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import queue
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import procfs
 from harness.journal import JOURNAL_DIR, journals
 from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
 from harness.ksm.sysfs import SysfsBackend
@@ -130,17 +130,24 @@ def qemu_of_run(lines: list[str]) -> list[int]:
     return [pid for i in ids for pid in qemu_processes_of(i)]
 
 
-def assert_host_clean(before: dict[str, int | str], lines: list[str]) -> None:
-    """Knobs back, no guest of the run, no journal, the lock free."""
+def lock_holders() -> list[str]:
+    """Command lines of the processes holding the host lock (from /proc/locks)."""
+    inode = os.stat(DEFAULT_LOCK).st_ino
+    pids = {
+        int(f[4])
+        for f in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+        if len(f) > 5 and f[5].endswith(f":{inode}")
+    }
+    return [procfs.cmdline(p) for p in sorted(pids)]
+
+
+def assert_host_clean(before: dict[str, int | str], lines: list[str], where: Path) -> None:
+    """Knobs back, no guest of the run, no journal of ours, the lock not held by the run."""
     with ksm_lock(timeout=900):
         assert SysfsBackend().read_tunables().present() == before
     assert qemu_of_run(lines) == []
     assert journals(JOURNAL_DIR) == []
-    fd = os.open(DEFAULT_LOCK, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
-    finally:
-        os.close(fd)
+    assert [c for c in lock_holders() if str(where) in c] == []
 
 
 def only_run_json(out: Path) -> dict[str, object]:
@@ -177,7 +184,7 @@ def test_sigkill_at_each_stage_then_recover(
     if stage in ("fill", "wait", "sync"):
         assert any(line.startswith("stopped guest ksmh-") for line in said), said
         assert any(line.startswith("restored pages_to_scan ") for line in said), said
-    assert_host_clean(host_before, run.lines + said)
+    assert_host_clean(host_before, run.lines + said, tmp_path)
     assert ksmh("recover").stdout.startswith("nothing to recover")
 
 
@@ -198,7 +205,7 @@ def test_the_next_run_recovers_first_and_compares_exactly(
     assert all(not os.path.exists(f"/proc/{pid}") for pid in orphans)
     run = only_run_json(tmp_path / "second")
     assert run["verdict"]["status"] == "passed"  # type: ignore[index]
-    assert_host_clean(host_before, first.lines + second.lines)
+    assert_host_clean(host_before, first.lines + second.lines, tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
@@ -212,7 +219,7 @@ def test_hangup_and_terminate_end_the_run_as_an_error(
     verdict = only_run_json(tmp_path / "out")["verdict"]
     assert verdict["status"] == "error" and verdict["exit_status"] == 2  # type: ignore[index]
     assert verdict["error"] == f"interrupted (signal {signal.Signals(sig).name})"  # type: ignore[index]
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 def test_a_second_sigterm_does_not_cut_the_teardown_short(
@@ -227,21 +234,23 @@ def test_a_second_sigterm_does_not_cut_the_teardown_short(
     assert run.finish() == 2
     run_json = only_run_json(tmp_path / "out")
     assert run_json["verdict"]["signals_during_teardown"] == 2  # type: ignore[index]
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 def test_a_guest_killed_mid_phase_is_an_error_and_nothing_is_left(
     tiny: Path, tmp_path: Path, host_before: dict[str, int | str]
 ) -> None:
     run = RunProc(tiny, tmp_path / "out")
-    run.wait_for(STAGES["wait"])
+    # After the wait, before `verify`: the dead guest fails that step. (Killed during the wait,
+    # its only mm gone, ksmd stops scanning and the wait times out instead: also exit 2.)
+    run.wait_for(STAGES["sync"])
     (pid,) = qemu_of_run(run.lines)
     os.kill(pid, signal.SIGKILL)
     assert run.finish() == 2
     verdict = only_run_json(tmp_path / "out")["verdict"]
     assert verdict["status"] == "error"  # type: ignore[index]
-    assert "verify failed on 1 of 1 guests" in verdict["error"]  # type: ignore[index]
-    assert_host_clean(host_before, run.lines)
+    assert "verify failed on 1 of 1 guest" in verdict["error"]  # type: ignore[index]
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 def test_a_full_results_filesystem_is_a_clear_error(
@@ -258,7 +267,7 @@ def test_a_full_results_filesystem_is_a_clear_error(
         assert re.search(r"could not write the results to .*No space left on device", text), text
     finally:
         subprocess.run(["umount", str(small)], check=True)
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 def test_a_taken_export_port_fails_before_anything_boots(
@@ -279,7 +288,7 @@ def test_a_taken_export_port_fails_before_anything_boots(
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "booting" not in done.stderr
     assert time.monotonic() - t0 < 30
-    assert_host_clean(host_before, done.stderr.splitlines())
+    assert_host_clean(host_before, done.stderr.splitlines(), tmp_path)
 
 
 def test_a_foreign_ksm_user_is_refused_by_name(
@@ -299,7 +308,7 @@ def test_a_foreign_ksm_user_is_refused_by_name(
     assert run["verdict"]["status"] == "error"  # type: ignore[index]
     child.kill()
     child.wait(10)
-    assert_host_clean(host_before, done.stderr.splitlines())
+    assert_host_clean(host_before, done.stderr.splitlines(), tmp_path)
 
 
 def test_a_foreign_ksm_user_is_captured_and_compared_exactly(
@@ -315,13 +324,13 @@ def test_a_foreign_ksm_user_is_captured_and_compared_exactly(
     code = run.finish(900)
     assert code == 0, "\n".join(run.lines)
     doc = only_run_json(tmp_path / "out")
-    assert doc["shadow"]["other_processes"] == 1  # type: ignore[index]
+    assert doc["shadow"]["other_processes"] >= 1  # type: ignore[index]  # the child, at least
     fill = doc["phases"][0]  # type: ignore[index]
     k, m = fill["counters"]["kernel"]["end"], fill["counters"]["model"]["end"]
     assert k["pages_sharing"] >= 2047 + 4095  # the child's 2048 pages and the guest's 16 MiB
     for name in ("pages_shared", "pages_sharing"):
         assert abs(k[name] - m[name]) <= 0.01 * k[name], (name, k[name], m[name])
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 @pytest.mark.libvirt
@@ -350,4 +359,4 @@ def test_libvirtd_restarted_mid_run(
         assert [d.name() for d in backend.conn.listAllDomains(0) if "ksmh-" in d.name()] == []
     finally:
         backend.close()
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from harness.console import BootProgress, plain_table, terminal
+from harness.console import BootProgress, plain_table, plural, terminal
 from harness.guests.cli import format_runs, runs_table
 from harness.remote.check import HostCheck, check_table, format_table
 
@@ -109,3 +109,9 @@ def test_boot_progress_draws_on_a_terminal_only() -> None:
     assert silent.done == 1 and silent._bar is None
     # stderr is no terminal under pytest: nothing is drawn unless asked for.
     assert BootProgress(2, "booting r7")._bar is None
+
+
+def test_counted_nouns() -> None:
+    assert [plural(n, "guest") for n in (0, 1, 2)] == ["0 guests", "1 guest", "2 guests"]
+    assert plural(1, "process") == "1 process" and plural(3, "process") == "3 processes"
+    assert plural(2, "series", "series") == "2 series"

@@ -262,11 +262,17 @@ def test_leftovers_are_found_by_name_prefix_in_proc(tmp_path: Path) -> None:
         "102": ["/usr/bin/qemu-system-x86_64", "-name", "guest=ksmh-rlv-g00,debug-threads=on",
                 "-object", "secret,file=/var/lib/libvirt/qemu/domain-1/master-key.aes"],
         "103": ["python3", "-name", "guest=ksmh-rx-g00"],
+        "104": ["/usr/bin/qemu-system-x86_64", "-name", "guest=ksmh-rnobody-g00"],
     }  # fmt: skip
     for pid, argv in procs.items():
         (tmp_path / pid).mkdir()
         (tmp_path / pid / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (tmp_path / "self").mkdir()
+    # Another user's guest (each user has its own runtime directory) is theirs to stop.
+    if os.geteuid() == 0:
+        os.chown(tmp_path / "104", 65534, 65534)
+    else:
+        shutil.rmtree(tmp_path / "104")  # no chown without root
     found = QemuBackend(proc=tmp_path).leftovers()
     assert found == [Leftover(name="ksmh-rdead-g00", pid=100, backend="qemu")]
 

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import signal
+import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import PIPE, Popen
 
 import pytest
 
 from harness.cli import main
 from harness.ksm import cli as ksm_cli
 from harness.ksm.types import Counters
+from harness.run import spawn
 from tests.conftest import snapshot
+from tests.integration.conftest import free_port
 
 Tree = Callable[[str], tuple[Path, Path]]
 
@@ -200,3 +207,138 @@ def test_only_run_py_starts_processes() -> None:
         if "shell=True" in text:
             offenders.append(f"{path} (shell=True)")
     assert offenders == []
+
+
+STALE = (
+    "note: the counters are stale: ksmd is stopped (run=0) and no process is registered with "
+    "KSM, so they describe memory that may be gone; `ksmh set run=1` lets ksmd recount "
+    "(run=2 unmerges)"
+)
+
+
+def _stopped_and_gone(tree: tuple[Path, Path]) -> tuple[Path, Path]:
+    """ksmd stopped with merged pages counted, and every process that used KSM gone."""
+    root, proc = tree
+    (root / "run").write_text("0\n")
+    for pid in ("4242", "4343"):
+        shutil.rmtree(proc / pid)
+    return tree
+
+
+def test_status_says_stale_counters_in_every_output(
+    fake_tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = _stopped_and_gone(fake_tree("linux-5.14"))
+    assert ksmh(tree, "status") == 0
+    out = capsys.readouterr().out
+    head = STATUS_5_14.replace(
+        "run                                 1", "run                                 0"
+    )
+    head = head.replace("360.0 KiB", "360.0 KiB (stale)")
+    assert out == head.replace("page size 4096)\n\n", f"page size 4096)\n\n{STALE}\n\n")
+    assert ksmh(tree, "status", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stale"] is True and "note: " + data["note"] == STALE
+    buf = forced_terminal(monkeypatch)
+    assert ksmh(tree, "status") == 0
+    screen = " ".join(buf.getvalue().split())
+    assert " ".join(STALE.split()) in screen and "360.0 KiB (stale)" in screen
+
+
+def test_status_is_not_stale_while_a_process_uses_ksm_or_ksmd_runs(
+    fake_tree: Tree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = fake_tree("linux-6.18")
+    (tree[0] / "run").write_text("0\n")  # stopped, but pid 4242 is still registered
+    assert ksmh(tree, "status", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["stale"], data["note"]) == (False, None)
+    tree = _stopped_and_gone(fake_tree("linux-5.14"))
+    (tree[0] / "run").write_text("1\n")  # ksmd runs: it recounts
+    assert ksmh(tree, "status") == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_status_without_root_says_the_counters_may_be_stale(
+    fake_tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness.ksm import sysfs
+
+    monkeypatch.setattr(sysfs, "is_root", lambda: False)  # others' ksm_stat is root-only
+    tree = _stopped_and_gone(fake_tree("linux-6.18"))
+    assert ksmh(tree, "status", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stale"] is None
+    assert data["note"].startswith(
+        "ksmd is stopped (run=0): the counters are frozen at its last scan and may describe "
+        "memory that is gone (not root: the processes registered with KSM cannot all be seen)"
+    )
+    assert ksmh(tree, "status") == 0
+    out = capsys.readouterr().out
+    assert "  saved                               1.2 MiB (may be stale)\n" in out
+    # general_profit (1201408 bytes among the counters) as a size for people too
+    assert "  profit (general_profit)             1.1 MiB\n" in out
+
+
+def _start(tree: tuple[Path, Path], *args: str) -> Popen[bytes]:
+    root, proc = tree
+    argv = [sys.executable, "-m", "harness.cli", *args, "--backend", "kernel",
+            "--sysfs-root", str(root), "--proc-root", str(proc)]  # fmt: skip
+    return spawn(argv, stdout=PIPE, stderr=PIPE)
+
+
+def _interrupt(p: Popen[bytes]) -> tuple[int, list[str]]:
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    return p.returncode, err.decode().splitlines()
+
+
+def test_watch_and_export_exit_130_on_ctrl_c(fake_tree: Tree) -> None:
+    watch = _start(fake_tree("linux-6.18"), "watch", "--interval", "0.1")
+    exporter = _start(fake_tree("linux-5.14"), "export", "--listen", f"127.0.0.1:{free_port()}")
+    try:
+        for p in (watch, exporter):
+            assert p.stdout is not None and p.stdout.readline()  # first frame / "exporting ..."
+        assert _interrupt(watch) == (130, ["ksmh: interrupted"])
+        assert _interrupt(exporter) == (130, ["ksmh: interrupted"])
+    finally:
+        for p in (watch, exporter):
+            p.kill()
+            p.wait(10)
+
+
+def test_export_says_once_that_a_pid_is_missing_or_has_exited(fake_tree: Tree) -> None:
+    tree = fake_tree("linux-6.18")
+    port = free_port()
+    exporter = _start(tree, "export", "--listen", f"127.0.0.1:{port}",
+                      "--pid", "4242", "--pid", "99999")  # fmt: skip
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return str(r.read().decode())
+
+    try:
+        assert exporter.stdout is not None and exporter.stdout.readline()
+        first = scrape()
+        assert "ksm_process_merging_pages{host=" in first and 'pid="4242"' in first
+        shutil.rmtree(tree[1] / "4242")  # the watched process exits
+        scrape()
+        after = scrape()
+        assert 'pid="4242"' not in after
+        errors = [
+            ln for ln in after.splitlines() if ln.startswith("ksm_exporter_read_errors_total")
+        ]
+        assert errors and float(errors[0].split()[-1]) == 5  # 99999 x 3 scrapes + 4242 x 2
+        code, lines = _interrupt(exporter)
+    finally:
+        exporter.kill()
+        exporter.wait(10)
+    assert code == 130
+    assert lines == [
+        "ksmh: --pid 99999: no such process; its series are left out "
+        "(ksm_exporter_read_errors_total counts each scrape)",
+        "ksmh: --pid 4242: qemu-system-x86 has exited; its series are left out "
+        "(ksm_exporter_read_errors_total counts each scrape)",
+        "ksmh: interrupted",
+    ]

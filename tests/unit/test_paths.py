@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
 from harness import paths
+from harness.errors import HarnessError
 from harness.guests import image
 from harness.guests.accel import default_cache_path
 from harness.guests.debian_image import default_debian_dir
@@ -61,3 +63,39 @@ def test_no_module_finds_files_relative_to_its_own_location() -> None:
         if "__file__" in p.read_text() and ".parents[" in p.read_text()
     ]
     assert offenders == []
+
+
+def test_runtime_dir_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KSM_HARNESS_RUNTIME", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(paths.tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
+    assert paths.runtime_dir() == Path("/run/ksm-harness")
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 1000)
+    assert paths.runtime_dir() == tmp_path / "ksm-harness"  # the login session's tmpfs
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    (tmp_path / "tmp").mkdir()
+    assert paths.runtime_dir() == tmp_path / "tmp" / "ksm-harness-1000"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")  # not a usable runtime directory
+    assert paths.runtime_dir() == tmp_path / "tmp" / "ksm-harness-1000"
+    monkeypatch.setenv("KSM_HARNESS_RUNTIME", str(tmp_path / "mine"))
+    assert paths.runtime_dir() == tmp_path / "mine"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory another user's")
+def test_a_runtime_root_planted_by_another_user_is_refused(tmp_path: Path) -> None:
+    from harness.guests.backend import prepare_runtime_root
+
+    planted = tmp_path / "ksm-harness-1000"
+    planted.mkdir()
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(HarnessError, match="belongs to uid 65534, not to root or us") as info:
+        prepare_runtime_root(planted)
+    assert info.value.hint == f"remove it (as root): rm -r {planted}"
+    os.chown(planted, 0, 0)
+    planted.chmod(0o777)
+    with pytest.raises(HarnessError, match="is writable by other users"):
+        prepare_runtime_root(planted)
+    planted.chmod(0o755)
+    assert prepare_runtime_root(planted / "fleet") == planted / "fleet"

@@ -331,4 +331,5 @@ def test_failed_samples_are_reported_at_the_end(tmp_path: Path) -> None:
     assert not sampler.is_alive()
     n = len(sampler.errors)
     assert n >= 1
-    assert lines[-1].endswith(f"] {n} samples failed; the last: cannot read pages_sharing")
+    noun = "sample" if n == 1 else "samples"
+    assert lines[-1].endswith(f"] {n} {noun} failed; the last: cannot read pages_sharing")

@@ -21,12 +21,22 @@ def synthetic(sharing_end: int = 24000, sweep_seconds: float = 12.5) -> Results:
     counters = {
         "kernel": {
             "start": {"pages_shared": 0, "pages_sharing": 0, "full_scans": 0},
-            "end": {"pages_shared": 96, "pages_sharing": sharing_end, "full_scans": 7},
+            "end": {
+                "pages_shared": 96,
+                "pages_sharing": sharing_end,
+                "full_scans": 7,
+                "general_profit": 98_304_000 - 9000 * 64,
+            },
             "delta": {"pages_shared": 96, "pages_sharing": sharing_end, "full_scans": 7},
         },
         "model": {
             "start": {"pages_shared": 0, "pages_sharing": 0, "full_scans": 0},
-            "end": {"pages_shared": 96, "pages_sharing": 24000, "full_scans": 7},
+            "end": {
+                "pages_shared": 96,
+                "pages_sharing": 24000,
+                "full_scans": 7,
+                "general_profit": 98_304_000 - 9100 * 64,
+            },
             "delta": {"pages_shared": 96, "pages_sharing": 24000, "full_scans": 7},
         },
     }
@@ -122,6 +132,8 @@ def test_render_makes_every_plot_and_the_report(tmp_path: Path) -> None:
     text = report.read_text()
     assert "**Verdict: FAILED** (exit status 1)" in text
     assert "| pages_sharing | 24000 | 24000 | 24000 | 24000 | 0 |" in text
+    # general_profit is bytes: shown as a size, as are its differences (here 100 x 64 bytes)
+    assert "| general_profit | 93.2 MiB | - | 93.2 MiB | - | 6.2 KiB |" in text
     assert "| FAIL | `pages_sharing >= 1` | 13 | 0 |" in text
     assert "| 100 | 12.5 | - | 1.5 | - |" in text
     assert "- verify: clean" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from harness.console import plural
 from harness.doctor.analysis import Analysis
 from harness.doctor.catalog import Evidence, Finding
 from harness.doctor.facts import Facts
@@ -56,7 +57,7 @@ def _slow(a: Analysis) -> list[Finding]:
         knob(f.host, "sleep_millisecs"),
         Evidence(
             "/proc/*/smaps",
-            f"{n} present pages in mergeable VMAs of {len(f.users)} processes: {shares}",
+            f"{n} present pages in mergeable VMAs of {plural(len(f.users), 'process')}: {shares}",
         ),
     ]
     w = f.watch
