@@ -203,7 +203,7 @@ def guest_target(release: str, say: Say) -> Iterator[Target]:
     from harness.kernels.machine import matrix_guest
 
     say(f"{release}: booting a guest")
-    with matrix_guest(release) as g:
+    with matrix_guest(release, say=say) as g:
         say(f"{release}: guest up in {g.boot_seconds:.1f} s")
         runner = g.runner()
         text = g.read("/proc/1/ksm_stat")
