@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "harness.playbook.cli",
     "harness.doctor.cli",
     "harness.report.cli",
+    "harness.kernels.cli",
 )
 
 

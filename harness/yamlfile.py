@@ -45,7 +45,9 @@ def format_path(path: PathKey) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + part
+            # A key with a newline or other unprintable text is quoted: messages stay one line.
+            name = part if part.isprintable() and part.strip() == part else repr(part)
+            out += ("." if out else "") + name
     return out
 
 

@@ -122,7 +122,7 @@ def run_both(
     scenario: Scenario,
     backend: SysfsBackend | None = None,
     *,
-    profile: str = "6.11",
+    profile: str = "host",
 ) -> tuple[Series, Series, Comparison]:
     """Run on the kernel, then on the model, and compare.
 

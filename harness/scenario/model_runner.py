@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ksm_model.profiles import Profile
+
 from harness.ksm.tunables import WRITE_ORDER
 from harness.record import Snapshot
 from harness.scenario import tokens as tk
@@ -51,7 +53,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        profile: str = "6.11",
+        profile: str | Profile = "host",
         page_size: int = 4096,
         sleep_millisecs: int = DEFAULT_SLEEP_MS,
         pages_to_scan: int = BIG_PAGES_TO_SCAN,
@@ -85,8 +87,9 @@ class ModelRunner:
         sysfs.write("run", "2")
         have = m.read_tunables()
         numa, advisor = have.merge_across_nodes is not None, have.advisor_mode is not None
+        absent = frozenset(k for k, v in have.as_dict().items() if v is None)
         tunables = runner_tunables(
-            scenario, self.pages_to_scan, self.sleep_millisecs, numa, advisor
+            scenario, self.pages_to_scan, self.sleep_millisecs, numa, advisor, absent
         )
         for name in WRITE_ORDER:
             if name in tunables:
@@ -180,6 +183,6 @@ def _import_model() -> Any:
     return mod
 
 
-def run_on_model(scenario: Scenario, profile: str = "6.11") -> Series:
+def run_on_model(scenario: Scenario, profile: str | Profile = "host") -> Series:
     """Run the scenario on a fresh ksm_model Kernel and return the model series."""
     return ModelRunner(profile=profile).run(scenario)

@@ -27,7 +27,9 @@ class Kernel:
 
     RMAP_ITEM_SIZE = 64  # sizeof(struct ksm_rmap_item) on 64-bit
 
-    def __init__(self, profile: str = "6.11", numa_nodes: int = 1, page_size: int = 4096) -> None:
+    def __init__(
+        self, profile: str | Profile = "latest", numa_nodes: int = 1, page_size: int = 4096
+    ) -> None:
         if numa_nodes < 1:
             raise ValueError("numa_nodes must be >= 1")
         if page_size < 16 or page_size > 65536 or page_size & (page_size - 1):

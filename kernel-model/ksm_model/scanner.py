@@ -249,7 +249,10 @@ def do_scan(k: Kernel, budget: int) -> int:
     A full scan always ends the batch (scan_get_next_rmap_item returns NULL after seqnr++).
     """
     done = 0
-    if budget <= 0 or not k.mm_list:
+    if not k.mm_list:
+        return 0
+    if budget <= 0:
+        _account_scanned(k, budget, 0, False)
         return 0
     mm = k.cursor
     if mm is None:  # start of a full scan
@@ -287,11 +290,23 @@ def do_scan(k: Kernel, budget: int) -> int:
             k.cursor = None
             k.advisor.stop_scan(k)
             k.seqnr += 1
-            break
+            _account_scanned(k, budget, done, True)
+            return done
         mm = nxt
         _next_mm(k, mm)
-    k.pages_scanned += done
+    _account_scanned(k, budget, done, False)
     return done
+
+
+def _account_scanned(k: Kernel, budget: int, done: int, ended_scan: bool) -> None:
+    """pages_scanned after a batch. 6.6-6.9 (before 730cdc2c72c6) added
+    `scan_npages - npages` after the loop `while (npages--)`: nothing for a batch that ended a
+    full scan (it returned early), and pages_to_scan + 1 (u32 arithmetic) for a batch that
+    used its whole budget, the counter having wrapped past 0."""
+    if k.profile.pages_scanned_exact:
+        k.pages_scanned += done
+    elif not ended_scan:
+        k.pages_scanned += (budget + 1) & 0xFFFFFFFF
 
 
 def _release(s: Any) -> None:
