@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "harness.monitoring.cli",
     "harness.guests.cli",
     "harness.playbook.cli",
+    "harness.twin.cli",
 )
 
 

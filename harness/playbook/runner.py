@@ -130,6 +130,10 @@ class Runner:
         return self._fleet
 
     @property
+    def proc(self) -> Path:
+        return self.opts.proc
+
+    @property
     def phase_record(self) -> dict[str, Any]:
         return self._phase_rec
 
