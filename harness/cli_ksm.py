@@ -57,6 +57,9 @@ def register(sub: Any) -> None:
     p.add_argument("--listen", default="127.0.0.1:9712", help="HOST:PORT (default loopback)")
     p.add_argument("--pid", type=int, action="append", default=[], help="also export this PID")
     p.add_argument("--host", default=None, help="value of the host label (default hostname)")
+    from harness.twin.export import add_export_options
+
+    add_export_options(p)  # --twin, --what-if: models beside the kernel (harness.twin)
     p.set_defaults(func=cmd_export)
 
 
@@ -203,10 +206,17 @@ def _comm(proc: Path, pid: int) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from harness.exporter import ExportTarget, parse_listen, serve
+    from harness.twin.export import export_twin, wants_twin
 
+    if wants_twin(args):
+        return export_twin(args)
     backend = _backend(args)
     pids = {pid: _comm(args.proc_root, pid) for pid in args.pid}
     target = ExportTarget(backend=backend, watch=(lambda: pids) if pids else None)
+    if isinstance(backend, SysfsBackend):
+        from harness.sides.kernel import KernelSide
+
+        target.cpu = KernelSide(backend, args.proc_root).ksmd_cpu_seconds
     if args.host:
         target.host = args.host
     server, _thread = serve([target], args.listen)

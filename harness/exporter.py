@@ -103,6 +103,8 @@ class ExportTarget:
     backend: KsmBackend
     host: str = field(default_factory=socket.gethostname)
     watch: Callable[[], Mapping[int, str]] | None = None
+    # ksmd's CPU seconds so far: measured on the kernel, estimated for a model (None: unknown)
+    cpu: Callable[[], float | None] | None = None
 
 
 class KsmCollector(Collector):
@@ -140,8 +142,15 @@ class KsmCollector(Collector):
             GaugeMetricFamily(name, text, labels=PROCESS_LABELS)
             for _, name, text, _ in PROCESS_METRICS
         ]
+        cpu = CounterMetricFamily(
+            "ksm_ksmd_cpu_seconds",
+            "CPU time of ksmd: measured (/proc/<ksmd>/schedstat) for the kernel, the model's "
+            "estimate on the host's calibration for a model.",
+            labels=LABELS,
+        )
         for t in self.targets:
             labels = [t.backend.source, t.host]
+            self._add_cpu(cpu, labels, t)
             values: dict[str, int | str | None] = {}
             for m in METRICS:
                 try:
@@ -157,6 +166,7 @@ class KsmCollector(Collector):
             self._add_processes(procs, labels, t)
         yield from families.values()
         yield saved
+        yield cpu
         yield advisor
         yield from procs
         errors = CounterMetricFamily(
@@ -181,6 +191,17 @@ class KsmCollector(Collector):
         if isinstance(sharing, int):
             c = Counters(pages_sharing=sharing, ksm_zero_pages=zero if isinstance(zero, int) else 0)
             fam.add_metric(labels, derive(c, page_size or PAGE_SIZE).saved_bytes or 0)
+
+    def _add_cpu(self, fam: CounterMetricFamily, labels: list[str], t: ExportTarget) -> None:
+        if t.cpu is None:
+            return
+        try:
+            value = t.cpu()
+        except (OSError, HarnessError):
+            self._error(t)
+            return
+        if value is not None:
+            fam.add_metric(labels, value)
 
     def _add_advisor(self, fam: GaugeMetricFamily, labels: list[str], t: ExportTarget) -> None:
         try:

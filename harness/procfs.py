@@ -225,6 +225,13 @@ def sched_runtime_ns(pid: int, proc: Path = PROC) -> int | None:
         return None
 
 
+def task_cpu_seconds(pid: int, proc: Path = PROC) -> float:
+    """CPU time of a task in seconds: from schedstat (ns) where it exists, else from stat
+    (clock ticks). HarnessError when the task is gone."""
+    ns = sched_runtime_ns(pid, proc)
+    return ns / 1e9 if ns is not None else cpu_seconds(pid, proc)
+
+
 def pids(proc: Path = PROC) -> list[int]:
     """Every numeric entry of proc, ascending."""
     try:

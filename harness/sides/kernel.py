@@ -83,11 +83,8 @@ class KernelSide:
     def ksmd_cpu_seconds(self) -> float | None:
         if self._ksmd is None:
             return None
-        ns = procfs.sched_runtime_ns(self._ksmd, self.proc)  # ns; stat counts 10 ms ticks
-        if ns is not None:
-            return ns / 1e9
         try:
-            return procfs.cpu_seconds(self._ksmd, self.proc)
+            return procfs.task_cpu_seconds(self._ksmd, self.proc)  # schedstat: ns, not ticks
         except HarnessError:
             return None
 

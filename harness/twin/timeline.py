@@ -211,3 +211,26 @@ class Timeline:
         out.counters = k.counters()
         out.terms_by_scan = [[round(x, 1) for x in t] for t in self.scan_terms]
         return out
+
+
+class CpuEstimate:
+    """ksmd CPU time of a model that is stepped whole scans at a time (the twin), on a
+    calibration: the cost terms come from the model's counters since the last update; unique
+    visits take the unstable tree's depth at half its size at the end of the scan (it grows
+    from empty during a scan), batches are visits over pages_to_scan."""
+
+    def __init__(self, kernel: Any, cal: Calibration) -> None:
+        self.k = kernel
+        self.cal = cal
+        self.meter = Meter(kernel)
+        self.ns = 0.0
+
+    def update(self) -> float:
+        """Add what the model did since the last call; returns the estimate so far (s)."""
+        k = self.k
+        visited = sum(k.visits) - sum(self.meter.visits)
+        if visited > 0:
+            per = max(1, int(k.pages_to_scan))
+            depth = math.log2(2 + unstable_size(k) / 2)
+            self.ns += self.cal.cost_ns(self.meter.terms(depth, batches=-(-visited // per)))
+        return self.ns / 1e9
