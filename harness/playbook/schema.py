@@ -333,7 +333,10 @@ def _knob_sets(value: Any) -> tuple[dict[str, int | str], ...]:
         if isinstance(item, dict):
             if "run" in item:
                 raise Invalid("run is not a knob to compare", hint="leave run out", at=(i,))
-            out.append(_tunables(item))
+            try:
+                out.append(_tunables(item))
+            except Invalid as exc:
+                raise Invalid(exc.message, exc.hint, at=(i, *exc.at)) from None
         elif isinstance(item, str):
             try:
                 out.append(knob_set(item))

@@ -73,18 +73,22 @@ class IncrementalCapture:
         self.seen: dict[tuple[int, int], dict[int, _Seen]] = {}  # (pid, start) -> vma -> seen
         self.pages_read = 0
         self.pages_kept = 0
+        self.failures: list[str] = []  # processes the last capture could not read, and why
 
     def capture(self, targets: Mapping[int, str]) -> list[ProcessCapture]:
-        """Every target (pid -> name) that still exists, in the kernel's registration order."""
+        """Every target (pid -> name) that still exists, in the kernel's registration order.
+        One that cannot be read is left out and named in `failures` (a live host keeps going;
+        its pages are then missing from the models, which the deltas show)."""
         caps = []
         alive = set()
+        self.failures = []
         for pid, name in targets.items():
             try:
                 cap = self._process(pid, name)
-            except ShadowError:
-                if not (self.proc / str(pid)).exists():
-                    continue  # exited meanwhile
-                raise
+            except ShadowError as exc:
+                if (self.proc / str(pid)).exists():  # else: exited meanwhile
+                    self.failures.append(exc.message)
+                continue
             caps.append(cap)
             alive.add((pid, cap.start))
         for key in [k for k in self.seen if k not in alive]:

@@ -9,18 +9,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.errors import HarnessError
 from harness.ksm.sysfs import KSM_ROOT, PROC_ROOT
+
+MIN_PAGES = 4096
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "calibrate",
         help="measure ksmd's CPU cost per page visit on this host (for forecasts and twins)",
-        description="Runs the real ksmd over child processes' memory (about 30 s, as root, "
+        description="Runs the real ksmd over child processes' memory (about 90 s, as root, "
         "under the host KSM lock, every knob restored) and stores the costs per kernel "
         "release in /var/lib/ksm-harness/calibration/ (KSM_HARNESS_CALIBRATION_DIR).",
     )
-    p.add_argument("--pages", type=int, default=65536, help="pages per experiment (65536)")
+    p.add_argument("--pages", type=int, default=32768, help="pages per experiment (32768)")
     p.add_argument("--show", action="store_true", help="print the stored calibration only")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--sysfs-root", type=Path, default=KSM_ROOT, help=argparse.SUPPRESS)
@@ -60,6 +63,10 @@ def _print_calibration(cal: Any, as_json: bool, where: Path | None = None) -> No
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from harness.twin import calibration
 
+    if args.pages < MIN_PAGES:
+        raise HarnessError(
+            f"--pages {args.pages}: too few to measure", hint=f"use {MIN_PAGES} or more"
+        )
     if args.show:
         cal = calibration.require()
         _print_calibration(cal, args.json, calibration.path_for())

@@ -96,7 +96,7 @@ class KnobResult:
             "seconds_to_target": reach.t if reach else None,
             "cpu_seconds_to_target": reach.cpu if reach else None,
             "steady_cpu_share": _round(self.run.steady_cpu_share, 5),
-            "steady_full_scan_seconds": _round(self.run.steady_scan_seconds, 3),
+            "steady_seconds": _round(self.run.steady_scan_seconds, 3),
             "counters": self.run.counters,
             "by_scan": self.run.by_scan(),
             "terms_by_scan": self.run.terms_by_scan,
@@ -160,11 +160,15 @@ def default_knob_sets(base: Mapping[str, int | str]) -> list[dict[str, int | str
 def capture(
     targets: Mapping[int, str], proc: Path = procfs.PROC, fallback_hugepage: bool = False
 ) -> tuple[list[ProcessCapture], float]:
-    """One capture of the targets' mergeable memory (and how long it took)."""
-    from ksm_model import Kernel
+    """One capture of the targets' mergeable memory (and how long it took). A process that
+    cannot be read is an error here: a forecast without it would be wrong."""
+    from harness.twin.capture import IncrementalCapture
 
     t0 = time.perf_counter()
-    caps = Shadow(Kernel(), proc, fallback_hugepage=fallback_hugepage).capture(targets)
+    cap = IncrementalCapture(proc, fallback_hugepage=fallback_hugepage)
+    caps = cap.capture(targets)
+    if cap.failures:
+        raise HarnessError(f"cannot capture: {cap.failures[0]}", hint="run as root")
     return caps, time.perf_counter() - t0
 
 

@@ -199,6 +199,9 @@ class Twin:
         self.followed = scans
         with self.lock:
             s = self.stats
+            if self.capture.failures:
+                s.errors += len(self.capture.failures)
+                s.last_error = "capture: " + self.capture.failures[-1]
             s.captures += 1
             s.capture_seconds = seconds
             s.captured_pages = sum(c.present for c in caps)
