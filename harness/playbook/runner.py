@@ -354,7 +354,9 @@ class Runner:
 
         def target(side: Side) -> ExportTarget:
             backend, _ = side.exported()
-            return ExportTarget(backend=backend, watch=lambda: side.exported()[1])
+            return ExportTarget(
+                backend=backend, watch=lambda: side.exported()[1], cpu=side.ksmd_cpu_seconds
+            )
 
         targets = [target(s) for s in self.sides]
         try:

@@ -45,7 +45,7 @@ def add_export_options(p: Any) -> None:
         metavar="SHARE",
         help="CPU budget of the twin, a share of one core (default 5%%)",
     )
-    p.add_argument("--twin-poll", type=float, default=0.1, help=argparse.SUPPRESS)
+    p.add_argument("--twin-poll", type=float, default=0.2, help=argparse.SUPPRESS)
 
 
 def wants_twin(args: argparse.Namespace) -> bool:

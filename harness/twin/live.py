@@ -104,7 +104,7 @@ class Twin:
         calibration: Calibration | None = None,
         every: int = 1,
         cpu_budget: float = 0.05,
-        poll: float = 0.1,
+        poll: float = 0.2,
         proc: Path = procfs.PROC,
         profile: str = "host",
         clock: Callable[[], float] = time.monotonic,
@@ -167,7 +167,8 @@ class Twin:
             self._account(time.thread_time() - c0)
 
     def _step(self) -> bool:
-        scans = self.k.read_counters().full_scans or 0
+        value = self.k.read_field("full_scans")  # one sysfs read per poll, not eleven
+        scans = value if isinstance(value, int) else 0
         if self.followed is None:
             return self._sync(scans, first=True)
         if scans < self.followed:  # run=2 resets full_scans: the kernel unmerged everything
@@ -298,10 +299,10 @@ class Twin:
         busy = [n for n in EBUSY_KNOBS if n in want and n in have and want[n] != have[n]]
         if busy and m.side.counters().get("pages_shared"):
             m.side.apply({"run": 2})  # as the kernel must have done before changing them
-        if "pages_to_scan" in m.overrides and have.get("advisor_mode") == "scan-time":
+        if "advisor_mode" in want:
+            # The kernel's advisor shows in the pages_to_scan it chose, read at every sync; a
+            # model's own advisor would steer by the model's clock instead.
             want["advisor_mode"] = "none"
-        if want.get("advisor_mode") == "scan-time":
-            want.pop("pages_to_scan", None)
         changed = {k: v for k, v in want.items() if have.get(k) != v}
         run = knobs.get("run", 0)
         if changed:

@@ -59,3 +59,22 @@ def test_profile_6_1_counts_alike() -> None:
     k.run_until(full_scans=3)
     assert k.visits == [600, 3, 600, 257, 340]
     assert sum(k.visits) == k.pages_scanned
+
+
+def test_compare_fast_path_is_memcmp() -> None:
+    import random
+
+    from ksm_model.content import canon, compare, materialize
+
+    rng = random.Random(7)
+    # Many keys share fill byte, offset and middle length (the fast path); the second set
+    # differs in offset and length (the slow path), and both are compared with each other.
+    keys = [canon(bytes(rng.randrange(3) for _ in range(24)) + bytes(4072)) for _ in range(300)]
+    keys += [
+        canon(bytes(16 - n) + bytes(rng.randrange(256) for _ in range(n)) + bytes(4080))
+        for n in range(1, 17)
+    ]
+    for a in keys:
+        for b in keys[:60]:
+            fa, fb = materialize(a, 4096), materialize(b, 4096)
+            assert compare(a, b, 4096) == (fa > fb) - (fa < fb)
