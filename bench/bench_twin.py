@@ -3,7 +3,7 @@
 
     sudo .venv/bin/python bench/bench_twin.py [--guests 4] [--seconds 180] [--json FILE]
 
-Boots the guests with `ksmh fleet up` (THP off, as the runner does), fills each with 48 MiB of
+Boots the guests (harness.guests.Fleet, THP off, as the runner does), fills each with 48 MiB of
 identical and 32 MiB of mixed memory, turns KSM on at the kernel's default knobs
 (pages_to_scan 100, sleep_millisecs 20: a full scan takes half a minute here), waits until
 the twin (harness.twin.live, as `ksmh export --twin` runs it: its own thread, 5% budget)
@@ -23,40 +23,21 @@ Holds the host KSM lock and restores every knob; the guests are stopped at the e
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import socket
 import sys
 import time
 import tracemalloc
-from typing import Any
+
+from benchlib import Figures, add_json_option
 
 from harness import procfs
+from harness.guests.fleet import Fleet
+from harness.guests.spec import FleetSpec
 from harness.ksm.lock import ksm_lock
 from harness.ksm.sysfs import SysfsBackend
-from harness.playbook.host import set_thp_disable
-from harness.run import run
 from harness.twin.live import Twin
 
 DEFAULTS = {"pages_to_scan": 100, "sleep_millisecs": 20, "smart_scan": 1, "use_zero_pages": 0,
             "max_page_sharing": 256}  # fmt: skip
-
-
-def ksmh(*args: str) -> str:
-    return run([sys.executable, "-m", "harness.cli", *args], timeout=900).stdout
-
-
-def fleet_up(count: int, memory: int) -> str:
-    set_thp_disable(True)  # inherited by QEMU
-    try:
-        out = ksmh("fleet", "up", "--count", str(count), "--memory", str(memory))
-    finally:
-        set_thp_disable(False)
-    m = re.search(r"^run id: (\S+)$", out, re.M)
-    if not m:
-        raise SystemExit(f"fleet up printed no run id:\n{out}")
-    return m.group(1)
 
 
 def ksmd_seconds() -> float:
@@ -64,7 +45,7 @@ def ksmd_seconds() -> float:
     return procfs.task_cpu_seconds(pid) if pid else 0.0
 
 
-def wait_agreement(twin: Twin, k: SysfsBackend, timeout: float) -> float:
+def wait_agreement(twin: Twin, timeout: float) -> float:
     """Until the twin's last sync has the kernel's pages_sharing within 1% and steady."""
     t0 = time.monotonic()
     steady = 0
@@ -85,41 +66,40 @@ def wait_agreement(twin: Twin, k: SysfsBackend, timeout: float) -> float:
     return float("nan")
 
 
-def measure(args: argparse.Namespace, k: SysfsBackend, fig: dict[str, Any]) -> None:
+def measure(args: argparse.Namespace, k: SysfsBackend, fig: Figures) -> None:
     k.write_tunables(run=2, force=True)
     k.apply({**DEFAULTS, "run": 0})
-    run_id = fleet_up(args.guests, args.memory)
-    try:
-        for region, size, pattern in (("a", "48M", "byte:0x5a"),
-                                      ("b", "32M", "mix:7:common=50,zero=10")):  # fmt: skip
-            ksmh("fleet", "exec", "--run", run_id, "--", "fill", region, size, pattern)
+    fig.note(
+        f"{args.guests} guests x {args.memory} MiB, each filling 48 MiB identical + 32 MiB "
+        "mixed; THP off; the kernel's default knobs (pages_to_scan 100, sleep_millisecs 20)"
+    )
+    with Fleet(FleetSpec(args.guests, args.memory, thp=False), progress=False) as fleet:
+        fleet.run("fill", "a", "48M", "byte:0x5a").raise_if_failed()
+        fleet.run("fill", "b", "32M", "mix:7:common=50,zero=10").raise_if_failed()
         twin = Twin(k, cpu_budget=args.budget)
         twin.start()
-        k.write_tunables(run=1)
-        fig["seconds_to_agree"] = round(wait_agreement(twin, k, 900), 1)
-        s0, c0, t0 = twin.snapshot()[0], ksmd_seconds(), time.monotonic()
-        time.sleep(args.seconds)
-        s1, c1, wall = twin.snapshot()[0], ksmd_seconds(), time.monotonic() - t0
-        twin.stop()
-        twin_cpu = s1.cpu_seconds - s0.cpu_seconds
-        ksmd_cpu = c1 - c0
-        syncs = s1.captures - s0.captures
-        fig.update(
-            guests=args.guests,
-            window_seconds=round(wall, 1),
-            twin_cpu_share_percent=round(100 * twin_cpu / wall, 2),
-            twin_cpu_budget_percent=100 * args.budget,
-            ksmd_cpu_share_percent=round(100 * ksmd_cpu / wall, 2),
-            twin_over_ksmd=round(twin_cpu / ksmd_cpu, 3) if ksmd_cpu else None,
-            syncs=syncs,
-            kernel_full_scans=s1.scans_followed - s0.scans_followed,
-            model_scans_skipped=s1.scans_skipped - s0.scans_skipped,
-            capture_every_full_scans=s1.every,
-            last_capture_seconds=round(s1.capture_seconds, 3),
-            pages_captured=s1.captured_pages,
-            pages_read_last_capture=s1.pages_read,
-            twin_errors=s1.errors,
-        )
+        try:
+            k.write_tunables(run=1)
+            fig.add("seconds_to_agree", round(wait_agreement(twin, 900), 1), "s (within 1%)")
+            s0, c0, t0 = twin.snapshot()[0], ksmd_seconds(), time.monotonic()
+            time.sleep(args.seconds)
+            s1, c1, wall = twin.snapshot()[0], ksmd_seconds(), time.monotonic() - t0
+        finally:
+            twin.stop()
+        twin_cpu, ksmd_cpu = s1.cpu_seconds - s0.cpu_seconds, c1 - c0
+        fig.add("window_seconds", round(wall, 1), "s")
+        fig.add("twin_cpu_percent", round(100 * twin_cpu / wall, 2), "% of one core")
+        fig.add("twin_cpu_budget_percent", round(100 * args.budget, 2), "% of one core")
+        fig.add("ksmd_cpu_percent", round(100 * ksmd_cpu / wall, 2), "% of one core (measured)")
+        fig.add("ratio", round(twin_cpu / ksmd_cpu, 3) if ksmd_cpu else None, "twin CPU / ksmd CPU")
+        fig.add("syncs", s1.captures - s0.captures)
+        fig.add("kernel_full_scans", s1.scans_followed - s0.scans_followed)
+        fig.add("model_scans_skipped", s1.scans_skipped - s0.scans_skipped)
+        fig.add("capture_every_full_scans", s1.every)
+        fig.add("last_capture_seconds", round(s1.capture_seconds, 3), "s")
+        fig.add("pages_captured", s1.captured_pages, "pages")
+        fig.add("pages_read_last_capture", s1.pages_read, "pages")
+        fig.add("twin_errors", s1.errors)
         # Memory: a fresh twin under tracemalloc, one sync (capture, replay, warm-up scans).
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
@@ -128,15 +108,13 @@ def measure(args: argparse.Namespace, k: SysfsBackend, fig: dict[str, Any]) -> N
         current, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         pages = twin2.stats.captured_pages
-        fig.update(
-            tracked_pages=pages,
-            memory_bytes_per_page=round((current - base) / pages, 1) if pages else None,
-            peak_memory_bytes_per_page=round((peak - base) / pages, 1) if pages else None,
-        )
+        fig.add("tracked_pages", pages, "pages")
+        per = round((current - base) / pages, 1) if pages else None
+        fig.add("memory_bytes_per_page", per, "B (Python heap, after one sync)")
+        peak_per = round((peak - base) / pages, 1) if pages else None
+        fig.add("peak_memory_bytes_per_page", peak_per, "B (during the sync)")
         del twin2
-    finally:
-        ksmh("fleet", "down", "--run", run_id)
-        k.write_tunables(run=2, force=True)
+    k.write_tunables(run=2, force=True)
 
 
 def main() -> int:
@@ -145,31 +123,13 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=256, help="MiB per guest")
     ap.add_argument("--seconds", type=float, default=180.0, help="measurement window")
     ap.add_argument("--budget", type=float, default=0.05, help="the twin's CPU budget (0.05)")
-    ap.add_argument("--json", metavar="FILE", default=None, help="also write JSON ('-': stdout)")
+    add_json_option(ap)
     args = ap.parse_args()
-    fig: dict[str, Any] = {}
+    fig = Figures("live twin cost (bench/bench_twin.py)", args)
     k = SysfsBackend()
-    started = time.time()
     with ksm_lock(), k.saved():
         measure(args, k, fig)
-    doc = {
-        "benchmark": "twin",
-        "host": socket.gethostname(),
-        "kernel": os.uname().release,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "args": {k: v for k, v in vars(args).items() if k != "json"},
-        "figures": fig,
-    }
-    if args.json == "-":
-        print(json.dumps(doc, indent=2))
-        return 0
-    print("twin (ksmh export --twin) at the kernel's default knobs")
-    for key, value in fig.items():
-        print(f"  {key:<28} {value}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-        print(f"figures written to {args.json}")
+    fig.finish(args.json)
     return 0
 
 

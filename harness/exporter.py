@@ -27,6 +27,7 @@ from harness.ksm.types import PAGE_SIZE, Counters, derive
 
 LABELS = ("source", "host")
 PROCESS_LABELS = ("source", "host", "pid", "name")
+PAIR_LABELS = ("source", "host", "a", "b")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ class ExportTarget:
     watch: Callable[[], Mapping[int, str]] | None = None
     # ksmd's CPU seconds so far: measured on the kernel, estimated for a model (None: unknown)
     cpu: Callable[[], float | None] | None = None
+    # Opt-in (it reads every KSM user's page tables): the sharing matrix for
+    # ksm_cross_group_shared_pages, e.g. harness.doctor.exposure.SharingProbe.
+    sharing: Callable[[], Any] | None = None
 
 
 class KsmCollector(Collector):
@@ -148,6 +152,11 @@ class KsmCollector(Collector):
             "estimate on the host's calibration for a model.",
             labels=LABELS,
         )
+        pairs = GaugeMetricFamily(
+            "ksm_cross_group_shared_pages",
+            "Distinct KSM pages mapped by processes of both groups a and b (a < b).",
+            labels=PAIR_LABELS,
+        )
         for t in self.targets:
             labels = [t.backend.source, t.host]
             self._add_cpu(cpu, labels, t)
@@ -164,11 +173,14 @@ class KsmCollector(Collector):
             self._add_saved(saved, labels, values, t.backend.page_size)
             self._add_advisor(advisor, labels, t)
             self._add_processes(procs, labels, t)
+            self._add_pairs(pairs, labels, t)
         yield from families.values()
         yield saved
         yield cpu
         yield advisor
         yield from procs
+        if any(t.sharing is not None for t in self.targets):
+            yield pairs
         errors = CounterMetricFamily(
             "ksm_exporter_read_errors",
             "KSM files or process stats the exporter failed to read.",
@@ -228,6 +240,17 @@ class KsmCollector(Collector):
                 value = getattr(stat, attr)
                 if value is not None:
                     fam.add_metric([*labels, str(pid), name], value)
+
+    def _add_pairs(self, fam: GaugeMetricFamily, labels: list[str], t: ExportTarget) -> None:
+        if t.sharing is None:
+            return
+        try:
+            matrix = t.sharing()
+        except (OSError, HarnessError):
+            self._error(t)
+            return
+        for a, b, pages in matrix.pairs():
+            fam.add_metric([*labels, a, b], pages)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

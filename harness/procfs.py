@@ -108,6 +108,8 @@ class Vma:
     anon_huge_kib: int = 0  # AnonHugePages
     ksm_kib: int = 0  # KSM (6.6+)
     rss_kib: int = 0
+    shared_hugetlb_kib: int = 0  # hugetlbfs pages are not in Rss
+    private_hugetlb_kib: int = 0
 
     @property
     def pages(self) -> int:
@@ -117,8 +119,19 @@ class Vma:
     def mergeable(self) -> bool:
         return "mg" in self.flags
 
+    @property
+    def resident_kib(self) -> int:
+        """Rss, plus the hugetlbfs pages smaps counts apart."""
+        return self.rss_kib + self.shared_hugetlb_kib + self.private_hugetlb_kib
 
-_VMA_COUNTERS = {"AnonHugePages:": "anon_huge_kib", "KSM:": "ksm_kib", "Rss:": "rss_kib"}
+
+_VMA_COUNTERS = {
+    "AnonHugePages:": "anon_huge_kib",
+    "KSM:": "ksm_kib",
+    "Rss:": "rss_kib",
+    "Shared_Hugetlb:": "shared_hugetlb_kib",
+    "Private_Hugetlb:": "private_hugetlb_kib",
+}
 
 
 def parse_smaps(text: str) -> list[Vma]:
@@ -169,12 +182,14 @@ def comm(pid: int, proc: Path = PROC) -> str | None:
 
 
 def cmdline(pid: int, proc: Path = PROC, limit: int = 200) -> str:
-    """The command line, NULs as spaces, cut to `limit` characters ('' when unreadable)."""
+    """The command line on one line (whitespace runs as one space), cut to `limit` characters
+    ('' when unreadable)."""
     try:
         raw = (proc / str(pid) / "cmdline").read_bytes()
     except OSError:
         return ""
-    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    # One line: arguments may hold newlines (python -c SCRIPT), and messages are one line.
+    text = " ".join(raw.replace(b"\0", b" ").decode(errors="replace").split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -205,6 +220,22 @@ def pid_alive(pid: int, proc: Path = PROC, started: int | None = None) -> bool:
     if fields is None or not fields or fields[0] in ("Z", "X"):
         return False
     return started is None or (len(fields) >= 20 and int(fields[19]) == started)
+
+
+def parent_pid(pid: int, proc: Path = PROC) -> int | None:
+    """Field 4 of /proc/PID/stat: the parent's pid (1 once the real parent died), None if gone."""
+    fields = _stat_fields(pid, proc)
+    return int(fields[1]) if fields is not None and len(fields) > 1 else None
+
+
+def lineage(pid: int, proc: Path = PROC) -> list[int]:
+    """`pid` and its ancestors up to (excluding) init, nearest first."""
+    out: list[int] = []
+    cur: int | None = pid
+    while cur is not None and cur > 1 and cur not in out:
+        out.append(cur)
+        cur = parent_pid(cur, proc)
+    return out
 
 
 def cpu_seconds(pid: int, proc: Path = PROC) -> float:

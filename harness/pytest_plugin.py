@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from harness import prereqs
+from harness.kinds import AccelKind, choices
 
 if TYPE_CHECKING:
     from harness.guests.fleet import Fleet
@@ -48,8 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--ksm-accel",
-        choices=("auto", "kvm", "tcg"),
-        default="auto",
+        choices=choices(AccelKind),
+        default=AccelKind.AUTO.value,
         help="accelerator for guest_fleet guests (auto: probe KVM, fall back to TCG)",
     )
     group.addoption(
@@ -174,7 +175,7 @@ def ksm(request: pytest.FixtureRequest, ksm_session_backend: BackendBase) -> Ite
 
 
 def _dump_sysfs(backend: BackendBase, where: Path) -> None:
-    from harness.cli_ksm import format_status, status_dict
+    from harness.ksm.cli import format_status, status_dict
 
     (where / "ksm-sysfs.txt").write_text(format_status(status_dict(backend)) + "\n")
 
@@ -225,56 +226,51 @@ IMAGES = {"tiny": "busybox", "busybox": "busybox", "debian": "debian"}
 
 @pytest.fixture
 def guest_fleet(request: pytest.FixtureRequest, ksm: BackendBase) -> Iterator[Callable[..., Fleet]]:
-    """guest_fleet(count=3, memory_mib=256, image="tiny", backend="qemu", thp=False, **options).
+    """guest_fleet(count=3, memory_mib=256, image="tiny", backend="qemu", thp=False, **spec).
 
-    Boots the fleet (every guest ready, or the test errors with the per-guest reasons) and tears
-    it down after the test. It holds the `ksm` fixture, so the host-wide lock covers the guests'
-    whole life: their RAM is mergeable and would disturb any other test reading KSM counters.
-    Guest names carry a fresh run id plus the xdist worker, so parallel workers never collide.
-    thp=False boots QEMU with transparent huge pages off (PR_SET_THP_DISABLE, inherited): on
-    6.18 zero-filled THP subpages never merge, which no model of 4 KiB pages predicts.
+    Or guest_fleet(FleetSpec(...)). The arguments are those of harness.guests.spec.FleetSpec
+    (accel defaults to --ksm-accel, THP to off). Boots the fleet (every guest ready, or the test
+    errors with the per-guest reasons) and tears it down after the test. It holds the `ksm`
+    fixture, so the host-wide lock covers the guests' whole life: their RAM is mergeable and
+    would disturb any other test reading KSM counters. Guest names carry a fresh run id plus
+    the xdist worker, so parallel workers never collide. thp=False boots QEMU with transparent
+    huge pages off (PR_SET_THP_DISABLE, inherited): on 6.18 zero-filled THP subpages never
+    merge, which no model of 4 KiB pages predicts.
     On failure each guest's console log and QEMU argv or libvirt XML land in --ksm-results.
     """
     from harness.guests.fleet import Fleet, new_run_id
+    from harness.guests.spec import FleetSpec, parse_kind
+    from harness.kinds import GuestBackendKind, ImageKind
 
     fleets: list[Fleet] = []
     accel = str(request.config.getoption("--ksm-accel"))
 
     def make(
-        count: int = 3,
+        count: int | FleetSpec = 3,
         memory_mib: int = 256,
         image: str = "tiny",
         backend: str = "qemu",
         thp: bool = False,
         **kw: Any,
     ) -> Fleet:
+        if isinstance(count, FleetSpec):
+            spec = count
+        else:
+            if image not in IMAGES:
+                raise ValueError(f"image {image!r}: choose one of {', '.join(IMAGES)}")
+            kw.setdefault("accel", parse_kind(AccelKind, accel))
+            spec = FleetSpec(count, memory_mib, image=parse_kind(ImageKind, IMAGES[image]),
+                             backend=parse_kind(GuestBackendKind, backend), thp=thp,
+                             **kw)  # fmt: skip
         require("fleet", prereqs.missing_fleet())
-        if backend == "libvirt":
+        if spec.backend == "libvirt":
             require("libvirt", prereqs.missing_libvirt())
-        if image not in IMAGES:
-            raise ValueError(f"image {image!r}: choose one of {', '.join(IMAGES)}")
         worker = xdist_worker()
         run_id = new_run_id() + (f"{worker}" if worker else "")
-        fleet = Fleet(
-            count,
-            memory_mib,
-            backend=backend,
-            accel=accel,
-            image_kind=IMAGES[image],
-            run_id=run_id,
-            progress=False,
-            **kw,
-        )
+        fleet = Fleet(spec, run_id=run_id, progress=False)
         fleets.append(fleet)
         add_failure_artefact(request, lambda d: _dump_fleet(fleet, d))
-        from harness.playbook.host import set_thp_disable
-
-        thp_off = not thp and set_thp_disable(True)
-        try:
-            fleet.up().raise_if_failed()
-        finally:
-            if thp_off:
-                set_thp_disable(False)
+        fleet.up().raise_if_failed()
         return fleet
 
     try:
@@ -297,7 +293,7 @@ def _dump_fleet(fleet: Fleet, where: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
         if spec.console_log.exists():
             target.joinpath("console.log").write_bytes(spec.console_log.read_bytes())
-        if fleet.backend.__class__.__name__.lower().startswith("libvirt"):
+        if fleet.spec.backend == "libvirt":
             target.joinpath("domain.xml").write_text(libvirt_xml(spec))
         else:
             target.joinpath("qemu-argv.txt").write_text(shlex.join(qemu_argv(spec)) + "\n")

@@ -54,6 +54,21 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class ScanPoint:
+    """One side's counters at the end of a full scan.
+
+    `scan` counts full scans since the run began on that side (monotonic, unlike full_scans,
+    which run=2 resets), so a model that follows the kernel scan for scan has the same numbers.
+    `seconds` is the run's clock when it was measured (None for the model, whose scans are
+    computed at sync points, not observed when they happen).
+    """
+
+    scan: int
+    counters: Mapping[str, int | None]
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class Difference:
     """One value that differs: where (F and phase), what, and both values."""
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness import procfs
+from harness.console import plural
 from harness.errors import HarnessError, RestoreIncomplete
 from harness.guests.backend import GuestBackend
 from harness.journal import JOURNAL_DIR, FleetEntry, Journal, journals, load
@@ -139,7 +140,7 @@ def recover_first(
     """recover() with a one-line notice (and the details) when there was something to undo."""
     lines = recover(directory, ksm_root=ksm_root, proc=proc)
     if lines:
-        echo(f"recovered what an earlier run left behind ({len(lines)} actions):")
+        echo(f"recovered what an earlier run left behind ({plural(len(lines), 'action')}):")
         for line in lines:
             echo(f"  {line}")
     return lines

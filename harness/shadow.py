@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from harness import procfs
 from harness.errors import HarnessError
 
 PAGE = 4096
@@ -152,10 +153,17 @@ def start_time(pid: int, proc: Path = Path("/proc")) -> int:
 
 @dataclass
 class VmaCapture:
-    """One VMA's pages at one capture: key per page (b"" when KSM would not look at it)."""
+    """One VMA's pages at one capture: key per page (b"" when KSM would not look at it).
+
+    `entries` keeps the raw pagemap words (u64, one per page) the capture read, for callers
+    that need page frame numbers too (the doctor's sharing matrix); `thp_zero` counts the
+    zero-filled THP subpages that were left out (they never merge, see _ZeroPfns).
+    """
 
     vma: Vma
     keys: np.ndarray  # dtype S16, one per page
+    entries: np.ndarray | None = None
+    thp_zero: int = 0
 
     @property
     def present(self) -> int:
@@ -193,6 +201,7 @@ class _ZeroPfns:
 
     def __init__(self, proc: Path) -> None:
         self.cache: dict[int, bool] = {}
+        self.thp_zero = 0  # zero-filled THP subpages seen (not the zero page itself)
         try:
             self.fd: int | None = os.open(proc / "kpageflags", os.O_RDONLY)
         except OSError:
@@ -205,7 +214,10 @@ class _ZeroPfns:
             # No kpageflags (or no PFN without CAP_SYS_ADMIN): a zero page is never exclusive.
             return not entry & PM_EXCLUSIVE
         data = os.pread(self.fd, 8, pfn * 8)
-        zero = len(data) == 8 and bool(int.from_bytes(data, "little") & (KPF_ZERO_PAGE | KPF_THP))
+        flags = int.from_bytes(data, "little") if len(data) == 8 else 0
+        zero = bool(flags & (KPF_ZERO_PAGE | KPF_THP))
+        if flags & KPF_THP and not flags & KPF_ZERO_PAGE:
+            self.thp_zero += 1
         self.cache[pfn] = zero
         return zero
 
@@ -229,47 +241,7 @@ def capture_process(
     """Hash every page KSM would scan in `pid`; see the module docstring."""
     t0 = time.perf_counter()
     vmas = mergeable_vmas(pid, proc, fallback_hugepage)
-    base = proc / str(pid)
-    try:
-        pagemap = os.open(base / "pagemap", os.O_RDONLY)
-        mem = os.open(base / "mem", os.O_RDONLY)
-    except FileNotFoundError:
-        raise ShadowError(f"process {pid} exited during capture") from None
-    except PermissionError:
-        raise ShadowError(f"cannot read /proc/{pid}/mem", hint="run as root") from None
-    zero = _ZeroPfns(proc)
-    out: list[VmaCapture] = []
-    nbytes = 0
-    try:
-        for vma in vmas:
-            raw = os.pread(pagemap, vma.pages * 8, (vma.start // PAGE) * 8)
-            entries = np.frombuffer(raw, dtype="<u8")
-            if len(entries) < vma.pages:  # the VMA shrank under us: pad as absent
-                entries = np.concatenate((entries, np.zeros(vma.pages - len(entries), "<u8")))
-            scan = (entries & np.uint64(PM_PRESENT | PM_FILE)) == np.uint64(PM_PRESENT)
-            keys = np.zeros(vma.pages, dtype=f"S{KEY_SIZE}")
-            zero_key = _ZERO_KEY
-            for lo, hi in _runs(scan):
-                for off in range(lo, hi, READ_CHUNK // PAGE):
-                    end = min(hi, off + READ_CHUNK // PAGE)
-                    try:
-                        data = os.pread(mem, (end - off) * PAGE, vma.start + off * PAGE)
-                    except OSError:
-                        continue  # unmapped under us: those pages stay absent
-                    nbytes += len(data)
-                    view = memoryview(data)
-                    for i in range(len(data) // PAGE):
-                        k = page_key(view[i * PAGE : (i + 1) * PAGE])
-                        if k == zero_key:
-                            e = int(entries[off + i])
-                            if zero.is_zero(e & PFN_MASK, e):
-                                continue
-                        keys[off + i] = k
-            out.append(VmaCapture(vma, keys))
-    finally:
-        os.close(pagemap)
-        os.close(mem)
-        zero.close()
+    out, nbytes = capture_vmas(pid, vmas, proc)
     return ProcessCapture(
         pid=pid,
         name=name or str(pid),
@@ -278,6 +250,80 @@ def capture_process(
         bytes_read=nbytes,
         seconds=time.perf_counter() - t0,
     )
+
+
+def capture_vmas(
+    pid: int,
+    vmas: Iterable[Vma],
+    proc: Path = Path("/proc"),
+    *,
+    file_pages: bool = False,
+    keep_entries: bool = False,
+) -> tuple[list[VmaCapture], int]:
+    """Content keys of the present pages of `vmas` in `pid`, and the bytes read.
+
+    By default a page is keyed as ksmd would see it: present, anonymous (not file or shared
+    anonymous), not the zero page, not a zero-filled THP subpage. file_pages=True also keys
+    file-backed and shared pages (what a VMA KSM ignores holds: the doctor's "would merge").
+    keep_entries keeps the pagemap words in each VmaCapture.
+    """
+    base = proc / str(pid)
+    try:
+        pagemap = os.open(base / "pagemap", os.O_RDONLY)
+        mem = os.open(base / "mem", os.O_RDONLY)
+    except (FileNotFoundError, ProcessLookupError):  # gone, or a zombie (ESRCH)
+        raise ShadowError(f"process {pid} exited during capture") from None
+    except PermissionError:
+        raise ShadowError(f"cannot read /proc/{pid}/mem", hint="run as root") from None
+    zero = _ZeroPfns(proc)
+    want = np.uint64(PM_PRESENT | PM_FILE) if not file_pages else np.uint64(PM_PRESENT)
+    out: list[VmaCapture] = []
+    nbytes = 0
+    try:
+        for vma in vmas:
+            try:
+                raw = os.pread(pagemap, vma.pages * 8, (vma.start // PAGE) * 8)
+            except ProcessLookupError:  # it exited meanwhile: its mm is gone
+                raise ShadowError(f"process {pid} exited during capture") from None
+            entries = np.frombuffer(raw, dtype="<u8")
+            if len(entries) < vma.pages:  # the VMA shrank under us: pad as absent
+                entries = np.concatenate((entries, np.zeros(vma.pages - len(entries), "<u8")))
+            scan = (entries & want) == np.uint64(PM_PRESENT)
+            keys = np.zeros(vma.pages, dtype=f"S{KEY_SIZE}")
+            thp_before = zero.thp_zero
+            nbytes += _key_pages(mem, vma, entries, scan, keys, zero)
+            kept = entries if keep_entries else None
+            out.append(VmaCapture(vma, keys, kept, zero.thp_zero - thp_before))
+    finally:
+        os.close(pagemap)
+        os.close(mem)
+        zero.close()
+    return out, nbytes
+
+
+def _key_pages(
+    mem: int, vma: Vma, entries: np.ndarray, scan: np.ndarray, keys: np.ndarray, zero: _ZeroPfns
+) -> int:
+    """Read the pages where `scan` is set through /proc/PID/mem and key them into `keys`."""
+    nbytes = 0
+    zero_key = _ZERO_KEY
+    for lo, hi in _runs(scan):
+        for off in range(lo, hi, READ_CHUNK // PAGE):
+            end = min(hi, off + READ_CHUNK // PAGE)
+            try:
+                data = os.pread(mem, (end - off) * PAGE, vma.start + off * PAGE)
+            except OSError:
+                continue  # unmapped under us: those pages stay absent
+            nbytes += len(data)
+            view = memoryview(data)
+            for i in range(len(data) // PAGE):
+                k = page_key(view[i * PAGE : (i + 1) * PAGE])
+                if k == zero_key:
+                    e = int(entries[off + i])
+                    if zero.is_zero(e & PFN_MASK, e):
+                        continue
+                keys[off + i] = k
+    return nbytes
 
 
 _ZERO_KEY = page_key(bytes(PAGE))
@@ -325,7 +371,7 @@ class Shadow:
             try:
                 caps.append(capture_process(pid, name, self.proc, self.fallback_hugepage))
             except ShadowError:
-                if not (self.proc / str(pid)).exists():
+                if not procfs.pid_alive(pid, self.proc):  # gone, or a zombie
                     continue  # exited: the model keeps its last view until told otherwise
                 raise
         caps.sort(key=lambda c: (c.start, c.pid))

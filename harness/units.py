@@ -7,7 +7,7 @@
 The decimal spellings `KB`/`MB`/`GB`/`TB` are refused with a hint naming the binary one: they
 mean powers of 1000 elsewhere, and guessing would be wrong half of the time. A bare number
 means the unit its field documents (bytes for playbook sizes and expectations, MiB for
-`--memory`); the error message says which. The guest agent (guest-images/agent/ksmh-agent.c)
+`--memory`); the error message says which. The guest agent (harness/guests/data/ksmh-agent.c)
 reads the same grammar for its `fill` size (bytes when bare).
 """
 

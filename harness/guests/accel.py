@@ -20,19 +20,22 @@ from pathlib import Path
 
 from harness.errors import AccelUnavailable, HarnessError
 from harness.guests.agent import AgentClient, UnixChannel
-from harness.guests.backend import RUNTIME_ROOT
+from harness.guests.backend import RUNTIME_ROOT, prepare_runtime_root
 from harness.guests.qemu_backend import QemuBackend
-from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec
+from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec, parse_kind
+from harness.kinds import AccelKind
+from harness.paths import cache_dir
 
 PROBE_DEADLINE = 15.0
+# A verdict that KVM is unusable is retried after this long: the probe may have failed for a
+# passing reason (a loaded host missing the deadline), and TCG is far slower. A usable verdict
+# holds while the host key (host, kernel release, /dev/kvm) stays the same.
+FAILED_VERDICT_TTL = 6 * 3600.0
 DEV_KVM = Path("/dev/kvm")
 
 
 def default_cache_path() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/cache/ksm-harness/accel.json")
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "ksm-harness" / "accel.json"
+    return cache_dir() / "accel.json"
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class KvmVerdict:
 class AccelChoice:
     """The accelerator a fleet uses, why, and whether the verdict came from the cache."""
 
-    accel: str
+    accel: AccelKind  # kvm or tcg, never auto
     reason: str
     cached: bool = False
 
@@ -83,13 +86,13 @@ def probe_kvm(
     problem = static_kvm_problem(dev_kvm)
     if problem is not None:
         return KvmVerdict(False, problem, time.time(), 0.0)
-    run_dir = runtime_root / f"probe-{secrets.token_hex(4)}"
+    run_dir = prepare_runtime_root(runtime_root) / f"probe-{secrets.token_hex(4)}"
     spec = GuestSpec(
         name=f"{NAME_PREFIX}probe-{run_dir.name[6:]}",
         memory_mib=128,
         image=image,
         runtime_dir=run_dir,
-        accel="kvm",
+        accel=AccelKind.KVM,
         mem_merge=False,
     )
     backend = QemuBackend()
@@ -162,24 +165,26 @@ def resolve_accel(
     probe: Callable[[GuestImage], KvmVerdict] | None = None,
     key: str | None = None,
     refresh: bool = False,
+    ttl: float = FAILED_VERDICT_TTL,
 ) -> AccelChoice:
     """Turn auto|kvm|tcg into the accelerator to use; `kvm` unusable raises AccelUnavailable."""
-    if requested == "tcg":
-        return AccelChoice("tcg", "tcg was asked for")
-    if requested not in ("auto", "kvm"):
-        raise HarnessError(f"unknown accelerator {requested!r}", hint="use auto, kvm or tcg")
+    requested = parse_kind(AccelKind, requested)
+    if requested is AccelKind.TCG:
+        return AccelChoice(AccelKind.TCG, "tcg was asked for")
     path = cache_path or default_cache_path()
     key = key or host_key()
     verdict = None if refresh else cached_verdict(path, key)
+    if verdict is not None and not verdict.usable and time.time() - verdict.probed_at > ttl:
+        verdict = None  # an old failure: look again
     cached = verdict is not None
     if verdict is None:
         verdict = (probe or probe_kvm)(image)
         store_verdict(path, key, verdict)
     if verdict.usable:
-        return AccelChoice("kvm", verdict.reason, cached)
-    if requested == "kvm":
+        return AccelChoice(AccelKind.KVM, verdict.reason, cached)
+    if requested is AccelKind.KVM:
         raise AccelUnavailable(
             f"--accel kvm asked for, but KVM cannot run a guest here: {verdict.reason}",
             hint="use --accel tcg (or auto, which falls back to TCG)",
         )
-    return AccelChoice("tcg", f"KVM unusable, using TCG: {verdict.reason}", cached)
+    return AccelChoice(AccelKind.TCG, f"KVM unusable, using TCG: {verdict.reason}", cached)

@@ -1,4 +1,4 @@
-"""Host side of the in-guest agent's line protocol (guest-images/agent/ksmh-agent.c).
+"""Host side of the in-guest agent's line protocol (harness/guests/data/ksmh-agent.c).
 
     guest -> host, once after boot:  ready index=N version=1 pagesize=4096
     host  -> guest:                  ID COMMAND ARGS...

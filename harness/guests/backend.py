@@ -8,20 +8,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from harness.errors import HarnessError
-from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec
+from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec, parse_kind
+from harness.kinds import GuestBackendKind, ImageKind
+from harness.ksm.lock import private_dir
+from harness.paths import is_root, runtime_dir
 
-# Runtime state of fleets (sockets, pid files, console logs, run.json), one directory per run.
-RUNTIME_ROOT = Path(os.environ.get("KSM_HARNESS_RUNTIME", "/run/ksm-harness")) / "fleet"
+# Runtime state of fleets (sockets, pid files, console logs, run.json), one directory per run,
+# under the runtime directory (harness.paths: root's /run/ksm-harness, or a per-user one).
+RUNTIME_ROOT = runtime_dir() / "fleet"
+
+
+def prepare_runtime_root(root: Path) -> Path:
+    """Create a fleet runtime root (and, for the default one, the runtime directory above it),
+    checked to be ours alone: a non-root user's is 0700 and must not be another user's (a
+    planted /tmp/ksm-harness-UID), since guest sockets there accept commands."""
+    mode = 0o755 if is_root() else 0o700
+    hint = "set KSM_HARNESS_RUNTIME to a directory of yours"
+    if root == RUNTIME_ROOT:
+        private_dir(root.parent, mode, hint)
+    return private_dir(root, mode, hint)
 
 
 @dataclass(frozen=True)
 class Leftover:
-    """A guest of ours still running (by name prefix), possibly from a crashed run."""
+    """A guest of ours still running (by name prefix), possibly from a crashed run.
+
+    `parent` is the live process that started it (a run, a fleet, an accelerator probe), None
+    when that process is gone (the QEMU was re-parented to init) or cannot be known (libvirt);
+    `persistent` marks a defined libvirt domain, which we never create and never remove.
+    """
 
     name: str
     pid: int | None
     backend: str
+    parent: int | None = None
+    persistent: bool = False
 
 
 class GuestBackend(Protocol):
@@ -75,24 +96,22 @@ def remove_quietly(*paths: Path) -> None:
 
 def build_image(kind: str) -> GuestImage:
     """The image of a kind, built (or found current) on demand."""
-    if kind == "busybox":
+    kind = parse_kind(ImageKind, kind)
+    if kind is ImageKind.BUSYBOX:
         from harness.guests.image import ensure_image
 
         return ensure_image()
-    if kind == "debian":
-        from harness.guests.debian_image import ensure_debian_image
+    from harness.guests.debian_image import ensure_debian_image
 
-        return ensure_debian_image()
-    raise HarnessError(f"unknown image kind {kind!r}", hint="use busybox or debian")
+    return ensure_debian_image()
 
 
 def make_backend(kind: str, uri: str | None = None) -> GuestBackend:
-    if kind == "qemu":
+    kind = parse_kind(GuestBackendKind, kind)
+    if kind is GuestBackendKind.QEMU:
         from harness.guests.qemu_backend import QemuBackend
 
         return QemuBackend()
-    if kind == "libvirt":
-        from harness.guests.libvirt_backend import DEFAULT_URI, LibvirtBackend
+    from harness.guests.libvirt_backend import DEFAULT_URI, LibvirtBackend
 
-        return LibvirtBackend(uri or DEFAULT_URI)
-    raise HarnessError(f"unknown guest backend {kind!r}", hint="use qemu or libvirt")
+    return LibvirtBackend(uri or DEFAULT_URI)

@@ -10,16 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from harness import procfs
+from harness.console import plural, rich_table, terminal
 from harness.errors import GuestBootTimeout, GuestError, HarnessError
+from harness.fleet_result import FleetResult
+from harness.guests.agent import AgentReply
 from harness.guests.backend import RUNTIME_ROOT, Leftover
-from harness.guests.fleet import Fleet, FleetResult, list_runs, sigterm_to_interrupt
+from harness.guests.fleet import Fleet, list_runs
+from harness.guests.spec import NAME_PREFIX, FleetSpec
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
+from harness.signals import signals_as_interrupt
 
 
 def register(sub: Any) -> None:
@@ -36,21 +43,42 @@ def register(sub: Any) -> None:
         metavar="SIZE",
         help="RAM per guest: 256 (a bare number is MiB), 256M, 1GiB (default 256 MiB)",
     )
-    p.add_argument("--backend", choices=("qemu", "libvirt"), default="qemu")
+    p.add_argument(
+        "--backend",
+        choices=choices(GuestBackendKind),
+        default=GuestBackendKind.QEMU.value,
+        help="guest backend: a QEMU process per guest, or libvirt domains",
+    )
     p.add_argument("--uri", default=None, help="libvirt URI (default qemu:///system)")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument(
+        "--accel",
+        choices=choices(AccelKind),
+        default=AccelKind.AUTO.value,
+        help="accelerator; auto: KVM if a probe guest runs under it here, else TCG",
+    )
     p.add_argument(
         "--image",
-        choices=("busybox", "debian"),
-        default="busybox",
+        choices=choices(ImageKind),
+        default=ImageKind.BUSYBOX.value,
         help="busybox (default, ~5 s boot) or debian (mmdebstrap + systemd, built on first use)",
     )
-    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--vcpus", type=int, default=1, help="virtual CPUs per guest")
     p.add_argument(
         "--no-mem-merge", action="store_true", help="do not mark guest RAM mergeable for KSM"
     )
+    p.add_argument(
+        "--no-thp",
+        action="store_true",
+        help="start QEMU with transparent huge pages off (as playbooks do by default)",
+    )
     p.add_argument("--concurrency", type=int, default=4, help="guests booting at once")
-    p.add_argument("--ready-timeout", type=float, default=180.0, metavar="S")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=180.0,
+        metavar="S",
+        help="seconds a guest may take to boot to its agent",
+    )
     p.set_defaults(func=cmd_up)
 
     p = fsub.add_parser("list", help="show fleet runs and leftover guests")
@@ -58,20 +86,27 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_list)
 
     p = fsub.add_parser("exec", help="run an agent command: ksmh fleet exec -- fill a 32M zero")
-    p.add_argument("--run", default=None, help="run id (default: the only run)")
+    p.add_argument("--run", type=run_id, default=None, help="run id (default: the only run)")
     p.add_argument("--guests", default=None, metavar="SEL", help="names or indices: 0,2,5-7")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, metavar="S", help="seconds per agent command"
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="agent command and arguments")
     p.set_defaults(func=cmd_exec)
 
     p = fsub.add_parser("down", help="stop a run's guests and remove its files")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--run", default=None, help="run id")
-    group.add_argument("--all", action="store_true", help="every run and every leftover guest")
+    group.add_argument("--run", type=run_id, default=None, help="run id")
+    group.add_argument(
+        "--all",
+        action="store_true",
+        help="every run and leftover guest that is ours to stop: never one a live process "
+        "(another run, an accelerator probe) still owns, nor a persistent libvirt domain",
+    )
     p.set_defaults(func=cmd_down)
 
 
-def _print_result(result: FleetResult) -> int:
+def _print_result(result: FleetResult[AgentReply]) -> int:
     for name, r in result.items():
         if r.ok:
             text = r.value.text if r.value is not None else "ok"
@@ -79,19 +114,6 @@ def _print_result(result: FleetResult) -> int:
         else:
             print(f"{name}  FAILED {r.seconds:6.1f}s  {r.error}")
     return 0 if result.ok else 1
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    if os.geteuid() == 0:
-        from harness.recovery import recover_first
-
-        recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr))
-    # SIGTERM like Ctrl-C: tear down what was booted rather than orphan QEMU processes.
-    previous = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
-    try:
-        return _up(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def memory_mib(text: str) -> int:
@@ -108,20 +130,35 @@ def memory_mib(text: str) -> int:
     return size // 2**20
 
 
-def _up(args: argparse.Namespace) -> int:
-    fleet = Fleet(
-        args.count,
-        memory_mib(args.memory),
-        backend=args.backend,
+def spec_from_args(args: argparse.Namespace) -> FleetSpec:
+    """`ksmh fleet up`'s options as the FleetSpec they describe."""
+    return FleetSpec(
+        count=args.count,
+        memory_mib=memory_mib(args.memory),
+        image=ImageKind(args.image),
+        backend=GuestBackendKind(args.backend),
         uri=args.uri,
-        accel=args.accel,
-        image_kind=args.image,
-        mem_merge=not args.no_mem_merge,
+        accel=AccelKind(args.accel),
         vcpus=args.vcpus,
-        runtime_root=args.runtime_dir,
+        mem_merge=not args.no_mem_merge,
+        thp=not args.no_thp,
         concurrency=args.concurrency,
         ready_timeout=args.ready_timeout,
     )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if os.geteuid() == 0:
+        from harness.recovery import recover_first
+
+        recover_first(lambda s: print(f"ksmh: {s}", file=sys.stderr))
+    # SIGTERM like Ctrl-C: tear down what was booted rather than orphan QEMU processes.
+    with signals_as_interrupt():
+        return _up(args)
+
+
+def _up(args: argparse.Namespace) -> int:
+    fleet = Fleet(spec_from_args(args), runtime_root=args.runtime_dir)
     try:
         result = fleet.up()
     except BaseException:
@@ -137,7 +174,7 @@ def _up(args: argparse.Namespace) -> int:
         )
     fleet.detach()
     accel = fleet.accel
-    print(f"run {fleet.run_id}: {len(result.succeeded)}/{len(result)} guests ready "
+    print(f"run {fleet.run_id}: {len(result.succeeded)}/{plural(len(result), 'guest')} ready "
           f"({fleet.backend.name}, accel {accel.accel if accel else '?'})")  # fmt: skip
     status = _print_result(result)
     if accel is not None:
@@ -188,21 +225,49 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"runs": runs, "leftovers": leftovers}, indent=2))
         return 0
-    if not runs and not leftovers:
-        print("no fleets")
+    console = terminal()
+    if console is not None and (runs or leftovers):
+        console.print(runs_table(runs))
+        for lo in leftovers:
+            console.print(_leftover_line(lo), markup=False)
+    else:
+        print(format_runs(runs, leftovers))
+    return 0
+
+
+def _leftover_line(lo: dict[str, Any]) -> str:
+    return (f"leftover {lo['name']} ({lo['backend']}, pid {lo['pid'] or '-'}): "
+            "remove with `ksmh fleet down --all`")  # fmt: skip
+
+
+def format_runs(runs: list[dict[str, Any]], leftovers: list[dict[str, Any]]) -> str:
+    """`ksmh fleet list` as plain text (stdout is not a terminal): a line per run and guest."""
+    lines = [] if runs or leftovers else ["no fleets"]
     for run in runs:
         if "error" in run:
-            print(f"run {run['run_id']}: {run['error']}")
+            lines.append(f"run {run['run_id']}: {run['error']}")
             continue
         up = sum(g["state"] == "ready" for g in run["guests"])
-        print(f"run {run['run_id']}  {run['backend']}  accel {run['accel']}  "
-              f"{run['memory_mib']} MiB  {up}/{len(run['guests'])} running")  # fmt: skip
+        lines.append(f"run {run['run_id']}  {run['backend']}  accel {run['accel']}  "
+                     f"{run['memory_mib']} MiB  {up}/{len(run['guests'])} running")  # fmt: skip
+        lines += [f"  {g['name']}  {g['state']:<8} pid {g['pid'] or '-'}" for g in run["guests"]]
+    lines += [_leftover_line(lo) for lo in leftovers]
+    return "\n".join(lines)
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Any:
+    """`ksmh fleet list` on a terminal: one rich table row per guest."""
+    rows = []
+    for run in runs:
+        if "error" in run:
+            rows.append((str(run["run_id"]), "-", "-", "-", "-", run["error"], "-"))
+            continue
         for g in run["guests"]:
-            print(f"  {g['name']}  {g['state']:<8} pid {g['pid'] or '-'}")
-    for lo in leftovers:
-        print(f"leftover {lo['name']} ({lo['backend']}, pid {lo['pid'] or '-'}): "
-              "remove with `ksmh fleet down --all`")  # fmt: skip
-    return 0
+            rows.append((run["run_id"], run["backend"], str(run["accel"]),
+                         f"{run['memory_mib']} MiB", g["name"], g["state"],
+                         str(g["pid"] or "-")))  # fmt: skip
+    header = ("RUN", "BACKEND", "ACCEL", "MEMORY", "GUEST", "STATE", "PID")
+    return rich_table(header, rows, title="fleets", right=(3, 6))
 
 
 def _only_run(runtime_root: Path) -> str:
@@ -230,21 +295,52 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return _print_result(result)
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def run_id(text: str) -> str:
+    """--run takes a fleet run id (as `fleet list` shows), never a path."""
+    if not RUN_ID.fullmatch(text) or ".." in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a fleet run id (e.g. r6b0d2f1a39c2; see `ksmh fleet list`)"
+        )
+    return text
+
+
+def _live_owner(owner: object, mine: set[int]) -> str | None:
+    """A description of the live process (other than us or our ancestors) that owns a run, or
+    None when it is ours to stop: its owner is dead, or is this command's own lineage."""
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        return None  # no owner recorded: a crashed write, or an older version's run
+    pid, start = owner["pid"], owner.get("start")
+    if pid in mine or not procfs.pid_alive(pid, started=start if isinstance(start, int) else None):
+        return None
+    return f"pid {pid} ({procfs.cmdline(pid) or procfs.comm(pid) or '?'})"
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     if not args.all:
         fleet = Fleet.attach(args.run, args.runtime_dir)
         result = fleet.down()
-        print(f"run {fleet.run_id}: {len(result)} guests stopped")
+        print(f"run {fleet.run_id}: {plural(len(result), 'guest')} stopped")
         return _print_result(result) if not result.ok else 0
     status = 0
+    mine = set(procfs.lineage(os.getpid()))
+    kept: set[str] = set()  # run ids a live process owns: their guests are not leftovers either
     for data in list_runs(args.runtime_dir):
+        rid = str(data.get("run_id"))
+        owner = _live_owner(data.get("owner"), mine)
+        if owner is not None:
+            kept.add(rid)
+            print(f"run {rid}: left alone, a live process owns it: {owner}")
+            continue
         try:
-            fleet = Fleet.attach(data["run_id"], args.runtime_dir)
+            fleet = Fleet.attach(rid, args.runtime_dir)
             result = fleet.down()
-            print(f"run {fleet.run_id}: {len(result)} guests stopped")
+            print(f"run {fleet.run_id}: {plural(len(result), 'guest')} stopped")
             status |= 0 if result.ok else _print_result(result)
         except HarnessError as exc:
-            print(f"run {data.get('run_id')}: {exc}")
+            print(f"run {rid}: {exc}")
             status = 1
     # Directories without a readable run.json (a crash mid-write) go too.
     if args.runtime_dir.exists():
@@ -257,6 +353,10 @@ def cmd_down(args: argparse.Namespace) -> int:
             if d.is_dir() and not fresh and not (d / "run.json").exists():
                 shutil.rmtree(d, ignore_errors=True)
     for lo in _leftovers(args.runtime_dir):  # both backends list only ksmh- names
+        why = _not_ours_to_stop(lo, kept, mine)
+        if why:
+            print(f"left {lo.name} alone: {why}")
+            continue
         try:
             _remove(lo)
             print(f"removed leftover {lo.name} ({lo.backend}, pid {lo.pid or '-'})")
@@ -266,8 +366,19 @@ def cmd_down(args: argparse.Namespace) -> int:
     return status
 
 
+def _not_ours_to_stop(lo: Leftover, kept: set[str], mine: set[int]) -> str | None:
+    if lo.persistent:
+        return "a persistent libvirt domain (ksm-harness creates only transient ones)"
+    if any(lo.name.startswith(f"{NAME_PREFIX}{rid}-") for rid in kept):
+        return "its run is owned by a live process"
+    if lo.parent is not None and lo.parent not in mine:
+        who = procfs.cmdline(lo.parent) or procfs.comm(lo.parent) or "?"
+        return f"its QEMU belongs to live pid {lo.parent} ({who})"
+    return None
+
+
 def _remove(lo: Leftover) -> None:
-    if lo.backend == "libvirt":
+    if lo.backend == GuestBackendKind.LIBVIRT:
         from harness.guests.libvirt_backend import LibvirtBackend
 
         backend = LibvirtBackend(start_daemons=False)

@@ -5,7 +5,8 @@ mmdebstrap --variant=minbase with systemd-sysv, plus our agent as a systemd serv
 an ext2 disk image (mke2fs -d) that every guest of a fleet boots read-only under a tmpfs
 overlay. Kernel and initramfs are the busybox image's, with the block, ext4 and overlay
 modules added; the initramfs init switches to the disk when `ksmh.root=` is on the command
-line. Output in guest-images/build/debian/ with a manifest (kernel release, the apt source,
+line. Output in debian/ under the busybox image's directory (harness.guests.image.
+default_image_dir) with a manifest (kernel release, the apt source,
 the installed package versions, sha256 of every artifact). SOURCE_DATE_EPOCH, a fixed
 filesystem UUID and hash seed, and E2FSPROGS_FAKE_TIME keep the build repeatable; the package
 set itself follows the Debian archive, so it changes when Debian publishes updates.
@@ -25,17 +26,18 @@ from pathlib import Path
 
 from harness.errors import CommandFailed, HarnessError
 from harness.guests.image import (
-    DEFAULT_OUT,
     WANTED_MODULES,
     ImageInputs,
     _build_lock,
     _digest,
     build_initramfs,
     compile_agent,
+    default_image_dir,
     describe_inputs,
     sha256_file,
 )
 from harness.guests.spec import GuestImage
+from harness.kinds import ImageKind
 from harness.run import run
 
 SUITE = "bookworm"
@@ -59,6 +61,10 @@ RestartSec=1
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def default_debian_dir() -> Path:
+    return default_image_dir() / ImageKind.DEBIAN.value
 
 
 def _need(tool: str, package: str) -> None:
@@ -98,15 +104,16 @@ def _customise(root: Path, agent: Path) -> None:
 
 
 def ensure_debian_image(
-    out: Path = DEFAULT_OUT / "debian", inputs: ImageInputs | None = None, force: bool = False
+    out: Path | None = None, inputs: ImageInputs | None = None, force: bool = False
 ) -> GuestImage:
     """Build the Debian image into `out` unless its inputs are unchanged; return it."""
+    out = out or default_debian_dir()
     _need("mmdebstrap", "mmdebstrap")
     _need("mke2fs", "e2fsprogs")
     inputs = inputs or ImageInputs()
     desc = describe_inputs(inputs, DEBIAN_MODULES)
     desc.update(
-        kind="debian",
+        kind=ImageKind.DEBIAN.value,
         suite=SUITE,
         mirror=MIRROR,
         packages=list(PACKAGES),
@@ -164,7 +171,7 @@ def ensure_debian_image(
                 os.replace(tmp / name, out / name)
         manifest = {
             "format": 1,
-            "kind": "debian",
+            "kind": ImageKind.DEBIAN.value,
             "kernel_release": desc["kernel_release"],
             "input_digest": digest,
             "inputs": desc,
@@ -216,7 +223,7 @@ def _image(out: Path, manifest: dict[str, object]) -> GuestImage:
     return GuestImage(
         kernel=out / "vmlinuz",
         initrd=out / "initramfs.cpio.gz",
-        kind="debian",
+        kind=ImageKind.DEBIAN,
         kernel_release=str(manifest["kernel_release"]),
         digest=str(manifest["input_digest"]),
         disk=out / "disk.img",
@@ -226,11 +233,11 @@ def _image(out: Path, manifest: dict[str, object]) -> GuestImage:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.guests.debian_image")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "debian")
+    parser.add_argument("--out", type=Path, default=None, help=f"default: {default_debian_dir()}")
     parser.add_argument("--force", action="store_true", help="rebuild even if current")
     args = parser.parse_args(argv)
     try:
-        image = ensure_debian_image(args.out, force=args.force)
+        image = ensure_debian_image(args.out or default_debian_dir(), force=args.force)
     except HarnessError as exc:
         print(f"debian image: error: {exc.message}", file=sys.stderr)
         if exc.hint:

@@ -1,15 +1,16 @@
 """Fleet: N identical guests booted in parallel, driven through their agents, always torn down.
 
-    with Fleet(count=3, memory_mib=256, backend="qemu") as fleet:
+    spec = FleetSpec(count=3, memory_mib=256)          # harness.guests.spec
+    with Fleet(spec) as fleet:
         fleet.run("fill", "a", "32M", "byte:0x5a").raise_if_failed()
         pids = fleet.pids()            # guest name -> QEMU PID, for /proc/PID/ksm_stat
 
-Every operation returns a FleetResult with one GuestResult per guest (value or error, and the
-accelerator used): a partial failure is never hidden. A guest that dies is marked failed and
+Every operation returns a FleetResult (harness.fleet_result) with one MemberResult per guest
+(value or error): a partial failure is never hidden. A guest that dies is marked failed and
 the others carry on. Teardown runs on normal exit, exceptions, SIGINT and SIGTERM (the context
-manager turns SIGTERM into KeyboardInterrupt), and as an atexit backstop. A fleet can also be
-left running (`detach`) and found again from run.json (`Fleet.attach`), which is what the CLI's
-`fleet up` / `exec` / `down` do.
+manager turns SIGTERM/SIGHUP into KeyboardInterrupt), and as an atexit backstop. A fleet can
+also be left running (`detach`) and found again from run.json (`Fleet.attach`), which is what
+the CLI's `fleet up` / `exec` / `down` do.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
+from harness import procfs
+from harness.console import BootProgress
 from harness.errors import GuestError, HarnessError
+from harness.fleet_result import FleetResult, MemberResult
 from harness.guests.accel import AccelChoice, resolve_accel
 from harness.guests.agent import (
     AgentChannelClosed,
@@ -43,17 +47,26 @@ from harness.guests.backend import (
     GuestBackend,
     build_image,
     make_backend,
+    prepare_runtime_root,
     remove_quietly,
 )
-from harness.guests.results import FleetResult, GuestResult, Progress
-from harness.guests.spec import MIN_MEMORY_MIB, NAME_PREFIX, Accel, GuestImage, GuestSpec
+from harness.guests.spec import NAME_PREFIX, FleetSpec, GuestImage, GuestSpec
+from harness.guests.thp import thp_off_for_children
+from harness.kinds import AccelKind, ImageKind
+from harness.signals import raise_interrupt, signals_as_interrupt
 
 RUN_FILE = "run.json"
-# FleetResult and GuestResult live in harness.guests.results; re-exported for callers.
+SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, the NUL included
+# The result of one agent command (or boot) on one guest.
+GuestResult = MemberResult[AgentReply]
+# Kept for callers that install it themselves (harness.signals.raise_interrupt).
+sigterm_to_interrupt = raise_interrupt
+AccelResolver = Callable[[AccelKind, GuestImage], AccelChoice]
 __all__ = [
     "RUN_FILE",
     "Fleet",
     "FleetResult",
+    "FleetSpec",
     "Guest",
     "GuestResult",
     "guest_name",
@@ -86,99 +99,104 @@ def guest_name(run_id: str, index: int) -> str:
 
 
 class Fleet:
-    """N guests of one image, memory size and accelerator, on one backend."""
+    """The guests a FleetSpec describes, on one backend.
+
+    Keyword arguments are runtime collaborators, not part of the description: `run_id`
+    (default: a fresh one), `runtime_root` (sockets, logs, run.json), `progress` (a boot
+    progress bar: None = when stderr is a terminal), `accel_resolver` (auto|kvm|tcg -> the
+    accelerator; default harness.guests.accel.resolve_accel), `backend` (a GuestBackend
+    object instead of the one spec.backend names) and `image` (an already built GuestImage
+    instead of building spec.image; its kind wins).
+    """
 
     # How long a fresh connection to a running guest's agent may take to answer a ping.
     reconnect_timeout = 10.0
 
     def __init__(
         self,
-        count: int,
-        memory_mib: int = 256,
+        spec: FleetSpec,
         *,
-        backend: str | GuestBackend = "qemu",
-        uri: str | None = None,
-        accel: str = "auto",
-        image: GuestImage | None = None,
-        image_kind: str = "busybox",
-        mem_merge: bool = True,
-        vcpus: int = 1,
         run_id: str | None = None,
         runtime_root: Path = RUNTIME_ROOT,
-        concurrency: int = 4,
-        ready_timeout: float = 180.0,
-        command_timeout: float = 600.0,
         progress: bool | None = None,
-        accel_resolver: Callable[[str, GuestImage], AccelChoice] | None = None,
+        accel_resolver: AccelResolver | None = None,
+        backend: GuestBackend | None = None,
+        image: GuestImage | None = None,
     ) -> None:
-        if count < 1:
-            raise HarnessError(f"--count {count}: a fleet needs at least one guest")
-        # Checked here too (GuestSpec would refuse them later, as a traceback after the build).
-        if memory_mib < MIN_MEMORY_MIB:
-            raise HarnessError(
-                f"--memory {memory_mib}: a guest needs at least {MIN_MEMORY_MIB} MiB"
-            )
-        if vcpus < 1:
-            raise HarnessError(f"--vcpus {vcpus}: a guest needs at least one")
-        self.count = count
-        self.memory_mib = memory_mib
-        self.backend = make_backend(backend, uri) if isinstance(backend, str) else backend
-        self.uri = uri
-        self.requested_accel = accel
+        if not isinstance(spec, FleetSpec):
+            raise TypeError(f"Fleet(spec): a FleetSpec, not {type(spec).__name__}")
+        if image is not None and image.kind != spec.image:
+            spec = replace(spec, image=ImageKind(image.kind))
+        self.spec = spec
+        self.backend = backend if backend is not None else make_backend(spec.backend, spec.uri)
         self.image = image
-        self.image_kind = image.kind if image is not None else image_kind
-        self.mem_merge = mem_merge
-        self.vcpus = vcpus
         self.run_id = run_id or new_run_id()
         self.run_dir = runtime_root / self.run_id
-        self.concurrency = max(1, concurrency)
-        self.ready_timeout = ready_timeout
-        self.command_timeout = command_timeout
+        longest = self.run_dir / f"{guest_name(self.run_id, max(spec.count - 1, 0))}.agent"
+        if len(str(longest).encode()) >= SUN_PATH_MAX:
+            raise HarnessError(
+                f"runtime directory {runtime_root} is too long for the guests' sockets "
+                f"({longest} is over {SUN_PATH_MAX - 1} bytes, the limit of a UNIX socket path)",
+                hint="use a shorter runtime directory (KSM_HARNESS_RUNTIME or --runtime-dir)",
+            )
         self.progress = progress
-        self.accel_resolver = accel_resolver or (lambda req, img: resolve_accel(req, img))
+        self.accel_resolver: AccelResolver = accel_resolver or (
+            lambda req, img: resolve_accel(req, img)
+        )
         self.accel: AccelChoice | None = None
+        # Who booted it: `fleet down --all` leaves a fleet alone while this process lives (a
+        # run's fleet), and stops it once it is gone (a detached `fleet up`, a crashed run).
+        # Set once at creation; attaching from another process keeps it.
+        self.owner: dict[str, int | None] = {
+            "pid": os.getpid(),
+            "start": procfs.start_time(os.getpid()),
+        }
         self.guests: list[Guest] = []
         self._atexit_registered = False
-        self._old_sigterm: Any = None
+        self._signals: ExitStack | None = None
         self._cancel = threading.Event()
 
     # -- boot -------------------------------------------------------------------------------
 
-    def up(self) -> FleetResult:
+    def up(self) -> FleetResult[AgentReply]:
         """Boot every guest (bounded concurrency) and wait for each agent's ready."""
+        spec = self.spec
         if self.image is None:
-            self.image = build_image(self.image_kind)
-        self.accel = self.accel_resolver(self.requested_accel, self.image)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.image = build_image(spec.image)
+        self.accel = self.accel_resolver(spec.accel, self.image)
+        prepare_runtime_root(self.run_dir.parent)
+        self.run_dir.mkdir(exist_ok=True)
         self.guests = [
             Guest(
                 GuestSpec(
                     name=guest_name(self.run_id, i),
-                    memory_mib=self.memory_mib,
+                    memory_mib=spec.memory_mib,
                     image=self.image,
                     runtime_dir=self.run_dir,
                     index=i,
-                    vcpus=self.vcpus,
-                    accel=self.accel.accel,  # type: ignore[arg-type]
-                    mem_merge=self.mem_merge,
+                    vcpus=spec.vcpus,
+                    accel=self.accel.accel,
+                    mem_merge=spec.mem_merge,
                 )
             )
-            for i in range(self.count)
+            for i in range(spec.count)
         ]
         if not self._atexit_registered:
             atexit.register(self.down)
             self._atexit_registered = True
         self._save()
-        progress = Progress(self.count, f"booting {self.run_id}", self.progress)
+        progress = BootProgress(spec.count, f"booting {self.run_id}", self.progress)
 
         def boot(guest: Guest) -> GuestResult:
             result = self._boot_one(guest)
             progress.step(result.ok)
             return result
 
-        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="boot")
+        pool = ThreadPoolExecutor(spec.concurrency, thread_name_prefix="boot")
         try:
-            results = list(pool.map(boot, self.guests))
+            # QEMU inherits PR_SET_THP_DISABLE from us (fork + exec) while the guests start.
+            with thp_off_for_children(not spec.thp), progress:
+                results = list(pool.map(boot, self.guests))
         except BaseException:
             # Ctrl-C / SIGTERM while booting: stop what runs so the boot threads see their
             # guest die at once instead of waiting out the ready deadline, then stop the rest.
@@ -198,20 +216,20 @@ class Fleet:
         t0 = time.monotonic()
         if self._cancel.is_set():
             guest.state, guest.error = "failed", GuestError(f"{spec.name}: boot cancelled")
-            return GuestResult(spec.name, None, guest.error, 0.0, spec.accel)
+            return GuestResult(spec.name, None, guest.error, 0.0)
         guest.state = "booting"
         try:
             guest.pid = self.backend.start(spec)
         except HarnessError as exc:
             guest.state, guest.error = "failed", exc
             self._stop_quietly(guest)
-            return GuestResult(spec.name, None, exc, time.monotonic() - t0, spec.accel)
+            return GuestResult(spec.name, None, exc, time.monotonic() - t0)
         try:
-            deadline = t0 + self.ready_timeout
+            deadline = t0 + self.spec.ready_timeout
             chan = UnixChannel.connect(
                 spec.agent_socket, deadline, alive=lambda: self.backend.alive(spec)
             )
-            client = AgentClient(chan, spec.name, self.command_timeout)
+            client = AgentClient(chan, spec.name, self.spec.command_timeout)
             try:
                 info = client.wait_ready(max(deadline - time.monotonic(), 0.1))
             except HarnessError:
@@ -221,13 +239,13 @@ class Fleet:
             guest.boot_seconds = time.monotonic() - t0
             guest.state = "ready"
             reply = AgentReply("ready", " ".join(f"{k}={v}" for k, v in info.items()), info)
-            return GuestResult(spec.name, reply, None, guest.boot_seconds, spec.accel)
+            return GuestResult(spec.name, reply, None, guest.boot_seconds)
         except HarnessError as exc:
             error = self._explain(guest, exc)
             guest.state, guest.error = "failed", error
             # A guest that did not come up would only burn CPU; stop it now.
             self._stop_quietly(guest)
-            return GuestResult(spec.name, None, error, time.monotonic() - t0, spec.accel)
+            return GuestResult(spec.name, None, error, time.monotonic() - t0)
 
     def _explain(self, guest: Guest, exc: HarnessError) -> HarnessError:
         """Prefer 'the guest died (why)' over the symptom seen on the agent channel."""
@@ -286,7 +304,7 @@ class Fleet:
         *args: str,
         guests: str | Sequence[str] | None = None,
         timeout: float | None = None,
-    ) -> FleetResult:
+    ) -> FleetResult[AgentReply]:
         """Send one agent command to the selected guests in parallel; one result each."""
         chosen = self.select(guests)
         if not chosen:
@@ -303,12 +321,12 @@ class Fleet:
         with guest.lock:
             if guest.state != "ready":
                 err = guest.error or GuestError(f"{spec.name} is {guest.state}, not running")
-                return GuestResult(spec.name, None, err, 0.0, spec.accel)
+                return GuestResult(spec.name, None, err, 0.0)
             try:
                 if guest.client is None:
                     guest.client = self._reconnect(guest)
                 value = guest.client.call(command, *args, timeout=timeout)
-                return GuestResult(spec.name, value, None, time.monotonic() - t0, spec.accel)
+                return GuestResult(spec.name, value, None, time.monotonic() - t0)
             except HarnessError as exc:
                 error = self._explain(guest, exc)
                 if error is not exc:  # the guest is dead: fail it for good
@@ -316,7 +334,7 @@ class Fleet:
                     if guest.client is not None:
                         guest.client.close()
                         guest.client = None
-                return GuestResult(spec.name, None, error, time.monotonic() - t0, spec.accel)
+                return GuestResult(spec.name, None, error, time.monotonic() - t0)
 
     def _reconnect(self, guest: Guest) -> AgentClient:
         """A new connection to a running guest's agent (e.g. after attach), checked by a ping.
@@ -326,7 +344,7 @@ class Fleet:
         """
         spec = guest.spec
         chan = UnixChannel.connect(spec.agent_socket, time.monotonic() + 10.0)
-        client = AgentClient(chan, spec.name, self.command_timeout)
+        client = AgentClient(chan, spec.name, self.spec.command_timeout)
         try:
             client.call("ping", timeout=self.reconnect_timeout)
         except AgentCommandError:
@@ -341,10 +359,10 @@ class Fleet:
             ) from exc
         return client
 
-    def fill(self, region: str, size: str, pattern: str, **kw: Any) -> FleetResult:
+    def fill(self, region: str, size: str, pattern: str, **kw: Any) -> FleetResult[AgentReply]:
         return self.run("fill", region, size, pattern, **kw)
 
-    def verify(self, region: str, **kw: Any) -> FleetResult:
+    def verify(self, region: str, **kw: Any) -> FleetResult[AgentReply]:
         return self.run("verify", region, **kw)
 
     def pids(self) -> dict[str, int]:
@@ -360,13 +378,11 @@ class Fleet:
     def _save(self) -> None:
         data = {
             "run_id": self.run_id,
+            "spec": self.spec.as_json(),
             "backend": self.backend.name,
-            "uri": self.uri,
-            "accel": self.accel.accel if self.accel else None,
+            "accel": str(self.accel.accel) if self.accel else None,
             "accel_reason": self.accel.reason if self.accel else None,
-            "memory_mib": self.memory_mib,
-            "mem_merge": self.mem_merge,
-            "vcpus": self.vcpus,
+            "memory_mib": self.spec.memory_mib,
             "image": None
             if self.image is None
             else {
@@ -379,7 +395,7 @@ class Fleet:
                 "cmdline": list(self.image.cmdline),
             },
             "created": time.time(),
-            "owner_pid": os.getpid(),
+            "owner": self.owner,
             "guests": [
                 {
                     "name": g.spec.name,
@@ -412,39 +428,40 @@ class Fleet:
                 f"fleet run {run_id!r} is unreadable ({path}: {exc})",
                 hint="remove it with `ksmh fleet down --all`",
             ) from exc
+        if "spec" not in data or not data.get("image"):
+            raise HarnessError(
+                f"fleet run {run_id!r} was written by another version of ksm-harness ({path})",
+                hint="remove it with `ksmh fleet down --all`",
+            )
         img = data["image"]
         image = GuestImage(
             Path(img["kernel"]), Path(img["initrd"]), img["kind"], img["kernel_release"],
             img["digest"], Path(img["disk"]) if img.get("disk") else None,
             tuple(img.get("cmdline") or ()),
         )  # fmt: skip
-        fleet = cls(
-            len(data["guests"]) or 1,
-            data["memory_mib"],
-            backend=kw.pop("backend", data["backend"]),
-            uri=data.get("uri"),
-            image=image,
-            mem_merge=data["mem_merge"],
-            vcpus=data["vcpus"],
-            run_id=run_id,
-            runtime_root=runtime_root,
-            **kw,
+        backend: GuestBackend | None = kw.pop("backend", None)
+        spec = FleetSpec.from_json(
+            {**data["spec"], "count": len(data["guests"]) or 1, "image": image.kind}
         )
-        accel: Accel = "kvm" if data.get("accel") == "kvm" else "tcg"
+        fleet = cls(spec, backend=backend, image=image, run_id=run_id,
+                    runtime_root=runtime_root, **kw)  # fmt: skip
+        accel = AccelKind.KVM if data.get("accel") == AccelKind.KVM else AccelKind.TCG
         fleet.accel = AccelChoice(accel, data.get("accel_reason") or "", True)
+        if isinstance(data.get("owner"), dict):
+            fleet.owner = data["owner"]
         for g in data["guests"]:
-            spec = GuestSpec(
-                name=g["name"], memory_mib=data["memory_mib"], image=image,
-                runtime_dir=fleet.run_dir, index=g["index"], vcpus=data["vcpus"],
-                accel=accel, mem_merge=data["mem_merge"],
+            gspec = GuestSpec(
+                name=g["name"], memory_mib=spec.memory_mib, image=image,
+                runtime_dir=fleet.run_dir, index=g["index"], vcpus=spec.vcpus,
+                accel=accel, mem_merge=spec.mem_merge,
             )  # fmt: skip
-            guest = Guest(spec, pid=g.get("pid"), boot_seconds=g.get("boot_seconds"))
-            alive = g.get("state") == "ready" and fleet.backend.alive(spec)
+            guest = Guest(gspec, pid=g.get("pid"), boot_seconds=g.get("boot_seconds"))
+            alive = g.get("state") == "ready" and fleet.backend.alive(gspec)
             guest.state = (
                 "ready" if alive else ("failed" if g.get("state") != "stopped" else "stopped")
             )
             if not alive and g.get("state") == "ready":
-                guest.error = GuestError(f"{spec.name} is no longer running")
+                guest.error = GuestError(f"{gspec.name} is no longer running")
             elif g.get("error"):
                 guest.error = GuestError(g["error"])
             fleet.guests.append(guest)
@@ -462,7 +479,7 @@ class Fleet:
         except HarnessError as exc:
             return exc
 
-    def down(self, keep_logs: bool = False) -> FleetResult:
+    def down(self, keep_logs: bool = False) -> FleetResult[AgentReply]:
         """Stop every guest and remove the run directory (sockets, pid files, logs)."""
         if self._atexit_registered:
             atexit.unregister(self.down)
@@ -472,7 +489,7 @@ class Fleet:
             err = self._stop_quietly(guest)
             if guest.state != "failed":
                 guest.state = "stopped"
-            return GuestResult(guest.spec.name, None, err, 0.0, guest.spec.accel)
+            return GuestResult(guest.spec.name, None, err, 0.0)
 
         results: list[GuestResult] = []
         if self.guests:
@@ -499,8 +516,8 @@ class Fleet:
         self._save()
 
     def __enter__(self) -> Fleet:
-        if threading.current_thread() is threading.main_thread():
-            self._old_sigterm = signal.signal(signal.SIGTERM, sigterm_to_interrupt)
+        self._signals = ExitStack()
+        self._signals.enter_context(signals_as_interrupt())
         try:
             self.up()
         except BaseException:
@@ -517,13 +534,9 @@ class Fleet:
         try:
             self.down()
         finally:
-            if self._old_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
-                self._old_sigterm = None
-
-
-def sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+            if self._signals is not None:
+                self._signals.close()
+                self._signals = None
 
 
 def list_runs(runtime_root: Path = RUNTIME_ROOT) -> list[dict[str, Any]]:

@@ -1,9 +1,12 @@
 """Reproducible build of the busybox guest image, on demand.
 
-Inputs (all from Debian packages): the newest /boot/vmlinuz-*-amd64 and its modules, the static
-busybox, and the agent source in guest-images/agent/. Output in guest-images/build/:
-vmlinuz, initramfs.cpio.gz, ksmh-agent and manifest.json (kernel release, sha256 of every input
-and artifact). The initramfs is written by our own cpio (newc) writer with fixed owners, modes
+Inputs: the newest /boot/vmlinuz-*-amd64 and its modules and the static busybox (Debian
+packages), and the agent's C source and the init script shipped inside this package
+(harness/guests/data/, read through importlib.resources, so an installed wheel builds the same
+image as a checkout). Output in the cache directory (harness.paths: guest-images/ under
+/var/cache/ksm-harness for root, ~/.cache/ksm-harness otherwise; KSM_HARNESS_IMAGE_DIR moves
+it): vmlinuz, initramfs.cpio.gz, ksmh-agent and manifest.json (kernel release, sha256 of every
+input and artifact). The initramfs is written by our own cpio (newc) writer with fixed owners, modes
 and mtimes, and gzip with mtime 0, so the same inputs give the same bytes. A build is skipped
 when the manifest's input digest matches and every artifact still has its recorded hash.
 
@@ -30,50 +33,26 @@ from pathlib import Path
 
 from harness.errors import CommandFailed, HarnessError
 from harness.guests.spec import GuestImage
+from harness.kinds import ImageKind
+from harness.paths import cache_dir, data_path
 from harness.run import run
 
 FORMAT = 1
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GUEST_IMAGES = REPO_ROOT / "guest-images"
-DEFAULT_OUT = Path(os.environ.get("KSM_HARNESS_IMAGE_DIR", GUEST_IMAGES / "build"))
-AGENT_SOURCE = GUEST_IMAGES / "agent" / "ksmh-agent.c"
+AGENT_SOURCE = data_path("harness.guests", "data/ksmh-agent.c")
 BUSYBOX = Path("/bin/busybox")
 BOOT = Path("/boot")
 MODULES_ROOT = Path("/lib/modules")
 # The guest needs these (and their dependencies, read from modules.dep) for the agent port.
 WANTED_MODULES = ("virtio_pci", "virtio_console")
 
-INIT_SCRIPT = r"""#!/bin/busybox sh
-# ksm-harness guest init: mount the basics, load virtio modules, hand over to the agent.
-/bin/busybox mkdir -p /proc /sys /dev /tmp
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t sysfs sysfs /sys
-/bin/busybox mount -t devtmpfs devtmpfs /dev
-/bin/busybox --install -s /bin
-for m in $(cat /etc/ksmh-modules); do
-  insmod "/lib/modules/$m" || echo "ksmh-init: insmod $m failed"
-done
-root=$(sed -n 's/.*ksmh\.root=\([^ ]*\).*/\1/p' /proc/cmdline)
-if [ -n "$root" ]; then
-  # The Debian image kind: its read-only disk under a tmpfs overlay becomes the root, and the
-  # distribution's own init (systemd) starts the agent as a service.
-  n=0
-  while [ ! -b "$root" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-  mkdir -p /lower /rw /newroot
-  mount -t ext4 -o ro "$root" /lower || echo "ksmh-init: cannot mount $root"
-  mount -t tmpfs -o mode=0755 tmpfs /rw
-  mkdir -p /rw/upper /rw/work
-  mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot
-  mount --move /dev /newroot/dev
-  umount /proc /sys
-  echo "ksmh-init: switching to $root"
-  exec switch_root /newroot /sbin/init
-fi
-echo "ksmh-init: modules loaded, starting agent"
-# The agent replaces init: if it dies the kernel panics and (panic=-1, -no-reboot) the VM ends,
-# so a dead agent is always visible from the host as a dead guest.
-exec /sbin/ksmh-agent
-"""
+# The initramfs's /init (busybox sh), shipped with the package like the agent's source.
+INIT_SCRIPT = data_path("harness.guests", "data/init").read_text()
+
+
+def default_image_dir() -> Path:
+    """Where images are built: KSM_HARNESS_IMAGE_DIR, else guest-images/ in the cache."""
+    explicit = os.environ.get("KSM_HARNESS_IMAGE_DIR")
+    return Path(explicit) if explicit else cache_dir() / "guest-images"
 
 
 @dataclass(frozen=True)
@@ -207,7 +186,7 @@ def describe_inputs(
     gcc = shutil.which("gcc")
     return {
         "format": FORMAT,
-        "kind": "busybox",
+        "kind": ImageKind.BUSYBOX.value,
         "kernel_release": release,
         "kernel": {"path": str(vmlinuz), "sha256": sha256_file(vmlinuz)},
         "busybox": {"path": str(inputs.busybox), "sha256": sha256_file(inputs.busybox)},
@@ -264,10 +243,17 @@ def build_initramfs(desc: dict[str, object], agent: Path, modules_root: Path) ->
 
 @contextmanager
 def _build_lock(out: Path) -> Iterator[None]:
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # concurrent tests/CLI calls build once
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise HarnessError(
+            f"cannot build the guest image in {out}: {exc.strerror}",
+            hint="set KSM_HARNESS_CACHE (or XDG_CACHE_HOME, or KSM_HARNESS_IMAGE_DIR for the "
+            "images alone) to a directory you can write",
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # concurrent tests and CLI calls build once
         yield
     finally:
         os.close(fd)
@@ -277,7 +263,7 @@ def _image_from_manifest(out: Path, manifest: dict[str, object]) -> GuestImage:
     return GuestImage(
         kernel=out / "vmlinuz",
         initrd=out / "initramfs.cpio.gz",
-        kind="busybox",
+        kind=ImageKind.BUSYBOX,
         kernel_release=str(manifest["kernel_release"]),
         digest=str(manifest["input_digest"]),
     )
@@ -301,9 +287,10 @@ def _up_to_date(out: Path, digest: str) -> dict[str, object] | None:
 
 
 def ensure_image(
-    out: Path = DEFAULT_OUT, inputs: ImageInputs | None = None, force: bool = False
+    out: Path | None = None, inputs: ImageInputs | None = None, force: bool = False
 ) -> GuestImage:
-    """Build the busybox image into `out` unless it is already current; return it."""
+    """Build the busybox image into `out` (default_image_dir()) unless current; return it."""
+    out = out or default_image_dir()
     inputs = inputs or ImageInputs()
     desc = describe_inputs(inputs)
     digest = _digest(desc)
@@ -325,7 +312,7 @@ def ensure_image(
                 os.replace(tmp / name, out / name)
         manifest = {
             "format": FORMAT,
-            "kind": "busybox",
+            "kind": ImageKind.BUSYBOX.value,
             "kernel_release": desc["kernel_release"],
             "input_digest": digest,
             "inputs": desc,
@@ -339,9 +326,10 @@ def ensure_image(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.guests.image")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None, help=f"default: {default_image_dir()}")
     parser.add_argument("--force", action="store_true", help="rebuild even if current")
     args = parser.parse_args(argv)
+    args.out = args.out or default_image_dir()
     try:
         before = (
             (args.out / "manifest.json").read_bytes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from harness.guests.spec import AGENT_PORT_NAME, GuestSpec
+from harness.kinds import AccelKind
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -23,7 +24,7 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 def libvirt_xml(spec: GuestSpec, emulator: str | None = None) -> str:
     """Domain XML for `spec`; `emulator` pins the QEMU binary (libvirt picks one otherwise)."""
-    dom = ET.Element("domain", {"type": "kvm" if spec.accel == "kvm" else "qemu"})
+    dom = ET.Element("domain", {"type": "kvm" if spec.accel is AccelKind.KVM else "qemu"})
     _sub(dom, "name", spec.name)
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "currentMemory", str(spec.memory_mib), unit="MiB")
@@ -35,7 +36,7 @@ def libvirt_xml(spec: GuestSpec, emulator: str | None = None) -> str:
     _sub(os_el, "kernel", str(spec.image.kernel))
     _sub(os_el, "initrd", str(spec.image.initrd))
     _sub(os_el, "cmdline", spec.cmdline)
-    if spec.accel == "kvm":
+    if spec.accel is AccelKind.KVM:
         _sub(dom, "cpu", mode="host-passthrough")
     # Any end of the guest is final: a crash or reboot destroys the domain (like -no-reboot).
     _sub(dom, "on_poweroff", "destroy")

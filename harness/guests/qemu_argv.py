@@ -7,6 +7,7 @@ which KSM could not merge); `mem-merge` decides whether QEMU marks it MADV_MERGE
 from __future__ import annotations
 
 from harness.guests.spec import AGENT_PORT_NAME, GuestSpec
+from harness.kinds import AccelKind
 
 QEMU_BINARY = "qemu-system-x86_64"
 # TCG's translation cache defaults to 1 GiB per guest in QEMU >= 5; a busybox guest needs far
@@ -16,7 +17,7 @@ TCG_TB_SIZE_MIB = 16
 
 
 def accel_option(spec: GuestSpec) -> str:
-    if spec.accel == "tcg":
+    if spec.accel is AccelKind.TCG:
         return f"tcg,tb-size={TCG_TB_SIZE_MIB}"
     return "kvm"
 
@@ -25,7 +26,7 @@ def qemu_argv(spec: GuestSpec, binary: str = QEMU_BINARY) -> list[str]:
     """argv that boots `spec` headless, with a QMP socket, the agent port and a console log."""
     merge = "on" if spec.mem_merge else "off"
     # KVM passes the host CPU through; TCG keeps QEMU's default model (cheapest to emulate).
-    cpu = ["-cpu", "host"] if spec.accel == "kvm" else []
+    cpu = ["-cpu", "host"] if spec.accel is AccelKind.KVM else []
     # Read-only: every guest of a fleet boots the same disk; writes go to a tmpfs overlay.
     disk = (
         ["-drive", f"file={spec.image.disk},if=virtio,format=raw,readonly=on"]

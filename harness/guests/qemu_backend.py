@@ -1,27 +1,59 @@
 """Plain QEMU backend: one qemu-system-x86_64 process per guest, with a QMP socket.
 
 QEMU runs in its own session (harness.run.spawn), so it outlives `ksmh fleet up`; later
-commands find it again through its pid file and command line (`-name guest=NAME`).
+commands find it again through its pid file and command line (`-name guest=NAME`). QMP is
+spoken through QEMU's own library (`qemu.qmp`), used for a clean `quit` at teardown.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from harness import procfs
 from harness.errors import GuestError
 from harness.guests.backend import Leftover, is_ours, pid_alive, remove_quietly
 from harness.guests.qemu_argv import QEMU_BINARY, qemu_argv
-from harness.guests.qmp import QmpClient
 from harness.guests.spec import GuestSpec
+from harness.kinds import GuestBackendKind
 from harness.run import spawn
 
 if TYPE_CHECKING:  # processes are started only by harness.run
     from subprocess import Popen
+
+
+def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, **arguments: Any) -> Any:
+    """Connect to a QMP socket, negotiate, run one command and return its `return` value.
+
+    Every step shares one deadline, so a wedged QEMU cannot hang teardown (the caller then
+    falls back to signals). A fresh event loop per call: boot and stop run in worker threads.
+    Errors are GuestError: `QMP COMMAND: CLASS: DESCRIPTION` for a refused command.
+    """
+
+    from qemu.qmp import ExecuteError, QMPClient, QMPError  # only where guests are stopped
+
+    async def one() -> Any:
+        qmp = QMPClient(f"qmp:{socket_path.name}")
+        await qmp.connect(str(socket_path))
+        try:
+            return await qmp.execute(command, arguments or None)
+        finally:
+            await qmp.disconnect()
+
+    try:
+        return asyncio.run(asyncio.wait_for(one(), timeout))
+    except ExecuteError as exc:
+        raise GuestError(f"QMP {command}: {exc.error_class}: {exc}") from None
+    except TimeoutError:
+        raise GuestError(f"QMP {socket_path}: no answer within {timeout:g} s") from None
+    except (QMPError, OSError, EOFError) as exc:
+        raise GuestError(f"QMP {socket_path}: {exc}") from None
 
 
 def _cmdline(pid: int, proc: Path = Path("/proc")) -> list[str]:
@@ -45,7 +77,7 @@ def guest_name_of(argv: list[str]) -> str | None:
 class QemuBackend:
     """Guests as local QEMU processes."""
 
-    name = "qemu"
+    name = GuestBackendKind.QEMU.value
 
     def __init__(self, binary: str = QEMU_BINARY, proc: Path = Path("/proc")) -> None:
         self.binary = binary
@@ -105,11 +137,8 @@ class QemuBackend:
 
     def _quit(self, spec: GuestSpec, pid: int, timeout: float) -> None:
         # Polite first (QMP quit), then SIGTERM, then SIGKILL: never leave a process behind.
-        try:
-            with QmpClient(spec.qmp_socket, timeout=min(timeout, 2.0)) as qmp:
-                qmp.execute("quit")
-        except (GuestError, OSError, ValueError):
-            pass
+        with contextlib.suppress(GuestError):
+            qmp_command(spec.qmp_socket, "quit", timeout=min(timeout, 2.0))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if self._wait_gone(pid, timeout / 2):
                 return
@@ -132,18 +161,32 @@ class QemuBackend:
         return not pid_alive(pid)
 
     def leftovers(self) -> list[Leftover]:
-        """QEMU processes whose guest name carries our prefix, whoever started them."""
+        """Our user's QEMU processes whose guest name carries our prefix. Another user's
+        guests are theirs to stop (each user has its own runtime directory, so they would
+        otherwise look like leftovers here)."""
         found = []
+        uid = os.geteuid()
         for entry in self.proc.iterdir():
             if not entry.name.isdigit():
                 continue
+            try:
+                if entry.stat().st_uid != uid:
+                    continue
+            except OSError:
+                continue  # exited meanwhile
             argv = _cmdline(int(entry.name), self.proc)
             if not argv or "qemu-system" not in Path(argv[0]).name:
                 continue
             name = guest_name_of(argv)
             # libvirt's QEMUs are the libvirt backend's business (it destroys them cleanly).
             if name and is_ours(name) and "libvirt" not in " ".join(argv):
-                found.append(Leftover(name=name, pid=int(entry.name), backend=self.name))
+                pid = int(entry.name)
+                parent = procfs.parent_pid(pid, self.proc)
+                found.append(
+                    Leftover(
+                        name, pid, self.name, parent=parent if parent not in (None, 1) else None
+                    )
+                )
         return sorted(found, key=lambda lo: lo.name)
 
     def remove_leftover(self, leftover: Leftover) -> None:

@@ -1,25 +1,95 @@
-"""Frozen descriptions of a guest, consumed by the pure builders (qemu_argv, libvirt_xml).
+"""Frozen descriptions: a fleet (FleetSpec), a guest image (GuestImage) and one guest (GuestSpec).
 
-Everything a builder needs is in here, including the host paths of the guest's sockets and
-logs, so the builders stay pure functions of a GuestSpec and can be golden-tested.
+FleetSpec is what a fleet *is*, whoever asks for it: a playbook's `fleet:` section
+(harness.playbook.schema), `ksmh fleet up`'s options (harness.guests.cli) and the pytest
+plugin's `guest_fleet` fixture all build one and hand it to `Fleet(spec)`. GuestSpec holds
+everything the pure builders (qemu_argv, libvirt_xml) need, including the host paths of the
+guest's sockets and logs, so they stay pure functions and can be golden-tested.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, TypeVar
 
-Accel = Literal["kvm", "tcg"]
-ACCELS: tuple[Accel, ...] = ("kvm", "tcg")
+from harness.errors import HarnessError
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
 
-# The virtio-serial port the in-guest agent looks for (guest-images/agent/ksmh-agent.c).
+# The virtio-serial port the in-guest agent looks for (harness/guests/data/ksmh-agent.c).
 AGENT_PORT_NAME = "org.ksmh.agent"
 # Every guest name starts with this, then the run id: how leftovers are recognised.
 NAME_PREFIX = "ksmh-"
 MIN_MEMORY_MIB = 64
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_WHAT = {AccelKind: "accelerator", GuestBackendKind: "guest backend", ImageKind: "image kind"}
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def parse_kind(kind: type[_E], value: str) -> _E:
+    """value as a member of the StrEnum `kind`, or a HarnessError naming the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        names = choices(kind)
+        raise HarnessError(
+            f"unknown {_WHAT.get(kind, kind.__name__)} {value!r}",
+            hint=f"use {', '.join(names[:-1])} or {names[-1]}",
+        ) from None
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """N identical guests: the description a Fleet boots (see the module docstring).
+
+    Strings are accepted for the kinds and turned into their StrEnums; impossible values are
+    a HarnessError here, before any image is built or guest started.
+    """
+
+    count: int
+    memory_mib: int = 256
+    image: ImageKind = ImageKind.BUSYBOX
+    backend: GuestBackendKind = GuestBackendKind.QEMU
+    uri: str | None = None  # libvirt connection URI; None: qemu:///system
+    accel: AccelKind = AccelKind.AUTO
+    vcpus: int = 1
+    mem_merge: bool = True  # QEMU marks guest RAM MADV_MERGEABLE (KSM can merge it)
+    # False: QEMU starts with transparent huge pages disabled (PR_SET_THP_DISABLE, inherited
+    # by the qemu backend's processes; libvirtd starts its own). True leaves THP as the host
+    # has it: QEMU advises guest RAM MADV_HUGEPAGE, and zero-filled THP subpages never merge.
+    thp: bool = True
+    concurrency: int = 4  # guests booting at once
+    ready_timeout: float = 180.0  # seconds from start to the agent's `ready`
+    command_timeout: float = 600.0  # default seconds per agent command
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image", parse_kind(ImageKind, self.image))
+        object.__setattr__(self, "backend", parse_kind(GuestBackendKind, self.backend))
+        object.__setattr__(self, "accel", parse_kind(AccelKind, self.accel))
+        # Checked here (GuestSpec would refuse them later, as a traceback after the build).
+        if self.count < 1:
+            raise HarnessError(f"--count {self.count}: a fleet needs at least one guest")
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise HarnessError(
+                f"--memory {self.memory_mib}: a guest needs at least {MIN_MEMORY_MIB} MiB"
+            )
+        if self.vcpus < 1:
+            raise HarnessError(f"--vcpus {self.vcpus}: a guest needs at least one")
+        if self.concurrency < 1:
+            raise HarnessError(f"--concurrency {self.concurrency}: must be at least 1")
+        if self.ready_timeout <= 0 or self.command_timeout <= 0:
+            raise HarnessError("fleet timeouts must be positive")
+
+    def as_json(self) -> dict[str, Any]:
+        """Plain JSON values (the StrEnums are strings), for run.json."""
+        return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FleetSpec:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -28,7 +98,7 @@ class GuestImage:
 
     kernel: Path
     initrd: Path
-    kind: str = "busybox"
+    kind: str = ImageKind.BUSYBOX
     kernel_release: str = ""
     digest: str = ""
     # The Debian kind boots a read-only root disk (an overlay with a tmpfs makes it writable).
@@ -46,7 +116,7 @@ class GuestSpec:
     runtime_dir: Path
     index: int = 0
     vcpus: int = 1
-    accel: Accel = "tcg"
+    accel: AccelKind = AccelKind.TCG
     mem_merge: bool = True
     extra_cmdline: tuple[str, ...] = field(default_factory=tuple)
 
@@ -59,8 +129,10 @@ class GuestSpec:
             )
         if self.vcpus < 1:
             raise ValueError(f"vcpus={self.vcpus}: must be >= 1")
-        if self.accel not in ACCELS:
-            raise ValueError(f"accel={self.accel!r}: one of {', '.join(ACCELS)}")
+        # A guest runs under one real accelerator; `auto` is resolved before (guests.accel).
+        if self.accel not in (AccelKind.KVM, AccelKind.TCG):
+            raise ValueError(f"accel={self.accel!r}: one of kvm, tcg")
+        object.__setattr__(self, "accel", AccelKind(self.accel))
         if self.index < 0:
             raise ValueError(f"index={self.index}: must be >= 0")
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, runtime_checkable
 
+from harness.console import plural
 from harness.errors import (
     KsmBusy,
     KsmPermissionDenied,
@@ -336,17 +337,22 @@ class BackendBase:
             return f"ksmd is not running (run={t.run}): `ksmh set run=1`"
         if t.pages_to_scan == 0:
             return "pages_to_scan is 0: ksmd scans nothing; `ksmh set pages_to_scan=100`"
-        users = self._registered()
+        users = self.registered()
         if users == 0:
             return (
                 "no process is registered with KSM: nothing scans without mergeable memory "
                 "(madvise MADV_MERGEABLE, or boot a guest)"
             )
-        who = "" if users is None else f"{users} processes are registered; "
+        who = (
+            ""
+            if users is None
+            else f"{plural(users, 'process')} {'is' if users == 1 else 'are'} registered; "
+        )
         return f"{who}raise pages_to_scan or lower sleep_millisecs to scan faster"
 
-    def _registered(self) -> int | None:
-        """How many processes KSM scans, when the backend can tell."""
+    def registered(self) -> int | None:
+        """How many processes KSM scans or still counts pages of, when the backend can tell
+        (None: it cannot, e.g. without root other users' processes are not visible)."""
         return None
 
     def frozen_sample(self) -> Sample:

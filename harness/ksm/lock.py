@@ -39,20 +39,23 @@ def _depths() -> dict[str, int]:
     return depths
 
 
-def private_dir(path: Path, mode: int = 0o755) -> Path:
+ROOT_HINT = "run as root (the host-wide state of ksm-harness is root's)"
+
+
+def private_dir(path: Path, mode: int = 0o755, hint: str = ROOT_HINT) -> Path:
     """Create `path` (`mode`) if needed and check that only root or we can write it.
 
     A world- or group-writable directory, a symlink, or one owned by another user would let
-    someone else replace what we keep there; refuse it with the reason.
+    someone else replace what we keep there; refuse it with the reason. `hint` is what to do
+    when it cannot be created.
     """
     try:
         path.mkdir(mode=mode, parents=True, exist_ok=True)
         st = os.lstat(path)
     except PermissionError:
-        raise HarnessError(
-            f"cannot create {path}: permission denied",
-            hint="run as root (the host-wide state of ksm-harness is root's)",
-        ) from None
+        raise HarnessError(f"cannot create {path}: permission denied", hint=hint) from None
+    except OSError as exc:
+        raise HarnessError(f"cannot create {path}: {exc.strerror}", hint=hint) from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise HarnessError(f"{path} is not a plain directory", hint=f"remove it: rm {path}")
     if st.st_uid not in (0, os.geteuid()):

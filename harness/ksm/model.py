@@ -85,7 +85,7 @@ class ModelBackend(BackendBase):
             mergeable=flag("ksm_mergeable"),
         )
 
-    def _registered(self) -> int | None:
+    def registered(self) -> int | None:
         return len(self.kernel.mm_list)
 
     # -- what the runners use -----------------------------------------------------------------

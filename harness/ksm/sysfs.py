@@ -14,6 +14,7 @@ from harness import procfs
 from harness.errors import HarnessError, KsmUnavailable
 from harness.ksm.backend import BackendBase
 from harness.ksm.types import KsmStat
+from harness.paths import is_root
 
 KSM_ROOT = Path("/sys/kernel/mm/ksm")
 PROC_ROOT = Path("/proc")
@@ -62,8 +63,10 @@ class SysfsBackend(BackendBase):
     def ksm_stat(self, pid: int) -> KsmStat:
         return procfs.ksm_stat(pid, self.proc)
 
-    def _registered(self) -> int | None:
+    def registered(self) -> int | None:
         try:
-            return len(procfs.ksm_users(self.proc))
+            users = len(procfs.ksm_users(self.proc))
         except HarnessError:
             return None
+        # /proc/PID/ksm_stat is root-only (0400): without root, 0 only means "none of ours".
+        return None if users == 0 and not is_root() else users

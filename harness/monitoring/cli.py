@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.errors import HarnessError
 
 _DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
@@ -16,6 +17,14 @@ _DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 def _duration(text: str) -> str:
     if not _DURATION.match(text):
         raise argparse.ArgumentTypeError(f"not a Prometheus duration: {text!r} (e.g. 30s, 5m)")
+    return text
+
+
+def _target(text: str) -> str:
+    """HOST:PORT of a scrape target (what prometheus.yml's static_configs take)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or "/" in text or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r} (e.g. 127.0.0.1:9091)")
     return text
 
 
@@ -29,14 +38,25 @@ def register(sub: Any) -> None:
     )
     p.add_argument("inventory", type=Path, help="inventory YAML")
     p.add_argument("--out", type=Path, required=True, help="directory to write into")
-    p.add_argument("--scrape-interval", type=_duration, default="15s")
-    p.add_argument("--evaluation-interval", type=_duration, default="15s")
+    p.add_argument(
+        "--scrape-interval", type=_duration, default="15s", help="Prometheus scrape_interval"
+    )
+    p.add_argument(
+        "--evaluation-interval",
+        type=_duration,
+        default="15s",
+        help="Prometheus evaluation_interval (how often rules run)",
+    )
     p.add_argument("--rate-window", type=_duration, default="5m", help="window of rate() rules")
     p.add_argument(
         "--stall-window", type=_duration, default="10m", help="flat full_scans this long = stalled"
     )
     p.add_argument(
-        "--for", dest="for_", type=_duration, default=None, help="one for-duration for all alerts"
+        "--for",
+        dest="for_",
+        type=_duration,
+        default=None,
+        help="one for-duration for all alerts (default: each alert's own, 5m to 30m)",
     )
     p.add_argument("--waste-ratio", type=float, default=10.0, help="unshared/sharing alert level")
     p.add_argument("--volatile-share", type=float, default=0.5, help="volatile share alert level")
@@ -56,6 +76,13 @@ def register(sub: Any) -> None:
         help="write the config even if remote hosts' exporters listen only on loopback "
         "(their targets would then be the Prometheus machine itself)",
     )
+    p.add_argument(
+        "--pushgateway",
+        type=_target,
+        default=None,
+        metavar="HOST:PORT",
+        help="also scrape this Pushgateway (job ksm_nightly, honor_labels) for `ksmh run --push`",
+    )
     p.set_defaults(func=cmd_config)
 
 
@@ -68,7 +95,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     loopback = loopback_targets(inv)
     if loopback:
         problem = (
-            f"{len(loopback)} of {len(inv.hosts)} hosts ({', '.join(loopback)}) have a remote "
+            f"{len(loopback)} of {plural(len(inv.hosts), 'host')} ({', '.join(loopback)}) "
+            "have a remote "
             "address but an exporter on loopback: Prometheus would scrape itself for each"
         )
         hint = (
@@ -89,10 +117,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     ).with_for(args.for_)
     scrape = ScrapeSettings(args.scrape_interval, args.evaluation_interval)
     try:
-        paths = write_config(inv, args.out, rules, scrape)
+        paths = write_config(inv, args.out, rules, scrape, args.pushgateway)
     except OSError as exc:
         raise HarnessError(f"cannot write to {args.out}: {exc.strerror}") from None
     for p in paths:
         print(p)
-    print(f"ksmh: {len(inv.hosts)} hosts; run: prometheus --config.file={args.out}/prometheus.yml")
+    hosts = plural(len(inv.hosts), "host")
+    print(f"ksmh: {hosts}; run: prometheus --config.file={args.out}/prometheus.yml")
     return 0

@@ -1,9 +1,12 @@
 """A Grafana dashboard for KSM, built as data: fleet overview, per host, per guest, kernel vs
-model, and the live twin (kernel vs model vs what-if twins, from `ksmh export --twin`).
+model, the live twin (kernel vs model vs what-if twins, from `ksmh export --twin`) and
+nightly runs.
 
 Panels query the recorded series of harness.monitoring.rules where there is one, so the
 dashboard and the alerts agree. `$host` is a multi-value template variable (All = `.*`);
-`$datasource` picks the Prometheus data source, so the JSON imports anywhere unchanged.
+`$datasource` picks the Prometheus data source, so the JSON imports anywhere unchanged. The
+Nightly row reads what `ksmh run --push` left in a Pushgateway (job ksm_nightly, grouped by
+playbook and host; `$playbook` filters it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 H = 'host=~"$host"'
 KH = f'source="kernel", {H}'
 MH = f'source="model", {H}'
+NH = f'job="ksm_nightly", playbook=~"$playbook", {H}'
+NIGHTLY = "{{playbook}} {{host}}"
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,80 @@ LAYOUT: tuple[tuple[str, tuple[Panel, ...]], ...] = (
             ),
         ),
     ),
+    (
+        "Nightly",
+        (
+            Panel(
+                "Nightly runs not passing",
+                "stat",
+                "none",
+                (
+                    (
+                        f'count(ksm_nightly_verdict{{status!="passed", {NH}}} == 1) or vector(0)',
+                        "runs",
+                    ),
+                ),
+                "Latest pushed run per playbook and host whose verdict is failed or error.",
+            ),
+            Panel(
+                "Hours since the last nightly push",
+                "stat",
+                "h",
+                ((f"(time() - max(push_time_seconds{{{NH}}})) / 3600", "hours"),),
+            ),
+            Panel(
+                "Nightly run duration",
+                "timeseries",
+                "s",
+                ((f"ksm_nightly_duration_seconds{{{NH}}}", NIGHTLY),),
+            ),
+            Panel(
+                "Nightly saved bytes (end of run)",
+                "timeseries",
+                "bytes",
+                ((f"ksm_nightly_saved_bytes{{{NH}}}", NIGHTLY + " {{source}}"),),
+            ),
+            Panel(
+                "Nightly seconds to converge per sweep value",
+                "timeseries",
+                "s",
+                (
+                    (
+                        f"ksm_nightly_sweep_converge_seconds{{{NH}}}",
+                        NIGHTLY + " {{tunable}}={{value}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Nightly ksmd CPU seconds per sweep value",
+                "timeseries",
+                "s",
+                (
+                    (
+                        f"ksm_nightly_sweep_ksmd_cpu_seconds{{{NH}}}",
+                        NIGHTLY + " {{tunable}}={{value}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Nightly guest boot time (median)",
+                "timeseries",
+                "s",
+                ((f"ksm_nightly_guest_boot_seconds{{{NH}}}", NIGHTLY),),
+            ),
+            Panel(
+                "Nightly kernel - model per counter",
+                "timeseries",
+                "none",
+                (
+                    (
+                        f"ksm_nightly_kernel_minus_model_pages{{{NH}}}",
+                        NIGHTLY + " {{phase}} {{counter}}",
+                    ),
+                ),
+            ),
+        ),
+    ),
 )
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -326,6 +405,21 @@ def dashboard(title: str = "KSM fleet") -> dict[str, Any]:
                     "allValue": ".*",
                     "label": "Host",
                 },
+                {
+                    "name": "playbook",
+                    "type": "query",
+                    "datasource": DS,
+                    "query": {
+                        "query": "label_values(ksm_nightly_verdict, playbook)",
+                        "refId": "playbooks",
+                    },
+                    "definition": "label_values(ksm_nightly_verdict, playbook)",
+                    "refresh": 2,
+                    "multi": True,
+                    "includeAll": True,
+                    "allValue": ".*",
+                    "label": "Playbook (nightly)",
+                },
             ]
         },
         "annotations": {"list": []},
@@ -333,11 +427,14 @@ def dashboard(title: str = "KSM fleet") -> dict[str, Any]:
     }
 
 
-def queries(model: dict[str, Any]) -> list[tuple[str, str]]:
-    """Every (panel title, expr) of a dashboard model: what the tests run against Prometheus."""
-    return [
-        (p["title"], t["expr"])
-        for p in model["panels"]
-        if p.get("type") != "row"
-        for t in p.get("targets", [])
-    ]
+def queries(model: dict[str, Any], rows: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """Every (panel title, expr) of a dashboard model, or those of the given rows only: what
+    the tests run against Prometheus."""
+    out = []
+    row = ""
+    for p in model["panels"]:
+        if p.get("type") == "row":
+            row = p["title"]
+        elif rows is None or row in rows:
+            out += [(p["title"], t["expr"]) for t in p.get("targets", [])]
+    return out

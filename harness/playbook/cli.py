@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.errors import HarnessError
 from harness.ksm.select import BACKENDS
 from harness.ksm.sysfs import KSM_ROOT
@@ -30,7 +31,8 @@ def register(sub: Any) -> None:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="kernel: real KSM; model: the model alone; auto: kernel if present and writable",
+        help="kernel: real KSM; model: the model alone; auto: kernel if present and writable "
+        "(root), else the model",
     )
     p.add_argument(
         "--out", type=Path, default=Path("results"), help="results root (default results/)"
@@ -43,6 +45,13 @@ def register(sub: Any) -> None:
         "'off' for none)",
     )
     p.add_argument("--check", action="store_true", help="only validate the playbook")
+    p.add_argument(
+        "--push",
+        default=None,
+        metavar="URL",
+        help="after the run, push its summary to this Prometheus Pushgateway (overrides the "
+        "playbook's push:; 'off' for none); a failed push does not change the exit status",
+    )
     p.add_argument(
         "--inventory",
         type=Path,
@@ -68,7 +77,10 @@ def register(sub: Any) -> None:
     p.add_argument("a", type=Path, metavar="DIR_A")
     p.add_argument("b", type=Path, metavar="DIR_B")
     p.add_argument(
-        "--tolerance", type=float, default=0.0, help="hide counter changes up to this fraction"
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="hide counter changes up to this fraction (default 0: show every change)",
     )
     p.set_defaults(func=cmd_compare)
 
@@ -78,14 +90,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Validate before importing the runner (numpy, the model, ...): a bad playbook fails fast.
     playbook = load_playbook(args.playbook)
+    push = _push_url(args.push, playbook.push)
     if args.check:
         steps = sum(len(p.steps) for p in playbook.phases)
-        print(f"{args.playbook}: valid ({len(playbook.phases)} phases, {steps} steps)")
+        phases = plural(len(playbook.phases), "phase")
+        print(f"{args.playbook}: valid ({phases}, {plural(steps, 'step')})")
         return 0
     if args.inventory is not None:
         from harness.remote.run import cmd_run_fleet
 
         args.playbook_name = playbook.name
+        args.push_url = push
         return cmd_run_fleet(args)
     from harness.playbook.runner import Runner, RunOptions
 
@@ -102,13 +117,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome = runner.run()
     except KeyboardInterrupt as exc:
         # The verdict (error, exit 2) is in run.json already; say so and exit the same way.
+        if push and runner.dir is not None:
+            push_results(runner.dir, push)
         where = f"; results: {runner.dir}/report.md" if runner.dir is not None else ""
         print(f"ksmh: run interrupted ({exc or 'Ctrl-C'}): verdict error{where}", file=sys.stderr)
         return 2
+    except HarnessError:
+        if push and runner.dir is not None:  # the error verdict is a night too
+            push_results(runner.dir, push)
+        raise
     print(summary_line(outcome.passed, len(outcome.failed), outcome.skipped))
     for text in outcome.failed:
         print(f"  - failed: {text}")
     print(f"results: {outcome.directory}/report.md")
+    if push:
+        push_results(outcome.directory, push)
     return outcome.exit_status
 
 
@@ -126,6 +149,29 @@ def summary_line(passed: int, failed: int, skipped: int) -> str:
     return f"{total} {noun}: " + ", ".join(parts)
 
 
+def _push_url(option: str | None, playbook: str | None) -> str | None:
+    """--push wins over the playbook's push:; 'off' turns pushing off."""
+    from harness.monitoring.push import check_url
+
+    if option is not None:
+        return None if option == "off" else check_url(option)
+    return playbook
+
+
+def push_results(directory: Path, url: str, host: str | None = None) -> bool:
+    """Push one results directory; print one line (stderr when it failed, prefixed with
+    `host` when given: a fleet's host pushed under its inventory name). Never raises."""
+    from harness.monitoring.push import push_run
+
+    prefix = f"{host}: " if host else ""
+    if not (directory / "run.json").exists():
+        print(f"{prefix}ksmh: push to {url} skipped: the run wrote no results", file=sys.stderr)
+        return False
+    outcome = push_run(directory, url, host=host)
+    print(prefix + outcome.line, file=sys.stdout if outcome.ok else sys.stderr)
+    return outcome.ok
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report.render import render
     from harness.report.results import read_results
@@ -137,7 +183,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.report.compare import compare
+    from harness.report.compare import compare, worse_verdict
     from harness.report.results import read_results
 
     if not math.isfinite(args.tolerance) or args.tolerance < 0:
@@ -148,8 +194,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     a, b = read_results(args.a), read_results(args.b)
     with _malformed(f"{args.a} or {args.b}"):
         text = compare(a, b, args.tolerance)
+        worse = worse_verdict(a, b)
     print(text, end="")
-    return 0
+    if worse:
+        va, vb = (r.run.get("verdict", {}).get("status") for r in (a, b))
+        print(f"verdict got worse: {va} -> {vb}", file=sys.stderr)
+    return 1 if worse else 0
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from harness.console import plural
 from harness.ksm.types import COUNTER_NAMES
 from harness.record import within
 from harness.units import SizeError, format_size, unit_factor
@@ -163,7 +164,7 @@ def _eval_verify(ctx: Context) -> Verdict:
     bad = {g: r for g, r in ctx.verify.items() if r != 0}
     if bad:
         return Verdict("failed", "; ".join(f"{g}: {r}" for g, r in sorted(bad.items())))
-    return Verdict("passed", f"{len(ctx.verify)} guests, 0 mismatched bytes")
+    return Verdict("passed", f"{plural(len(ctx.verify), 'guest')}, 0 mismatched bytes")
 
 
 def _term_value(term: Term, ctx: Context) -> float | None:

@@ -13,22 +13,6 @@ from harness.errors import HarnessError
 from harness.procfs import PROC, meminfo
 from harness.run import run
 
-PR_SET_THP_DISABLE = 41
-
-
-def set_thp_disable(disable: bool) -> bool:
-    """prctl(PR_SET_THP_DISABLE) on this process; children inherit it across fork and exec.
-
-    Returns False when the call is not available (not Linux, or refused)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return False
-    return int(libc.prctl(PR_SET_THP_DISABLE, int(disable), 0, 0, 0)) == 0
-
 
 def thp_enabled(pid: int, proc: Path = PROC) -> bool | None:
     """The THP_enabled line of /proc/PID/status (None when absent)."""

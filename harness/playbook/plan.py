@@ -1,8 +1,9 @@
 """What the runner runs: a validated playbook as frozen values (built by harness.playbook.schema).
 
-FleetSpec and ShadowSpec are the playbook's `fleet:` and `shadow:` sections as they are written
-(pydantic models, so the same class validates the file and is what the runner reads); steps
-carry the line they start on, for progress output and errors.
+FleetDoc and ShadowSpec are the playbook's `fleet:` and `shadow:` sections as they are written
+(pydantic models that validate the file); the runner reads ShadowSpec as is, and the fleet as
+the harness.guests.spec.FleetSpec that FleetDoc.spec() builds (the same type `ksmh fleet up` and
+the guest_fleet fixture build). Steps carry the line they start on, for progress and errors.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+from harness.guests.spec import FleetSpec as FleetSpec  # what the fleet section builds
 from harness.kinds import AccelKind, ForeignPolicy, GuestBackendKind, ImageKind
 from harness.playbook.expect import Expectation
 from harness.units import parse_size
@@ -35,8 +37,8 @@ def _memory_mib(value: Any) -> Any:
     return value
 
 
-class FleetSpec(Model):
-    """The playbook's `fleet:` section: the guests every phase runs in."""
+class FleetDoc(Model):
+    """The playbook's `fleet:` section as written; `spec()` is the FleetSpec Fleet boots."""
 
     what = "the fleet"
     example = "e.g. fleet: {count: 4, memory_mib: 256}"
@@ -51,6 +53,19 @@ class FleetSpec(Model):
     # Transparent huge pages for guest RAM. Off by default: QEMU madvises its RAM
     # MADV_HUGEPAGE, and zero-filled subpages of a THP never merge (see harness.shadow).
     thp: Annotated[bool, Check(boolean)] = False
+
+    def spec(self) -> FleetSpec:
+        """The one mapping from a playbook to what Fleet(spec) boots."""
+        return FleetSpec(
+            count=self.count,
+            memory_mib=self.memory_mib,
+            image=self.image,
+            backend=self.backend,
+            accel=self.accel,
+            vcpus=self.vcpus,
+            mem_merge=self.mem_merge,
+            thp=self.thp,
+        )
 
 
 class ShadowSpec(Model):
@@ -151,6 +166,9 @@ class Playbook:
     # Processes outside the run that use KSM change the kernel's counters: refuse the
     # comparison (exit 2, naming them), or capture them into the model like the guests.
     foreign: ForeignPolicy = ForeignPolicy.REFUSE
+    # Frozen end-of-scan samples of the kernel during waits (ksmd paused a moment per scan).
+    scan_samples: bool = False
+    push: str | None = None  # a Pushgateway URL: push the run's summary when it ends
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def expectations(self) -> list[Expectation]:

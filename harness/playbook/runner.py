@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import procfs
+from harness.console import plural
 from harness.errors import HarnessError
 from harness.exporter import parse_listen
 from harness.journal import JOURNAL_DIR, FleetEntry, Journal
@@ -32,12 +33,15 @@ from harness.ksm.lock import DEFAULT_LOCK
 from harness.ksm.select import choose_backend
 from harness.ksm.sysfs import KSM_ROOT, SysfsBackend
 from harness.ksm.types import counters_with_derived
+from harness.paths import is_root
 from harness.playbook import host
 from harness.playbook.context import FleetLike
 from harness.playbook.expect import Context
 from harness.playbook.live import RunState, Sampler, serve_run
 from harness.playbook.plan import FleetSpec, Phase, Playbook
 from harness.recovery import run_session
+from harness.report.nightly import boot_record
+from harness.report.provenance import gather as gather_provenance
 from harness.report.render import render
 from harness.report.results import Results, new_results_dir, write_results
 from harness.shadow import sharing_matrix
@@ -46,27 +50,23 @@ from harness.sides.kernel import KernelSide
 from harness.sides.model import ModelSide
 from harness.signals import shielded, signals_as_interrupt
 
+# What a non-root model-only run on a host with KSM does without the host lock and journal.
+UNGUARDED = (
+    "not root: running without the host KSM lock and run journal: this run's guests are not "
+    "protected from other runs, nor protect them (a root run sees them as foreign KSM users "
+    "and refuses), and a SIGKILL leaves them running (`ksmh fleet list` finds them)"
+)
+
 
 class ForeignKsmUsers(HarnessError):
     """Processes outside the run use KSM: a kernel-vs-model comparison would be wrong."""
 
 
 def default_fleet(spec: FleetSpec) -> FleetLike:
+    """The playbook's fleet section is the FleetSpec Fleet boots (THP as `fleet.thp` says)."""
     from harness.guests.fleet import Fleet
 
-    if spec.image != "busybox":
-        raise HarnessError(
-            f"fleet.image {spec.image!r}: the runner boots only the busybox image so far",
-            hint="use image: busybox",
-        )
-    fleet: FleetLike = Fleet(
-        spec.count,
-        spec.memory_mib,
-        backend=spec.backend,
-        accel=spec.accel,
-        mem_merge=spec.mem_merge,
-        vcpus=spec.vcpus,
-    )
+    fleet: FleetLike = Fleet(spec)
     return fleet
 
 
@@ -195,20 +195,25 @@ class Runner:
             self.opts.echo(f"*** {banner} ***")
         self.results.run = self._header(banner, kernel is not None)
         # Guests' RAM is mergeable wherever the host has KSM: a model-only run holds the lock
-        # (and journals its guests) there too, so no other run's counters see them.
+        # (and journals its guests) there too, so no other run's counters see them. The lock
+        # and the journals are root's: a non-root model-only run goes without, and says so.
         guarded = kernel is not None or (o.sysfs_root / "run").exists()
-        self.journal = stack.enter_context(
-            run_session(
-                kernel,
-                self.run_id,
-                "playbook",
-                echo=self.say,
-                lock_path=o.lock_path,
-                journal_dir=o.journal_dir,
-                take_lock=o.take_lock and guarded,
-                on_wait=lambda: self.say(f"waiting for the host KSM lock {o.lock_path}"),
+        if kernel is None and guarded and not is_root():
+            self.say(UNGUARDED)
+            self.results.run["unguarded"] = UNGUARDED
+        else:
+            self.journal = stack.enter_context(
+                run_session(
+                    kernel,
+                    self.run_id,
+                    "playbook",
+                    echo=self.say,
+                    lock_path=o.lock_path,
+                    journal_dir=o.journal_dir,
+                    take_lock=o.take_lock and guarded,
+                    on_wait=lambda: self.say(f"waiting for the host KSM lock {o.lock_path}"),
+                )
             )
-        )
         self.dir = new_results_dir(o.out, self.run_id)  # exclusive, after the lock
         self.run_id = self.dir.name
         self.results.run["run_id"] = self.run_id
@@ -226,7 +231,7 @@ class Runner:
         o = self.opts
         sides: list[Side] = []
         if kernel is not None:
-            sides.append(KernelSide(kernel, o.proc))
+            sides.append(KernelSide(kernel, o.proc, scan_samples=self.pb.scan_samples))
         if kernel is None or self.pb.shadow.enabled:
             model = ModelSide(
                 ModelBackend(profile="host"),
@@ -250,8 +255,8 @@ class Runner:
         found = procfs.ksm_users(self.opts.proc, exclude=ours | {os.getpid()})
         if found:
             raise ForeignKsmUsers(
-                f"{len(found)} process(es) outside this run use KSM: "
-                + procfs.describe_users(found),
+                f"{plural(len(found), 'process')} outside this run "
+                f"{'uses' if len(found) == 1 else 'use'} KSM: " + procfs.describe_users(found),
                 hint="their pages change every counter: stop them, or set `foreign: capture` "
                 "in the playbook to model them too",
             )
@@ -269,6 +274,7 @@ class Runner:
             "backend": "kernel" if kernel else "model",
             "banner": banner,
             "host": host.host_facts(self.opts.proc),
+            "provenance": gather_provenance(self.pb),
             "accelerator": None,
             "tunables": {},
             "guests": [],
@@ -310,18 +316,13 @@ class Runner:
                     runtime_root=str(run_dir.parent) if run_dir is not None else "",
                 )
             )
-        # QEMU inherits PR_SET_THP_DISABLE from us (fork + exec); libvirt-started QEMU does not.
-        thp_off = not spec.thp and host.set_thp_disable(True)
-        try:
-            result = fleet.up()
-        finally:
-            if thp_off:
-                host.set_thp_disable(False)
+        result = fleet.up()  # Fleet applies spec.thp to the QEMUs it starts
         self.guest_pids = dict(fleet.pids())
         if self.journal is not None:
             self.journal.set_guests(fleet.run_id, dict(self.guest_pids))
         if hasattr(result, "raise_if_failed"):
             result.raise_if_failed()
+        self.results.run["boot"] = boot_record(result)
         accel = getattr(fleet, "accel", None)
         self.results.run["accelerator"] = getattr(accel, "accel", accel)
         self.results.run["accelerator_reason"] = getattr(accel, "reason", None)
@@ -331,7 +332,7 @@ class Runner:
             for i, (n, p) in enumerate(self.guest_pids.items())
         ]
         self.say(
-            f"fleet {fleet.run_id} ready: {len(self.guest_pids)} guests, "
+            f"fleet {fleet.run_id} ready: {plural(len(self.guest_pids), 'guest')}, "
             f"accel {self.results.run['accelerator']}"
         )
         names = {pid: name for name, pid in self.guest_pids.items()}
@@ -374,7 +375,9 @@ class Runner:
         sampler.stop()
         if sampler.errors:
             # Each failed sample is a gap in samples.csv: say so rather than leave it silent.
-            self.say(f"{len(sampler.errors)} samples failed; the last: {sampler.errors[-1]}")
+            self.say(
+                f"{plural(len(sampler.errors), 'sample')} failed; the last: {sampler.errors[-1]}"
+            )
 
     # -- sampling and sync points ------------------------------------------------------------
     def _sample_live(self) -> None:
@@ -407,6 +410,7 @@ class Runner:
                 side.follow(scans)
             snaps = {side.source: side.snapshot() for side in self.sides}
         t, phase = self.elapsed(), self.state.phase
+        self._record_scans(phase)
         for source, snap in snaps.items():
             counters = {k: v for k, v in snap.counters.items() if v is not None}
             values[source] = counters_with_derived(counters, self.leader.page_size)
@@ -418,6 +422,12 @@ class Runner:
         self._publish_delta(values)
         self._say_sync(why, values)
         return values
+
+    def _record_scans(self, phase: str) -> None:
+        """End-of-scan records each side made since the last sync (scans.csv)."""
+        for side in self.sides:
+            for p in side.drain_scans():
+                self.results.add_scan(side.source, p.scan, p.counters, p.seconds, phase)
 
     def _publish_delta(self, values: Mapping[str, Mapping[str, Any]]) -> None:
         if "kernel" in values and "model" in values:
@@ -452,7 +462,7 @@ class Runner:
 
         self.state.phase = phase.name
         n = len(phase.steps)
-        self.say(f"== phase {phase.name} ({n} step{'s' if n != 1 else ''})")
+        self.say(f"== phase {phase.name} ({plural(n, 'step')})")
         rec: dict[str, Any] = {
             "name": phase.name,
             "line": phase.line,
@@ -473,6 +483,7 @@ class Runner:
                 run_step(self, step)
         finally:
             end = self.sync(f"{phase.name} end")
+            self._record_exposure(phase.name)
             rec["t_end"] = round(self.elapsed(), 3)
             for s, c in rec["counters"].items():
                 c["end"] = end.get(s, {})
@@ -481,6 +492,21 @@ class Runner:
                     for n, v in c["start"].items()
                     if isinstance(v, int | float) and isinstance(c["end"].get(n), int | float)
                 }
+
+    def _record_exposure(self, phase: str) -> None:
+        """Which guests map the same KSM pages (exact, from their page tables): the run
+        report's "Sharing exposure" section; the last phase's matrix is the one kept."""
+        if not self.guest_pids or not any(isinstance(s, KernelSide) for s in self.sides):
+            return
+        from harness.doctor.exposure import exposure
+
+        names = {pid: name for name, pid in self.guest_pids.items()}
+        try:
+            e = exposure(list(names), names, self.opts.proc)
+        except HarnessError as exc:
+            self.results.run["sharing_exposure"] = {"error": exc.message, "phase": phase}
+            return
+        self.results.run["sharing_exposure"] = {**e.as_dict(), "phase": phase}
 
     # -- the end --------------------------------------------------------------------------------
     def _expectation_counts(self) -> dict[str, int]:

@@ -6,6 +6,8 @@
     sample_interval: 1.0                                   # seconds between time-series samples
     shadow: {enabled: true, max_scans_per_capture: 0}     # the model's replay of guest memory
     foreign: refuse                      # other KSM users on the host: refuse, or capture them
+    scan_samples: false                  # true: the kernel frozen at each full scan of waits
+    push: http://pushgateway:9091        # push the run's summary there when it ends (optional)
     phases:
       - name: fill
         steps:
@@ -45,6 +47,7 @@ from harness.playbook.plan import (
     SWEEPABLE,
     AgentStep,
     ExpectStep,
+    FleetDoc,
     FleetSpec,
     ForecastStep,
     KsmStep,
@@ -484,16 +487,30 @@ class PhaseDoc(Model):
     steps: Annotated[list[StepDoc], _nonempty("steps")]
 
 
+def _push_url(value: Any) -> Any:
+    """`push:` is a Pushgateway URL (harness.monitoring.push.check_url says what is one)."""
+    from harness.monitoring.push import check_url
+
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {kind(value)}")
+    try:
+        return check_url(value)
+    except HarnessError as exc:
+        raise Invalid(exc.message, hint=exc.hint) from None
+
+
 class PlaybookDoc(Model):
     what = "a playbook"
     example = HINT
     name: Name
     description: str = ""
-    fleet: FleetSpec
+    fleet: FleetDoc
     ksm: Tunables = {}  # noqa: RUF012 (pydantic copies defaults)
     sample_interval: Annotated[float, between(0.1, 3600, integer=False)] = 1.0
     shadow: ShadowSpec = ShadowSpec()
     foreign: Annotated[ForeignPolicy, one_of(ForeignPolicy)] = ForeignPolicy.REFUSE
+    scan_samples: Annotated[bool, Check(boolean)] = False
+    push: Annotated[str | None, Check(_push_url)] = None
     phases: Annotated[list[PhaseDoc], _nonempty("phases")]
 
     @classmethod
@@ -600,12 +617,14 @@ def parse_playbook(data: object, src: Source) -> Playbook:
         name=doc.name,
         file=src.file,
         description=doc.description,
-        fleet=doc.fleet,
+        fleet=doc.fleet.spec(),
         ksm=dict(doc.ksm),
         phases=phases,
         sample_interval=doc.sample_interval,
         shadow=doc.shadow,
         foreign=doc.foreign,
+        scan_samples=doc.scan_samples,
+        push=doc.push,
         raw=data,
     )
 

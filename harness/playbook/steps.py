@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from harness.console import plural
 from harness.errors import GuestError, HarnessError, ScanTimeout
 from harness.playbook.context import StepContext
 from harness.playbook.plan import (
@@ -70,8 +71,8 @@ def agent_step(ctx: StepContext, step: AgentStep) -> None:
     )
     if failed:
         raise GuestError(
-            f"line {step.line}: {step.command} failed on {len(failed)} of {len(per_guest)} "
-            f"guests: {'; '.join(failed)}"
+            f"line {step.line}: {step.command} failed on {len(failed)} of "
+            f"{plural(len(per_guest), 'guest')}: {'; '.join(failed)}"
         )
     ctx.say(f"  done in {seconds:.1f} s")
 

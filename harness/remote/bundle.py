@@ -39,6 +39,11 @@ SHIPPED_DISTRIBUTIONS = (
     "annotated-types",
     "typing-inspection",
     "typing-extensions",
+    "qemu.qmp",  # stopping guests (QMP quit)
+    "rich",  # terminal output, and what it needs:
+    "markdown-it-py",
+    "mdurl",
+    "Pygments",
 )
 # The Debian package that provides each one when it cannot be shipped (ABI mismatch).
 SYSTEM_FALLBACK = {
@@ -53,11 +58,11 @@ SYSTEM_FALLBACK = {
     "annotated-types": "python3-annotated-types",
     "typing-inspection": "python3-typing-inspection",
     "typing-extensions": "python3-typing-extensions",
-}
-# Non-package files the harness finds relative to site-packages (harness.guests.image's
-# REPO_ROOT): the guest agent's source, compiled on the host when it builds its guest image.
-REPO_ROOT = Path(harness.__file__).resolve().parents[1]
-SHIPPED_DATA = ("guest-images/agent/ksmh-agent.c",)
+    "rich": "python3-rich",
+    "markdown-it-py": "python3-markdown-it",
+    "mdurl": "python3-mdurl",
+    "Pygments": "python3-pygments",
+}  # qemu.qmp is pure Python and always shipped (Debian has no package of it)
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,6 @@ def build_bundle(remote_soabi: str) -> Bundle:
     for pkg in (Path(harness.__file__).parent, Path(ksm_model.__file__).parent):
         for rel, path in _package_files(pkg):
             entries[rel] = path.read_bytes()
-    for rel in SHIPPED_DATA:
-        entries[rel] = (REPO_ROOT / rel).read_bytes()
     eps = "[console_scripts]\nksmh = harness.cli:main\n"
     entries.update(_metadata("ksm-harness", harness.__version__, eps))
     entries.update(_metadata("ksm-model", getattr(ksm_model, "__version__", "0.1.0")))

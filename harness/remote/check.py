@@ -19,8 +19,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from harness.console import plain_table, rich_table
 from harness.errors import HarnessError, RemoteCommandFailed
-from harness.remote.fleet import FleetResult
+from harness.fleet_result import FleetResult
+from harness.remote.inventory import Inventory
 from harness.remote.prepare import Layout, missing_packages
 from harness.remote.probe import KSM_RUN, Facts, read_facts
 from harness.remote.ssh import Session
@@ -113,14 +115,16 @@ def _exporter_state(s: Session, supervisor: int | None) -> str:
     return f"up (pid {supervisor})" if supervisor is not None else "up"
 
 
-def rows(result: FleetResult[HostCheck]) -> list[HostCheck]:
+def rows(inventory: Inventory, result: FleetResult[HostCheck]) -> list[HostCheck]:
     """One HostCheck per host; an unreachable host becomes a row with its error as problem."""
+    hosts = {h.name: h for h in inventory.hosts}
     out = []
     for name, o in result.items():
         if o.value is not None:
             out.append(o.value)
         else:
-            c = HostCheck(name, f"{o.host.address}:{o.host.port}")
+            h = hosts[name]
+            c = HostCheck(name, f"{h.address}:{h.port}")
             assert o.error is not None
             c.problems.append(_problem(o.error))
             out.append(c)
@@ -136,22 +140,24 @@ def _yn(v: bool | None) -> str:
     return "?" if v is None else ("yes" if v else "no")
 
 
-def format_table(checks: list[HostCheck]) -> str:
-    """The check table, then one line per problem so nothing is hidden by column widths."""
-    head = (
-        "HOST",
-        "ADDRESS",
-        "SSH",
-        "KERNEL",
-        "KSM",
-        "WRITABLE",
-        "KVM",
-        "PACKAGES",
-        "HARNESS",
-        "EXPORTER",
-        "USABLE",
-    )
-    table = [head]
+HEADER = (
+    "HOST",
+    "ADDRESS",
+    "SSH",
+    "KERNEL",
+    "KSM",
+    "WRITABLE",
+    "KVM",
+    "PACKAGES",
+    "HARNESS",
+    "EXPORTER",
+    "USABLE",
+)
+
+
+def table_rows(checks: list[HostCheck]) -> list[tuple[str, ...]]:
+    """The cells of the check table, one tuple per host (HEADER's columns)."""
+    out: list[tuple[str, ...]] = []
     for c in checks:
         pk = (
             "?"
@@ -159,7 +165,7 @@ def format_table(checks: list[HostCheck]) -> str:
             else (f"{len(c.missing_packages)} missing" if c.missing_packages else "ok")
         )
         ksm = "-" if not c.reachable else (f"run={c.ksm_run}" if c.ksm_present else "absent")
-        table.append(
+        out.append(
             (
                 c.host,
                 c.address,
@@ -174,10 +180,19 @@ def format_table(checks: list[HostCheck]) -> str:
                 "yes" if c.usable else "NO",
             )
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table
-    ]
-    for c in checks:
-        lines.extend(f"{c.host}: {p.removeprefix(f'{c.host}: ')}" for p in c.problems)
-    return "\n".join(lines)
+    return out
+
+
+def problem_lines(checks: list[HostCheck]) -> list[str]:
+    """One line per problem, so nothing is hidden by column widths."""
+    return [f"{c.host}: {p.removeprefix(f'{c.host}: ')}" for c in checks for p in c.problems]
+
+
+def format_table(checks: list[HostCheck]) -> str:
+    """The check table as plain text (not a terminal), then one line per problem."""
+    return "\n".join([*plain_table([HEADER, *table_rows(checks)]), *problem_lines(checks)])
+
+
+def check_table(checks: list[HostCheck]) -> Any:
+    """The check table for a terminal (rich)."""
+    return rich_table(HEADER, table_rows(checks), title="hosts")

@@ -52,19 +52,27 @@ def _inventory(args: argparse.Namespace) -> Any:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when every host is usable, 1 otherwise."""
-    from harness.remote.check import check_host, format_table, rows
+    from harness.console import plural, terminal
+    from harness.remote.check import check_host, check_table, format_table, problem_lines, rows
     from harness.remote.fleet import on_fleet
 
     inv = _inventory(args)
-    checks = rows(on_fleet(inv, check_host, known_hosts=args.known_hosts, parallel=args.parallel))
+    result = on_fleet(inv, check_host, known_hosts=args.known_hosts, parallel=args.parallel)
+    checks = rows(inv, result)
+    console = terminal()
     if args.json:
         print(json.dumps([c.as_dict() for c in checks], indent=2))
+    elif console is not None:
+        console.print(check_table(checks))
+        for line in problem_lines(checks):
+            console.print(line, markup=False, highlight=False)
     else:
         print(format_table(checks))
     bad = [c.host for c in checks if not c.usable]
     if bad:
         print(
-            f"ksmh: {len(bad)} of {len(checks)} hosts unusable: {', '.join(bad)}", file=sys.stderr
+            f"ksmh: {len(bad)} of {plural(len(checks), 'host')} unusable: {', '.join(bad)}",
+            file=sys.stderr,
         )
         return 1
     return 0
@@ -115,7 +123,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             for step, outcome in o.value.steps:
                 print(f"{name}: {step}: {outcome}")
     if result.failed:
-        names = ", ".join(result.failed)
+        names = ", ".join(r.name for r in result.failed)
         print(
             f"ksmh: prepare failed on {len(result.failed)} of {len(result)}: {names}",
             file=sys.stderr,

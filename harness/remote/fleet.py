@@ -1,74 +1,78 @@
 """Do one thing on every host of an inventory, in parallel, with a result per host.
 
 This is the remote execution API the rest of the harness builds on: `hosts check`,
-`hosts prepare` and `ksmh run --inventory` (harness.remote.run) are each one `on_fleet` call.
-Like fabric's GroupResult, a failing host yields its error in its own slot; it never hides
-the other hosts' results and never stops them.
+`hosts prepare`, `hosts stop-exporter` and `ksmh run --inventory` (harness.remote.run) are
+each one `on_fleet` call. The parallelism is fabric's: the hosts' connections form a
+`ThreadingGroup` (one thread per host, at most `parallel` of them connected at once), and its
+`GroupResult` (a value or the exception, per connection) becomes the harness's one per-member
+result type, harness.fleet_result.FleetResult, as guest fleets use. A failing host yields its
+error in its own slot; it never hides the other hosts' results and never stops them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, TypeVar
 
 import paramiko
+from fabric import Connection, ThreadingGroup
+from fabric.exceptions import GroupException
 
 from harness.errors import HarnessError, RemoteCommandFailed
+from harness.fleet_result import FleetResult, MemberResult
 from harness.remote.inventory import Host, Inventory
-from harness.remote.ssh import Session, connect
+from harness.remote.ssh import Session, configure, open_session
 
 T = TypeVar("T")
+__all__ = ["FleetResult", "HostConnection", "MemberResult", "on_fleet"]
 
 
-@dataclass(frozen=True)
-class HostOutcome(Generic[T]):
-    """What happened on one host: a value, or the error that stopped it there."""
+class HostConnection(Connection):  # type: ignore[misc]  # fabric is untyped
+    """The fabric Connection of one inventory host (unopened until `ksmh_call`).
 
-    host: Host
-    value: T | None = None
-    error: HarnessError | None = None
+    Configured by the inventory alone (harness.remote.ssh.configure); its identity is the
+    inventory name, so two hosts never share a slot of a GroupResult.
+    """
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+    # Class attributes, so that fabric's config proxy stores them as real attributes.
+    ksmh_host: Host | None = None
+    ksmh_known_hosts: Path | None = None
 
+    def _identity(self) -> tuple[Any, ...]:
+        host = self.ksmh_host
+        return (host.name if host else "", self.host, self.user, self.port)
 
-class FleetResult(Mapping[str, HostOutcome[T]]):
-    """Per-host outcomes in inventory order (a read-only mapping host name -> outcome)."""
-
-    def __init__(self, outcomes: list[HostOutcome[T]]) -> None:
-        self._by_name = {o.host.name: o for o in outcomes}
-
-    def __getitem__(self, name: str) -> HostOutcome[T]:
-        return self._by_name[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._by_name)
-
-    def __len__(self) -> int:
-        return len(self._by_name)
-
-    @property
-    def succeeded(self) -> dict[str, T | None]:
-        return {n: o.value for n, o in self._by_name.items() if o.ok}
-
-    @property
-    def failed(self) -> dict[str, HarnessError]:
-        return {n: o.error for n, o in self._by_name.items() if o.error is not None}
+    def ksmh_call(self, fn: Callable[[Session], T], gate: threading.Semaphore) -> MemberResult[T]:
+        """Open the session (host key checked), run fn(session) there, close it."""
+        assert self.ksmh_host is not None and self.ksmh_known_hosts is not None
+        host = self.ksmh_host
+        with gate:
+            t0 = time.monotonic()
+            try:
+                with open_session(self, host, self.ksmh_known_hosts) as session:
+                    value = fn(session)
+            except HarnessError as exc:
+                return MemberResult(host.name, error=exc, seconds=time.monotonic() - t0)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                # A connection that dies mid-way surfaces from paramiko: this host's failure.
+                error = RemoteCommandFailed(f"{host.name}: {exc}")
+                return MemberResult(host.name, error=error, seconds=time.monotonic() - t0)
+            return MemberResult(host.name, value=value, seconds=time.monotonic() - t0)
 
 
-def _one(host: Host, known_hosts: Path, fn: Callable[[Session], T]) -> HostOutcome[T]:
-    try:
-        with connect(host, known_hosts) as session:
-            return HostOutcome(host, value=fn(session))
-    except HarnessError as exc:
-        return HostOutcome(host, error=exc)
-    except (paramiko.SSHException, OSError, EOFError) as exc:
-        # A connection that dies mid-way surfaces from paramiko; it is this host's failure.
-        return HostOutcome(host, error=RemoteCommandFailed(f"{host.name}: {exc}"))
+def host_group(inventory: Inventory, known_hosts: Path | None = None) -> Any:
+    """The inventory's hosts as a fabric ThreadingGroup of HostConnections, in file order."""
+    kh = known_hosts or inventory.known_hosts
+    connections = []
+    for host in inventory.hosts:
+        conn = configure(host, HostConnection)
+        conn.ksmh_host = host
+        conn.ksmh_known_hosts = kh
+        connections.append(conn)
+    return ThreadingGroup.from_connections(connections)
 
 
 def on_fleet(
@@ -77,9 +81,23 @@ def on_fleet(
     *,
     known_hosts: Path | None = None,
     parallel: int = 8,
+    operation: str = "",
 ) -> FleetResult[T]:
-    """Open a session to every host and call fn(session) there, up to `parallel` at once."""
-    kh = known_hosts or inventory.known_hosts
-    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="ksmh-host") as ex:
-        futures = [ex.submit(_one, h, kh, fn) for h in inventory.hosts]
-        return FleetResult([f.result() for f in futures])
+    """Open a session to every host and call fn(session) there, up to `parallel` at once.
+
+    Host failures (HarnessError, SSH and socket errors) are per-host results. Anything else
+    raised by fn is a bug, not a host's state: it is re-raised here once every host is done.
+    """
+    group = host_group(inventory, known_hosts)
+    gate = threading.BoundedSemaphore(max(1, parallel))
+    try:
+        by_conn = group._do("ksmh_call", fn, gate)  # fabric's threaded fan-out
+    except GroupException as exc:
+        by_conn = exc.result
+    results: list[MemberResult[T]] = []
+    for conn in group:
+        outcome = by_conn[conn]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
+    return FleetResult(operation or getattr(fn, "__name__", "call"), results, noun="hosts")

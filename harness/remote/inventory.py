@@ -197,16 +197,24 @@ def _labels(value: Any) -> dict[str, str]:
         raise Invalid(f"expected a mapping of label name to value, got {kind(value)}")
     out: dict[str, str] = {}
     for key, v in value.items():
-        if not _LABEL_RE.match(key) or key.startswith("__"):
-            raise Invalid("not a Prometheus label name", at=(key,))
-        if key in RESERVED_LABELS:
-            raise Invalid("reserved: the monitoring config sets it", at=(key,))
+        problem = label_name_problem(key)
+        if problem is not None:
+            raise Invalid(problem, at=(key,))
         if isinstance(v, bool):
             v = "true" if v else "false"
         if not isinstance(v, str | int | float):
             raise Invalid(f"label values are strings, got {kind(v)}", at=(key,))
         out[key] = str(v)
     return out
+
+
+def label_name_problem(key: object) -> str | None:
+    """Why `key` cannot be a label name (inventory labels, the doctor's --label), or None."""
+    if not isinstance(key, str) or not _LABEL_RE.match(key) or key.startswith("__"):
+        return "not a Prometheus label name"
+    if key in RESERVED_LABELS:
+        return "reserved: the monitoring config sets it"
+    return None
 
 
 def _hosts(value: Any) -> Any:

@@ -4,9 +4,10 @@ Per host, in order: read the host's facts (harness.remote.probe; needs python3 >
 install missing system packages (apt-get, root only), make a venv at PREFIX/venv
 (--system-site-packages, --without-pip: nothing is fetched from PyPI) and unpack the bundle
 (harness.remote.bundle) into it unless the same digest is already installed, then run the
-exporter bound to the inventory's address: as the systemd unit monitoring/ksmh-exporter.service
-where systemd runs, else under harness.remote.supervise with a pid file. Each step reports
-"done"/"started"/"restarted" or "unchanged".
+exporter bound to the inventory's address: as the systemd unit rendered from
+harness/monitoring/templates/ksmh-exporter.service (package data) where systemd runs, else
+under harness.remote.supervise with a pid file. Each step reports "done"/"started"/"restarted"
+or "unchanged".
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from harness.errors import RemoteCommandFailed
+from harness.paths import data_path
 from harness.remote.bundle import SYSTEM_FALLBACK, Bundle
 from harness.remote.inventory import Host
 from harness.remote.probe import Facts, read_facts
@@ -38,7 +39,7 @@ REMOTE_PACKAGES = (
     "libc6-dev",
 )
 UNIT_NAME = "ksmh-exporter.service"
-UNIT_TEMPLATE = Path(__file__).resolve().parents[2] / "monitoring" / UNIT_NAME
+UNIT_TEMPLATE = ("harness.monitoring", f"templates/{UNIT_NAME}")  # package data
 MIN_PYTHON = (3, 11)
 
 # Run by the venv's python: replace our packages in its site-packages with the archive's.
@@ -118,13 +119,13 @@ IDENTITY_PLAIN = "DynamicUser=yes"
 IDENTITY_TWIN = "User=root\nCapabilityBoundingSet=CAP_SYS_PTRACE CAP_SYS_ADMIN"
 
 
-def render_unit(host: Host, layout: Layout, template: Path = UNIT_TEMPLATE) -> str:
+def render_unit(host: Host, layout: Layout) -> str:
     """The systemd unit for this host: the template with @EXEC@, @PREFIX@ and @IDENTITY@
     filled in.
 
     The first two are quoted: systemd splits ExecStart= and ReadOnlyPaths= at whitespace.
     """
-    text = template.read_text()
+    text = data_path(*UNIT_TEMPLATE).read_text()
     identity = IDENTITY_TWIN if host.exporter_twin else IDENTITY_PLAIN
     return (
         text.replace("@EXEC@", shlex.join(exporter_argv(host, layout)))
@@ -265,7 +266,9 @@ def prepare_host(s: Session, bundle_for: Callable[[str], Bundle]) -> PrepareRepo
             hint="connect as root (user: root), or turn the twin off for this host",
         )
     bundle = bundle_for(facts.soabi)
-    _install_packages(s, facts, report, [SYSTEM_FALLBACK[d] for d in bundle.skipped])
+    _install_packages(
+        s, facts, report, [SYSTEM_FALLBACK[d] for d in bundle.skipped if d in SYSTEM_FALLBACK]
+    )
     changed = _install_bundle(s, facts, layout, bundle, report)
     argv = exporter_argv(host, layout)
     if facts.systemd:

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.errors import HarnessError, RemoteCommandFailed
-from harness.remote.fleet import FleetResult, on_fleet
+from harness.fleet_result import FleetResult
+from harness.remote.fleet import on_fleet
 from harness.remote.inventory import Host, Inventory
 from harness.remote.ssh import CommandResult, Session
 from harness.report.fleet import HostSummary, fleet_document, summarize_host, write_fleet_report
@@ -110,6 +112,9 @@ def remote_argv(host: Host, playbook: str, out: str, opts: RemoteRunOptions) -> 
         out,
         "--export",
         opts.export,
+        # The controller pushes each host's fetched results under its inventory name.
+        "--push",
+        "off",
     ]
 
 
@@ -207,7 +212,10 @@ def _collect(
     status = _status(r.exit_code, res.run)
     if status == 2 and r.exit_code == 1 and error is None:
         error, hint = parse_error(r.stderr)  # exit 1 without a failed verdict: a crash
-    echo(f"{name}: exit {r.exit_code}, fetched {len(files)} files into {local}")
+    verdict_error = (res.run.get("verdict") or {}).get("error")
+    if status == 2 and isinstance(verdict_error, str):
+        error = verdict_error  # the run's own account (e.g. "interrupted (signal SIGTERM)")
+    echo(f"{name}: exit {r.exit_code}, fetched {plural(len(files), 'file')} into {local}")
     return summarize_host(name, status, res.run, samples=res.samples, directory=str(local),
                           address=address, error=error, hint=hint)  # fmt: skip
 
@@ -271,7 +279,7 @@ def run_fleet(
     token = secrets.token_hex(3)  # two controllers starting in the same second never share
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     remote = _Remote()
-    echo(f"fleet run {fleet_id}: {playbook} on {len(inventory.hosts)} hosts")
+    echo(f"fleet run {fleet_id}: {playbook} on {plural(len(inventory.hosts), 'host')}")
 
     def one(s: Session) -> HostSummary:
         return run_on_host(s, playbook, fleet_id, token, opts, echo, remote)
@@ -303,8 +311,9 @@ def run_fleet(
         raise RemoteCommandFailed("the fleet run ended without a result (see the lines above)")
     result = box["result"]
     hosts: list[HostSummary] = []
+    by_name = {h.name: h for h in inventory.hosts}
     for name, outcome in result.items():
-        address = f"{outcome.host.address}:{outcome.host.port}"
+        address = f"{by_name[name].address}:{by_name[name].port}"
         if outcome.value is not None:
             hosts.append(outcome.value)
         else:
@@ -357,9 +366,16 @@ def cmd_run_fleet(args: Any) -> int:
     totals = fr.document["totals"]
     print(f"fleet-wide saved: {human_bytes(totals['saved_bytes'])} ({totals['saved_bytes']} bytes)")
     print(f"fleet report: {fr.report}")
+    push = getattr(args, "push_url", None)
+    if push:
+        from harness.playbook.cli import push_results
+
+        for h in fr.hosts:
+            if h.directory:
+                push_results(Path(h.directory), push, host=h.host)
     bad = [h.host for h in fr.hosts if h.status == "error"]
     if bad:
-        print(f"ksmh: {len(bad)} of {len(fr.hosts)} hosts errored: {', '.join(bad)}",
+        print(f"ksmh: {len(bad)} of {plural(len(fr.hosts), 'host')} errored: {', '.join(bad)}",
               file=sys.stderr)  # fmt: skip
     if fr.interrupted:
         raise KeyboardInterrupt

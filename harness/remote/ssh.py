@@ -16,6 +16,7 @@ import base64
 import fcntl
 import hashlib
 import io
+import logging
 import shlex
 import stat
 import threading
@@ -30,6 +31,12 @@ from harness.errors import RemoteCommandFailed
 from harness.remote.inventory import Host
 
 CONNECT_TIMEOUT = 10.0
+
+# paramiko logs what it also raises, e.g. "Secsh channel 1 open FAILED: Connection refused" at
+# ERROR when the exporter is not listening; with no handler configured, Python's last-resort
+# handler would print that to stderr beside our own one-line report of the same failure. A
+# NullHandler stops that and leaves paramiko's records to an application that wants them.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 class HostUnreachable(RemoteCommandFailed):
@@ -274,12 +281,16 @@ class _LineWriter:
 
 def connect(host: Host, known_hosts: Path, *, timeout: float = CONNECT_TIMEOUT) -> Session:
     """Open a session to host, checking its key against known_hosts (see module docstring)."""
+    return open_session(configure(host, timeout=timeout), host, known_hosts)
+
+
+def open_session(conn: Any, host: Host, known_hosts: Path) -> Session:
+    """Open an unopened fabric Connection made by `configure` with our host key policy."""
     if not host.key_file.is_file():
         raise HostUnreachable(
             f"{host.name}: key file {host.key_file} does not exist",
             hint="generate one with ssh-keygen -t ed25519 and install its .pub on the host",
         )
-    conn = _connection(host, timeout)
     client = paramiko.SSHClient()
     if known_hosts.exists():
         client.load_host_keys(str(known_hosts))
@@ -293,8 +304,8 @@ def connect(host: Host, known_hosts: Path, *, timeout: float = CONNECT_TIMEOUT) 
     return Session(host, conn)
 
 
-def _connection(host: Host, timeout: float) -> Any:
-    """The (unopened) fabric.Connection for host, configured by the inventory alone.
+def configure(host: Host, cls: Any = None, *, timeout: float = CONNECT_TIMEOUT) -> Any:
+    """The (unopened) fabric.Connection (or subclass `cls`) for host, from the inventory alone.
 
     An empty ssh_config reads no ~/.ssh/config; lazy=True reads no /etc/fabric.yaml or
     ~/.fabric.yaml, whose connect_kwargs.key_filename, forward_agent or gateway would
@@ -302,7 +313,7 @@ def _connection(host: Host, timeout: float) -> Any:
     """
     from fabric import Config, Connection
 
-    return Connection(
+    return (cls or Connection)(
         host.address,
         user=host.user,
         port=host.port,

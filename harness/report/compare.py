@@ -22,13 +22,38 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
 
 
+def _cell(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"{x:,}"
+    return str(x)
+
+
 def _row(label: str, a: Any, b: Any) -> str | None:
     fa, fb = _num(a), _num(b)
     if a == b:
         return None
     if fa is not None and fb is not None:
-        return f"| {label} | {a} | {b} | {fb - fa:+.4g} ({_pct(fa, fb)}) |"
-    return f"| {label} | {'-' if a is None else a} | {'-' if b is None else b} | |"
+        if isinstance(a, int) and isinstance(b, int):
+            change = f"{b - a:+,}"  # counters are pages: whole numbers, never 1.2e+05
+        else:
+            change = f"{fb - fa:+.3f}".rstrip("0").rstrip(".")
+        return f"| {label} | {_cell(a)} | {_cell(b)} | {change} ({_pct(fa, fb)}) |"
+    return f"| {label} | {_cell(a)} | {_cell(b)} | |"
+
+
+# Worse to the right: a nightly that went from passed to failed or error must fail its job.
+VERDICT_RANK = {"passed": 0, "failed": 1, "error": 2}
+
+
+def worse_verdict(a: Results, b: Results) -> bool:
+    """True when B's verdict is worse than A's (passed < failed < error; unknown is worst)."""
+
+    def rank(r: Results) -> int:
+        return VERDICT_RANK.get(str(r.run.get("verdict", {}).get("status")), 3)
+
+    return rank(b) > rank(a)
 
 
 def compare(a: Results, b: Results, tolerance: float = 0.0) -> str:

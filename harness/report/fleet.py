@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.units import human_bytes
 
 FLEET_FILE = "fleet.json"
@@ -238,13 +239,13 @@ def render_fleet_markdown(doc: Mapping[str, Any], report_dir: Path | None = None
         "",
         f"**Verdict: {status}** (exit status {doc['exit_status']}): "
         f"{totals['passed']} passed, {totals['failed']} failed, {totals['errored']} errored "
-        f"of {totals['hosts']} hosts",
+        f"of {plural(totals['hosts'], 'host')}",
         "",
         f"- playbook: `{pb.get('file', '?')}`",
         f"- started {doc.get('started', '?')}, finished {doc.get('finished', '?')}",
         f"- **fleet-wide saved: {human_bytes(totals['saved_bytes'])}** "
         f"({totals['saved_bytes']} bytes at the end of each host's run, "
-        f"{totals['hosts_with_results']} hosts with results); "
+        f"{plural(totals['hosts_with_results'], 'host')} with results); "
         f"sum of per-host peaks {human_bytes(totals['peak_saved_bytes'])}",
         "",
         "## Hosts",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from harness.console import plural
+
 
 def _v(x: Any, unit: str = "") -> str:
     if x is None:
@@ -29,8 +31,8 @@ def forecast_lines(rec: Mapping[str, Any]) -> list[str]:
     cal = f.get("calibration")
     out = [
         "",
-        f"Forecast (line {rec.get('line')}): {f['captured_pages']} pages captured from "
-        f"{len(f['targets'])} guests; "
+        f"Forecast (line {rec.get('line')}): {plural(f['captured_pages'], 'page')} captured "
+        f"from {plural(len(f['targets']), 'guest')}; "
         + (f"calibration of {cal['measured']}" if cal else "not calibrated (rough times)"),
         "",
         f"| knobs | saved | general_profit | full scans to {share} | s to {share} "

@@ -9,11 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from harness.report.mpl import plt
 from harness.report.results import Results
 
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
@@ -29,7 +25,9 @@ def _save(fig: Any, path: Path) -> str:
 
 
 def plot_counters(res: Results, out: Path) -> str | None:
-    """KSM counters over time, kernel solid, model dashed; phase starts as vertical lines."""
+    """KSM counters over wall-clock time, measured points only: the kernel as sampled (a
+    line), the model as markers at the sync points where it was read (no line: between them
+    it was not known); phase starts as vertical lines. scans.png compares per full scan."""
     if not res.samples:
         return None
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -37,11 +35,14 @@ def plot_counters(res: Results, out: Path) -> str | None:
     for i, name in enumerate(COUNTERS):
         for source in res.sources():
             xs, ys = res.series(source, name)
-            if xs:
-                # The model is only known at sync points: mark them.
-                marker = "o" if source == "model" else None
+            if not xs:
+                continue
+            if source == "model":  # known only at sync points: markers, no interpolation
+                ax.plot(xs, ys, linestyle="none", marker="o", markersize=3,
+                        color=colors[i % len(colors)], label=f"{name} ({source})")  # fmt: skip
+            else:
                 ax.plot(xs, ys, STYLE.get(source, ":"), color=colors[i % len(colors)],
-                        marker=marker, markersize=3, label=f"{name} ({source})")  # fmt: skip
+                        label=f"{name} ({source})")  # fmt: skip
     for phase in res.run.get("phases", []):
         if phase.get("t_start") is not None:
             ax.axvline(phase["t_start"], color="grey", lw=0.6, ls=":")
@@ -49,10 +50,35 @@ def plot_counters(res: Results, out: Path) -> str | None:
                     va="top", color="grey")  # fmt: skip
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("pages")
-    ax.set_title("KSM counters: kernel (solid) vs model (dashed)")
+    ax.set_title("KSM counters over time: kernel (line) vs model at sync points (dots)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, out / "counters.png")
+
+
+def plot_scans(res: Results, out: Path) -> str | None:
+    """The comparison per full scan: the model's counters at the end of every scan it made
+    (a line: each point is a real end-of-scan state), the kernel's frozen end-of-scan samples
+    where the run took them (markers)."""
+    if not res.scans:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(COUNTERS):
+        color = colors[i % len(colors)]
+        xs, ys = res.scan_series("model", name)
+        if xs:
+            ax.plot(xs, ys, "--", color=color, label=f"{name} (model)")
+        xs, ys = res.scan_series("kernel", name)
+        if xs:
+            ax.plot(xs, ys, linestyle="none", marker="o", markersize=4, color=color,
+                    label=f"{name} (kernel, frozen)")  # fmt: skip
+    ax.set_xlabel("full scans since the start of the run")
+    ax.set_ylabel("pages")
+    ax.set_title("KSM counters at the end of each full scan")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "scans.png")
 
 
 def plot_convergence(res: Results, out: Path) -> str | None:
@@ -154,6 +180,7 @@ def render_plots(res: Results, out: Path) -> dict[str, str]:
     made: dict[str, str] = {}
     for kind, fn in (
         ("counters", plot_counters),
+        ("scans", plot_scans),
         ("convergence", plot_convergence),
         ("guests", plot_guests),
         ("heatmap", plot_heatmap),

@@ -5,6 +5,9 @@ results/<run-id>/
                 with deltas, every expectation's verdict, sweeps, shadow-capture statistics
   samples.csv   one row per (time, source): the KSM counters, saved bytes, MemAvailable
   guests.csv    one row per (time, source, guest): merging pages (from ksm_stat)
+  scans.csv     one row per (source, full scan): the counters at the end of that scan; the
+                model has one for every scan it made, the kernel where the run took frozen
+                per-scan samples (`scan_samples: true`); `scan` counts from the run's start
   *.png, report.md   rendered from the three above
 """
 
@@ -25,9 +28,11 @@ from harness.yamlfile import Source, read_text
 
 SAMPLE_FIELDS = ("t", "phase", "source", *COUNTER_NAMES, "saved_bytes", "mem_available")
 GUEST_FIELDS = ("t", "phase", "source", "guest", "merging_pages", "rmap_items")
+SCAN_FIELDS = ("source", "scan", "t", "phase", *COUNTER_NAMES)
 RUN_FILE = "run.json"
 SAMPLES_FILE = "samples.csv"
 GUESTS_FILE = "guests.csv"
+SCANS_FILE = "scans.csv"
 
 
 class ResultsError(HarnessError):
@@ -41,6 +46,7 @@ class Results:
     run: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
     guests: list[dict[str, Any]] = field(default_factory=list)
+    scans: list[dict[str, Any]] = field(default_factory=list)
 
     def add_sample(
         self, t: float, phase: str, source: str, values: Mapping[str, Any], mem: int | None
@@ -65,6 +71,22 @@ class Results:
                 "rmap_items": stat.get("ksm_rmap_items"),
             }
         )
+
+    def add_scan(
+        self, source: str, scan: int, counters: Mapping[str, Any], t: float | None, phase: str
+    ) -> None:
+        row = {"source": source, "scan": scan, "t": None if t is None else round(t, 3)}
+        row.update(phase=phase, **{name: counters.get(name) for name in COUNTER_NAMES})
+        self.scans.append(row)
+
+    def scan_series(self, source: str, name: str) -> tuple[list[int], list[float]]:
+        """One counter at the end of each recorded full scan of one side."""
+        xs, ys = [], []
+        for row in self.scans:
+            if row["source"] == source and row.get(name) not in (None, ""):
+                xs.append(int(row["scan"]))
+                ys.append(float(row[name]))
+        return xs, ys
 
     def series(self, source: str, name: str) -> tuple[list[float], list[float]]:
         xs, ys = [], []
@@ -121,6 +143,7 @@ def write_results(directory: Path, res: Results) -> None:
     for name, fields, rows in (
         (SAMPLES_FILE, SAMPLE_FIELDS, res.samples),
         (GUESTS_FILE, GUEST_FIELDS, res.guests),
+        (SCANS_FILE, SCAN_FIELDS, res.scans),
     ):
         tmp = directory / f".{name}.tmp"
         with tmp.open("w", newline="") as f:
@@ -159,7 +182,11 @@ def read_results(directory: Path) -> Results:
         ) from None
     check_run(path, run)
     res = Results(run=run)
-    for name, target in ((SAMPLES_FILE, res.samples), (GUESTS_FILE, res.guests)):
+    for name, target in (
+        (SAMPLES_FILE, res.samples),
+        (GUESTS_FILE, res.guests),
+        (SCANS_FILE, res.scans),
+    ):
         p = directory / name
         if p.exists():
             text = read_text(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.console import plural
 from harness.ksm.sysfs import SysfsBackend
 from harness.record import Difference, Snapshot, diff_snapshots
 from harness.scenario.kernel_runner import KernelRunner, run_on_kernel
@@ -47,7 +48,7 @@ class Comparison:
             + (f" (seed {s.seed})" if s.seed is not None else "")
             + f": kernel and model differ; first at {first}",
             s.describe(),
-            f"{len(self.differences)} difference(s):",
+            f"{plural(len(self.differences), 'difference')}:",
         ]
         lines += [f"  {d}" for d in self.differences[:limit]]
         if len(self.differences) > limit:

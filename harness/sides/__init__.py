@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from harness.ksm.backend import BackendBase
-from harness.record import Snapshot
+from harness.record import ScanPoint, Snapshot
 
 
 class Side(Protocol):
@@ -70,6 +70,11 @@ class Side(Protocol):
 
     def ksmd_cpu_seconds(self) -> float | None:
         """ksmd's CPU time so far (measured, or the model's estimate); None if unknown."""
+        ...
+
+    def drain_scans(self) -> list[ScanPoint]:
+        """The end-of-scan records made since the last call (the model: every full scan it
+        made; the kernel: frozen samples, when the run asked for them)."""
         ...
 
     def exported(self) -> tuple[BackendBase, Mapping[int, str]]:

@@ -20,7 +20,7 @@ from harness.errors import HarnessError, ScanTimeout
 from harness.ksm.backend import BackendBase
 from harness.ksm.model import ModelBackend
 from harness.ksm.types import KsmStat
-from harness.record import Snapshot
+from harness.record import ScanPoint, Snapshot
 from harness.shadow import ProcessCapture, Shadow
 
 
@@ -77,6 +77,8 @@ class ModelSide:
         self.include_others = include_others
         self.guests: dict[int, str] = {}  # real pid -> guest name
         self.last_caps: list[ProcessCapture] = []
+        self.scans_total = 0  # full scans made since the run began (the kernel's numbering)
+        self._scan_log: list[ScanPoint] = []
         self.stats: dict[str, float] = {
             "captures": 0,
             "bytes": 0,
@@ -126,12 +128,21 @@ class ModelSide:
         s["others"] = max(s["others"], len([p for p in targets if p not in self.guests]))
 
     def _step(self, scans: int) -> int:
+        """Make up to `scans` full scans, one at a time, recording the counters after each."""
         t0 = time.perf_counter()
-        made = self.model.step(scans)
+        made = 0
+        while made < scans and self.model.step(1):
+            made += 1
+            self.scans_total += 1
+            self._scan_log.append(ScanPoint(self.scans_total, self.model.read_counters().as_dict()))
         self.stats["model_seconds"] += time.perf_counter() - t0
         self.stats["model_scans"] += made
         self.publish()
         return made
+
+    def drain_scans(self) -> list[ScanPoint]:
+        out, self._scan_log = self._scan_log, []
+        return out
 
     # -- Side ------------------------------------------------------------------------------
     @contextmanager
@@ -144,6 +155,7 @@ class ModelSide:
         self.refresh(caps)
         n = min(scans, self.cap) if self.cap else scans
         self.stats["skipped_scans"] += scans - n
+        self.scans_total += scans - n  # keep the kernel's numbering past the scans left out
         self._step(n)
 
     def counters(self) -> dict[str, int]:

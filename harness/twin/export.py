@@ -8,14 +8,15 @@ endpoint. Root is needed: the twin reads other processes' memory (/proc/PID/mem,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from harness.errors import HarnessError
+from harness.paths import is_root
 
 
 def add_export_options(p: Any) -> None:
@@ -52,8 +53,13 @@ def wants_twin(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "twin", False) or getattr(args, "what_if", []))
 
 
-def export_twin(args: argparse.Namespace) -> int:
-    """Serve the kernel, the twin and the what-ifs until interrupted."""
+def export_twin(
+    args: argparse.Namespace,
+    watch: Callable[[], Mapping[int, str]] | None = None,
+    sharing: Callable[[], Any] | None = None,
+) -> int:
+    """Serve the kernel (with the --pid processes `watch` names and the --sharing matrix),
+    the twin and the what-ifs until interrupted (Ctrl-C: the CLI's exit 130)."""
     from harness.exporter import ExportTarget, KsmCollector, parse_listen, serve_registry
     from harness.ksm.select import open_backend
     from harness.ksm.sysfs import SysfsBackend
@@ -70,7 +76,7 @@ def export_twin(args: argparse.Namespace) -> int:
     parse_listen(args.listen)
     backend = open_backend("kernel", root=args.sysfs_root, proc=args.proc_root)
     assert isinstance(backend, SysfsBackend)
-    if os.geteuid() != 0:
+    if not is_root():
         raise HarnessError(
             "the twin reads the memory of the processes KSM scans: it needs root",
             hint="run `sudo ksmh export --twin`, or export without --twin",
@@ -92,9 +98,8 @@ def export_twin(args: argparse.Namespace) -> int:
         proc=args.proc_root,
     )
     host = args.host or ExportTarget(backend=backend).host
-    pids = {pid: (_comm(args.proc_root, pid)) for pid in args.pid}
     side = KernelSide(backend, args.proc_root)
-    targets = [ExportTarget(backend, host, (lambda: pids) if pids else None, side.ksmd_cpu_seconds)]
+    targets = [ExportTarget(backend, host, watch, side.ksmd_cpu_seconds, sharing)]
     for m in twin.models:
         targets.append(ExportTarget(m.side.published, host, None, _model_cpu(twin, m.source)))
     registry = CollectorRegistry(auto_describe=False)
@@ -114,8 +119,6 @@ def export_twin(args: argparse.Namespace) -> int:
             if stats.last_error and stats.last_error != last:
                 last = stats.last_error
                 print(f"ksmh: twin: {last}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        return 0
     finally:
         twin.stop()
         server.shutdown()
@@ -127,9 +130,3 @@ def _model_cpu(twin: Any, source: str) -> Any:
         return v
 
     return cpu
-
-
-def _comm(proc: Any, pid: int) -> str:
-    from harness import procfs
-
-    return procfs.comm(pid, proc) or str(pid)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.console import plural
 from harness.ksm.sysfs import KSM_ROOT, PROC_ROOT
 from harness.units import human_bytes
 
@@ -51,7 +52,8 @@ def _fmt_s(v: float | None) -> str:
 
 def format_forecast(d: dict[str, Any]) -> str:
     lines = [
-        f"captured {len(d['targets'])} processes: {d['captured_pages']} pages "
+        f"captured {plural(len(d['targets']), 'process')}: "
+        f"{plural(d['captured_pages'], 'page')} "
         f"({human_bytes(d['captured_bytes'])}) in {d['capture_seconds']:.1f} s",
     ]
     cal = d["calibration"]

@@ -9,7 +9,6 @@ the run, no journal, the lock free, and run.json (where one was written) saying 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import queue
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import procfs
 from harness.journal import JOURNAL_DIR, journals
 from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
 from harness.ksm.sysfs import SysfsBackend
@@ -69,7 +69,8 @@ class RunProc:
             self._q.put(raw.decode(errors="replace").rstrip("\n"))
         self._q.put(None)
 
-    def wait_for(self, pattern: str, timeout: float = 120) -> str:
+    def wait_for(self, pattern: str, timeout: float = 900) -> str:
+        # Long: on a shared host the run may first wait for the KSM lock.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -84,7 +85,7 @@ class RunProc:
         self.proc.kill()
         raise AssertionError(f"never saw {pattern!r}; output:\n" + "\n".join(self.lines))
 
-    def finish(self, timeout: float = 180) -> int:
+    def finish(self, timeout: float = 900) -> int:
         code = self.proc.wait(timeout)
         while (line := self._q.get(timeout=10)) is not None:
             self.lines.append(line)
@@ -129,17 +130,24 @@ def qemu_of_run(lines: list[str]) -> list[int]:
     return [pid for i in ids for pid in qemu_processes_of(i)]
 
 
-def assert_host_clean(before: dict[str, int | str], lines: list[str]) -> None:
-    """Knobs back, no guest of the run, no journal, the lock free."""
-    with ksm_lock(timeout=60):
+def lock_holders() -> list[str]:
+    """Command lines of the processes holding the host lock (from /proc/locks)."""
+    inode = os.stat(DEFAULT_LOCK).st_ino
+    pids = {
+        int(f[4])
+        for f in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+        if len(f) > 5 and f[5].endswith(f":{inode}")
+    }
+    return [procfs.cmdline(p) for p in sorted(pids)]
+
+
+def assert_host_clean(before: dict[str, int | str], lines: list[str], where: Path) -> None:
+    """Knobs back, no guest of the run, no journal of ours, the lock not held by the run."""
+    with ksm_lock(timeout=900):
         assert SysfsBackend().read_tunables().present() == before
     assert qemu_of_run(lines) == []
     assert journals(JOURNAL_DIR) == []
-    fd = os.open(DEFAULT_LOCK, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
-    finally:
-        os.close(fd)
+    assert [c for c in lock_holders() if str(where) in c] == []
 
 
 def only_run_json(out: Path) -> dict[str, object]:
@@ -169,14 +177,14 @@ def test_sigkill_at_each_stage_then_recover(
     assert run.finish() == -signal.SIGKILL
     if stage != "boot":
         assert journals(JOURNAL_DIR), "a killed run must leave its journal"
-    rec = ksmh("recover")
+    rec = ksmh("recover", timeout=900)  # waits for the lock while other runs finish
     assert rec.returncode == 0, rec.stdout + rec.stderr
     said = rec.stdout.splitlines()
     assert said[-1].startswith("removed journal of run ") and "is gone" in said[-1]
     if stage in ("fill", "wait", "sync"):
         assert any(line.startswith("stopped guest ksmh-") for line in said), said
         assert any(line.startswith("restored pages_to_scan ") for line in said), said
-    assert_host_clean(host_before, run.lines + said)
+    assert_host_clean(host_before, run.lines + said, tmp_path)
     assert ksmh("recover").stdout.startswith("nothing to recover")
 
 
@@ -190,14 +198,14 @@ def test_the_next_run_recovers_first_and_compares_exactly(
     orphans = qemu_of_run(first.lines)
     assert orphans, "the killed run's guest keeps running until something recovers it"
     second = RunProc(tiny, tmp_path / "second")
-    code = second.finish(300)
+    code = second.finish(900)
     text = "\n".join(second.lines)
     assert code == 0, text
     assert "recovered what an earlier run left behind" in text
     assert all(not os.path.exists(f"/proc/{pid}") for pid in orphans)
     run = only_run_json(tmp_path / "second")
     assert run["verdict"]["status"] == "passed"  # type: ignore[index]
-    assert_host_clean(host_before, first.lines + second.lines)
+    assert_host_clean(host_before, first.lines + second.lines, tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
@@ -211,7 +219,7 @@ def test_hangup_and_terminate_end_the_run_as_an_error(
     verdict = only_run_json(tmp_path / "out")["verdict"]
     assert verdict["status"] == "error" and verdict["exit_status"] == 2  # type: ignore[index]
     assert verdict["error"] == f"interrupted (signal {signal.Signals(sig).name})"  # type: ignore[index]
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 def test_a_second_sigterm_does_not_cut_the_teardown_short(
@@ -226,21 +234,23 @@ def test_a_second_sigterm_does_not_cut_the_teardown_short(
     assert run.finish() == 2
     run_json = only_run_json(tmp_path / "out")
     assert run_json["verdict"]["signals_during_teardown"] == 2  # type: ignore[index]
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 def test_a_guest_killed_mid_phase_is_an_error_and_nothing_is_left(
     tiny: Path, tmp_path: Path, host_before: dict[str, int | str]
 ) -> None:
     run = RunProc(tiny, tmp_path / "out")
-    run.wait_for(STAGES["wait"])
+    # After the wait, before `verify`: the dead guest fails that step. (Killed during the wait,
+    # its only mm gone, ksmd stops scanning and the wait times out instead: also exit 2.)
+    run.wait_for(STAGES["sync"])
     (pid,) = qemu_of_run(run.lines)
     os.kill(pid, signal.SIGKILL)
     assert run.finish() == 2
     verdict = only_run_json(tmp_path / "out")["verdict"]
     assert verdict["status"] == "error"  # type: ignore[index]
-    assert "verify failed on 1 of 1 guests" in verdict["error"]  # type: ignore[index]
-    assert_host_clean(host_before, run.lines)
+    assert "verify failed on 1 of 1 guest" in verdict["error"]  # type: ignore[index]
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 def test_a_full_results_filesystem_is_a_clear_error(
@@ -251,13 +261,13 @@ def test_a_full_results_filesystem_is_a_clear_error(
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], check=True)
     try:
         run = RunProc(tiny, small)
-        code = run.finish(300)
+        code = run.finish(900)
         text = "\n".join(run.lines)
         assert code == 2, text
         assert re.search(r"could not write the results to .*No space left on device", text), text
     finally:
         subprocess.run(["umount", str(small)], check=True)
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)
 
 
 def test_a_taken_export_port_fails_before_anything_boots(
@@ -278,7 +288,7 @@ def test_a_taken_export_port_fails_before_anything_boots(
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "booting" not in done.stderr
     assert time.monotonic() - t0 < 30
-    assert_host_clean(host_before, done.stderr.splitlines())
+    assert_host_clean(host_before, done.stderr.splitlines(), tmp_path)
 
 
 def test_a_foreign_ksm_user_is_refused_by_name(
@@ -288,16 +298,17 @@ def test_a_foreign_ksm_user_is_refused_by_name(
     mergeable_child: object,
 ) -> None:
     child = mergeable_child(2048, 0x33)  # type: ignore[operator]
-    done = ksmh("run", str(tiny), "--out", str(tmp_path), "--export", "off", timeout=300)
+    done = ksmh("run", str(tiny), "--out", str(tmp_path), "--export", "off", timeout=900)
     assert done.returncode == 2, done.stderr
-    assert f"process(es) outside this run use KSM: pid {child.pid} (" in done.stderr
+    assert "process(es) outside this run use KSM: pid " in done.stderr
+    assert f"pid {child.pid} ({sys.executable} -c " in done.stderr
     assert "set `foreign: capture`" in done.stderr
     assert "booting" not in done.stderr
     run = only_run_json(tmp_path)
     assert run["verdict"]["status"] == "error"  # type: ignore[index]
     child.kill()
     child.wait(10)
-    assert_host_clean(host_before, done.stderr.splitlines())
+    assert_host_clean(host_before, done.stderr.splitlines(), tmp_path)
 
 
 def test_a_foreign_ksm_user_is_captured_and_compared_exactly(
@@ -310,13 +321,42 @@ def test_a_foreign_ksm_user_is_captured_and_compared_exactly(
     capture = tmp_path / "capture.yaml"
     capture.write_text(TINY.replace("name: tiny\n", "name: tiny\nforeign: capture\n"))
     run = RunProc(capture, tmp_path / "out")
-    code = run.finish(300)
+    code = run.finish(900)
     assert code == 0, "\n".join(run.lines)
     doc = only_run_json(tmp_path / "out")
-    assert doc["shadow"]["other_processes"] == 1  # type: ignore[index]
+    assert doc["shadow"]["other_processes"] >= 1  # type: ignore[index]  # the child, at least
     fill = doc["phases"][0]  # type: ignore[index]
     k, m = fill["counters"]["kernel"]["end"], fill["counters"]["model"]["end"]
     assert k["pages_sharing"] >= 2047 + 4095  # the child's 2048 pages and the guest's 16 MiB
     for name in ("pages_shared", "pages_sharing"):
         assert abs(k[name] - m[name]) <= 0.01 * k[name], (name, k[name], m[name])
-    assert_host_clean(host_before, run.lines)
+    assert_host_clean(host_before, run.lines, tmp_path)
+
+
+@pytest.mark.libvirt
+def test_libvirtd_restarted_mid_run(
+    tiny: Path, tmp_path: Path, host_before: dict[str, int | str]
+) -> None:
+    """Transient domains outlive a libvirtd restart; the run reconnects, goes on and tears the
+    domain down at the end (before: a dead connection made `stop` a silent no-op)."""
+    from harness.guests.libvirt_backend import LIBVIRT_RUN, LibvirtBackend, _socket_answers
+
+    pb = tmp_path / "libvirt.yaml"
+    pb.write_text(TINY.replace("fleet: {count: 1,", "fleet: {backend: libvirt, count: 1,"))
+    run = RunProc(pb, tmp_path / "out")
+    run.wait_for(STAGES["wait"])
+    subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=False)
+    deadline = time.monotonic() + 30
+    while _socket_answers(LIBVIRT_RUN / "libvirt-sock") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
+    code = run.finish()
+    verdict = only_run_json(tmp_path / "out")["verdict"]
+    assert verdict["status"] in ("passed", "failed"), verdict  # type: ignore[index]
+    assert code == verdict["exit_status"]  # type: ignore[index]
+    backend = LibvirtBackend(start_daemons=False)
+    try:
+        assert [d.name() for d in backend.conn.listAllDomains(0) if "ksmh-" in d.name()] == []
+    finally:
+        backend.close()
+    assert_host_clean(host_before, run.lines, tmp_path)

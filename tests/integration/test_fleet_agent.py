@@ -9,13 +9,15 @@ from collections.abc import Iterator
 import pytest
 
 from harness.guests.fleet import Fleet
+from harness.guests.spec import FleetSpec
+from harness.kinds import AccelKind
 
 pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    with Fleet(2, 128, backend="qemu", accel="tcg", mem_merge=False) as f:
+    with Fleet(FleetSpec(2, 128, accel=AccelKind.TCG, mem_merge=False)) as f:
         yield f
 
 

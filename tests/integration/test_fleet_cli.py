@@ -39,6 +39,6 @@ def test_fleet_up_exec_list_down(capsys: pytest.CaptureFixture[str]) -> None:
         assert re.search(rf"{name}  ready +pid \d+", capsys.readouterr().out)
     finally:
         assert ksmh("fleet", "down", "--run", run_id) == 0
-    assert f"run {run_id}: 1 guests stopped" in capsys.readouterr().out
+    assert f"run {run_id}: 1 guest stopped" in capsys.readouterr().out
     with pytest.raises(HarnessError, match=f"no fleet run '{run_id}'"):
         ksmh("fleet", "exec", "--run", run_id, "--", "ping")

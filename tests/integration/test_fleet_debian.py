@@ -10,19 +10,26 @@ import shutil
 
 import pytest
 
-from harness.guests.debian_image import DEFAULT_OUT, ensure_debian_image
+from harness.guests.debian_image import default_debian_dir, ensure_debian_image
 from harness.guests.fleet import Fleet
+from harness.guests.spec import FleetSpec
+from harness.kinds import AccelKind, ImageKind
 
 pytestmark = pytest.mark.qemu
 
 
 def test_debian_guest_boots_systemd_and_runs_the_agent() -> None:
-    built = (DEFAULT_OUT / "debian" / "manifest.json").exists()
+    built = (default_debian_dir() / "manifest.json").exists()
     if shutil.which("mmdebstrap") is None and not built:
         pytest.skip("Debian image not built and mmdebstrap missing (make -C guest-images debian)")
     image = ensure_debian_image()
     assert image.kind == "debian" and image.disk is not None
-    with Fleet(1, 256, image=image, accel="tcg", mem_merge=False, ready_timeout=240) as fleet:
+    with Fleet(
+        FleetSpec(
+            1, 256, image=ImageKind.DEBIAN, accel=AccelKind.TCG, mem_merge=False, ready_timeout=240
+        ),
+        image=image,
+    ) as fleet:
         [name] = fleet.pids()
         assert fleet.fill("a", "16M", "random:5").raise_if_failed()
         assert fleet.verify("a").field("mismatched") == {name: 0}

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.guests.fleet import Fleet
+from harness.guests.spec import FleetSpec
+from harness.kinds import AccelKind
 from harness.ksm.sysfs import SysfsBackend
 
 PAGES_32M = 32 * 1024 * 1024 // 4096
@@ -36,7 +38,7 @@ def processes_mentioning(text: str) -> list[int]:
 @pytest.mark.qemu
 @pytest.mark.parametrize("backend", ["qemu", pytest.param("libvirt", marks=pytest.mark.libvirt)])
 def test_three_guests_filling_the_same_memory_get_merged(ksm: SysfsBackend, backend: str) -> None:
-    fleet = Fleet(3, 160, backend=backend, accel="tcg", mem_merge=True, ready_timeout=120)
+    fleet = Fleet(FleetSpec(3, 160, backend=backend, accel=AccelKind.TCG, ready_timeout=120))
     with fleet:
         pids = fleet.pids()
         assert len(pids) == 3, f"not all guests came up: {fleet.guests}"

@@ -14,6 +14,8 @@ import pytest
 from harness.guests.accel import probe_kvm
 from harness.guests.fleet import Fleet, FleetResult
 from harness.guests.image import ensure_image
+from harness.guests.spec import FleetSpec
+from harness.kinds import AccelKind
 
 pytestmark = pytest.mark.qemu
 
@@ -35,7 +37,7 @@ def live_pids_mentioning(text: str) -> list[int]:
 
 
 def test_guest_killed_mid_run_fails_alone() -> None:
-    with Fleet(3, 128, backend="qemu", accel="tcg", mem_merge=False) as fleet:
+    with Fleet(FleetSpec(3, 128, accel=AccelKind.TCG, mem_merge=False)) as fleet:
         pids = fleet.pids()
         assert len(pids) == 3
         fleet.fill("a", "16M", "mix:7:common=50,zero=20").raise_if_failed()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -14,9 +16,11 @@ from subprocess import Popen
 
 import pytest
 
+from harness import procfs
 from harness.errors import KsmWriteRefused
 from harness.ksm.sysfs import KSM_ROOT, SysfsBackend
 from harness.run import run
+from harness.waiting import wait_until
 
 pytestmark = pytest.mark.ksm_kernel
 Child = Callable[[int, int], Popen[bytes]]
@@ -109,11 +113,13 @@ def test_ebusy_on_max_page_sharing_while_merged(ksm: SysfsBackend, mergeable_chi
     proc = run([*cmd, "max_page_sharing=10"], check=False)
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
-    assert lines[0] == (
+    # This test holds the host lock, so `ksmh set` warns that a run is in progress first.
+    assert lines[0].startswith("ksmh: warning: a ksm-harness run is in progress")
+    assert lines[1] == (
         "ksmh: error: max_page_sharing: the kernel refuses changes while pages are merged "
         "(pages_shared 1)"
     )
-    assert "ksmh set run=2" in lines[1]
+    assert "ksmh set run=2" in lines[2]
     assert ksm.read_tunables() == before
 
 
@@ -181,3 +187,27 @@ def test_status_json_equals_sysfs(ksm: SysfsBackend, mergeable_child: Child) -> 
     assert data["counters"]["pages_sharing"] == 29
     assert data["tunables"]["run"] == 0
     assert data["derived"]["saved_bytes"] == 29 * 4096
+
+
+def test_status_says_counters_are_stale_once_ksmd_stopped_and_the_process_is_gone(
+    ksm: SysfsBackend, mergeable_child: Child
+) -> None:
+    """What ksmh status warns about, measured: with run=0 nothing recounts when the merged
+    process exits; run=1, as the note says, lets ksmd drop what the exit left."""
+    child_pid, _ = merged_child(ksm, mergeable_child, pages=50)
+    ksm.write_tunables(run=0)
+    os.kill(child_pid, signal.SIGKILL)
+    wait_until(lambda: not procfs.pid_alive(child_pid), 10)
+    assert procfs.ksm_users() == []
+    cmd = [sys.executable, "-m", "harness.cli", "status", "--backend", "kernel"]
+    data = json.loads(run([*cmd, "--json"]).stdout)
+    assert data["counters"]["pages_sharing"] == 49  # the dead process's merges, still counted
+    assert data["stale"] is True and data["note"].startswith("the counters are stale: ksmd")
+    plain = run(cmd).stdout.splitlines()
+    assert plain[2].startswith("note: the counters are stale: ksmd is stopped (run=0)")
+    assert "  saved                               196.0 KiB (stale)" in plain
+    ksm.write_tunables(run=1)
+    wait_until(lambda: ksm.read_counters().pages_shared == 0, 30)
+    assert ksm.read_counters().pages_sharing == 0
+    data = json.loads(run([*cmd, "--json"]).stdout)
+    assert (data["stale"], data["note"]) == (False, None)

@@ -12,13 +12,16 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.cli import main
+from harness.run import run
 from tests.integration.conftest import free_port
 from tests.integration.sshd import Fleet, keygen, sshd_fleet
 from tests.integration.sshd import children as _children
@@ -160,10 +163,9 @@ def test_prepare_installs_starts_exporter_and_is_idempotent(
         steps = dict(r["steps"])
         assert steps["packages"] == "unchanged: all present"
         assert steps["install"].startswith("done: bundle ")
-        assert (
-            f"into {h.prefix}/venv (prometheus-client, PyYAML, libvirt-python, numpy)"
-            in steps["install"]
-        )
+        shipped = bundle.build_bundle(bundle.local_soabi()).distributions  # the same (cached)
+        assert {"prometheus-client", "PyYAML", "pydantic", "qemu.qmp", "rich"} <= set(shipped)
+        assert f"into {h.prefix}/venv ({', '.join(shipped)})" in steps["install"]
         assert steps["exporter"] == (
             f"started: no systemd, supervised background process on 127.0.0.1:"
             f"{h.exporter_port}, pid file {h.prefix}/run/exporter.pid"
@@ -223,5 +225,70 @@ def test_missing_inventory_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[
     code, _, err = ksmh(capsys, "hosts", "check", "/nonexistent/inv.yaml")
     assert code == 2
     assert err.splitlines()[0] == (
-        "ksmh: error: /nonexistent/inv.yaml: cannot read inventory (No such file or directory)"
+        "ksmh: error: /nonexistent/inv.yaml: cannot read inventory: No such file or directory"
     )
+
+
+def test_on_fleet_one_result_per_host_in_order_bounded_by_parallel(fleet: Fleet) -> None:
+    import threading
+
+    from harness.remote.fleet import on_fleet
+    from harness.remote.inventory import load_inventory
+
+    dead = {"charlie": {"address": "127.0.0.1", "port": free_port()}}
+    inv = load_inventory(fleet.inventory("on-fleet.yaml", extra=dead))
+    lock, busy, peak = threading.Lock(), [0], [0]
+
+    def uname(s: Any) -> str:
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        try:
+            time.sleep(0.2)  # long enough for a second session to overlap, were it allowed
+            return str(s.run(["uname", "-r"]).stdout.strip())
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    result = on_fleet(inv, uname, parallel=1)
+    assert list(result) == ["alpha", "bravo", "charlie"]
+    assert {r.name: r.value for r in result.succeeded} == {
+        "alpha": os.uname().release,
+        "bravo": os.uname().release,
+    }
+    [failed] = result.failed
+    assert failed.name == "charlie" and "cannot connect to 127.0.0.1:" in str(failed.error)
+    assert peak[0] == 1
+    with pytest.raises(Exception, match=r"^uname failed on 1 of 3 hosts: charlie: cannot"):
+        result.raise_if_failed()
+
+
+def test_on_fleet_reraises_a_bug_after_every_host_is_done(fleet: Fleet) -> None:
+    from harness.remote.fleet import on_fleet
+    from harness.remote.inventory import load_inventory
+
+    inv = load_inventory(fleet.inventory("bug.yaml"))
+    seen: list[str] = []
+
+    def buggy(s: Any) -> None:
+        seen.append(s.host.name)
+        if s.host.name == "alpha":
+            raise KeyError("a bug, not a host failure")
+
+    with pytest.raises(KeyError, match="a bug"):
+        on_fleet(inv, buggy)
+    assert sorted(seen) == ["alpha", "bravo"]
+
+
+def test_check_output_carries_no_paramiko_log_lines(fleet: Fleet) -> None:
+    """The exporter is down on these hosts: paramiko logs the refused direct-tcpip channel
+    ("Secsh channel 1 open FAILED: ...") at ERROR, which Python's last-resort handler would
+    print to stderr in a process without logging configured, i.e. `ksmh` itself."""
+    fresh = {h.name: {"prefix": str(fleet.dir / f"quiet-{h.name}")} for h in fleet.hosts}
+    inv = fleet.inventory("quiet.yaml", host_fields=fresh)
+    proc = run([sys.executable, "-m", "harness.cli", "hosts", "check", str(inv)], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""
+    rows = proc.stdout.splitlines()
+    assert [r.split()[0] for r in rows] == ["HOST", "alpha", "bravo"]
+    assert all(r.split()[-2:] == ["down", "yes"] for r in rows[1:])

@@ -1,4 +1,4 @@
-"""Hypothesis against the real C agent (guest-images/agent/ksmh-agent.c), built natively with
+"""Hypothesis against the real C agent (harness/guests/data/ksmh-agent.c), built natively with
 -DKSMH_AGENT_STDIO: requests on stdin, replies on stdout, and nothing harmful to the host
 (poweroff only exits, fills at most 16 MiB, holds at most 0.1 s).
 
@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from harness.errors import HarnessError
 from harness.guests.agent import AgentClient, AgentReply
+from harness.paths import data_path
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "guest-images" / "agent" / "ksmh-agent.c"
+SOURCE = data_path("harness.guests", "data/ksmh-agent.c")
 FUZZ = settings(
     max_examples=200,
     deadline=None,

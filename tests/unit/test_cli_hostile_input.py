@@ -22,27 +22,43 @@ MAX_RSS_KIB = 300 * 1024
 BASE = "name: t\nfleet: {count: 2}\nphases:\n  - name: p\n    steps:\n"
 
 
+# Runs ksmh as its grandchild and prints the grandchild's CPU seconds and peak RSS. Needed
+# because a process exec'd by pytest inherits pytest's peak RSS: the kernel records the
+# pre-exec mm's high-water mark (vfork shares pytest's mm) in the process's maxrss, which
+# wait4 then reports. A child forked by this small launcher starts a fresh maxrss.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_utime + usage.ru_stime, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
 def ksmh(*args: str, cwd: Path | None = None) -> tuple[int, str, float, int]:
     """(exit status, stderr, CPU seconds, peak RSS KiB) of one `ksmh` run."""
     env = {**os.environ, "KSM_HARNESS_LOCK": os.environ.get("KSM_HARNESS_LOCK", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", *args],
+        [sys.executable, "-S", "-c", LAUNCHER, sys.executable, "-m", "harness.cli", *args],
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=cwd or ROOT,
         env=env,
+        start_new_session=True,  # a hang is killed with its launcher
     )
-    assert proc.stderr is not None
-    timer = threading.Timer(20, proc.kill)  # a hang is a failure, not a stuck suite
+    # A hang is a failure, not a stuck suite.
+    timer = threading.Timer(20, os.killpg, (proc.pid, 9))
     timer.start()
     try:
-        err = proc.stderr.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
+        out, err = proc.communicate()
     finally:
         timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    assert proc.returncode == 0, f"ksmh did not finish (launcher exit {proc.returncode})"
+    seconds, rss, code = out.split()
+    return int(code), err.decode(), float(seconds), int(rss)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from harness.guests.accel import KvmVerdict, cached_verdict, resolve_accel, stat
 from harness.guests.spec import GuestImage
 
 IMAGE = GuestImage(Path("/k"), Path("/i"))
-HANGS = KvmVerdict(False, "a KVM guest did not reach userspace within 15 s", 1.0, 15.0)
+NOW = time.time()
+HANGS = KvmVerdict(False, "a KVM guest did not reach userspace within 15 s", NOW, 15.0)
 WORKS = KvmVerdict(True, "a KVM guest was ready in 0.9 s", 1.0, 0.9)
 
 
@@ -82,3 +84,20 @@ def test_static_problem_for_missing_device(tmp_path: Path) -> None:
         static_kvm_problem(tmp_path / "kvm") == f"{tmp_path / 'kvm'} does not exist "
         "(no KVM module, or not passed into this container)"
     )
+
+
+def test_a_failed_verdict_expires_and_a_working_one_does_not(tmp_path: Path) -> None:
+    cache = tmp_path / "accel.json"
+    old_fail = KvmVerdict(False, "timed out on a busy host", NOW - 7 * 3600, 15.0)
+    probe = Probe(old_fail)
+    resolve_accel("auto", IMAGE, cache_path=cache, probe=probe, key="h")
+    again = resolve_accel("auto", IMAGE, cache_path=cache, probe=probe, key="h")
+    assert probe.calls == 2 and not again.cached  # older than 6 hours: probed again
+    fresh = Probe(HANGS)
+    resolve_accel("auto", IMAGE, cache_path=cache, probe=fresh, key="f")
+    resolve_accel("auto", IMAGE, cache_path=cache, probe=fresh, key="f", ttl=3600)
+    assert fresh.calls == 1  # a recent failure is believed
+    old_ok = Probe(KvmVerdict(True, "ready in 1 s", NOW - 30 * 86400, 1.0))
+    resolve_accel("auto", IMAGE, cache_path=cache, probe=old_ok, key="k")
+    assert resolve_accel("auto", IMAGE, cache_path=cache, probe=old_ok, key="k").cached
+    assert old_ok.calls == 1

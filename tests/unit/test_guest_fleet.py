@@ -21,7 +21,9 @@ from harness.guests.accel import AccelChoice
 from harness.guests.backend import Leftover
 from harness.guests.fleet import Fleet, guest_name, list_runs
 from harness.guests.qemu_backend import QemuBackend, guest_name_of
-from harness.guests.spec import GuestImage, GuestSpec
+from harness.guests.spec import FleetSpec, GuestImage, GuestSpec
+from harness.guests.thp import set_thp_disable, thp_disabled, thp_off_for_children
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind
 
 IMAGE = GuestImage(Path("/k"), Path("/i"), "busybox", "6.1.0-t", "d1")
 
@@ -123,18 +125,17 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def make_fleet(root: Path, backend: FakeBackend, count: int = 3, **kw: object) -> Fleet:
+def make_fleet(
+    root: Path, backend: FakeBackend, count: int = 3, ready_timeout: float = 5.0
+) -> Fleet:
     return Fleet(
-        count,
-        128,
-        backend=backend,
+        FleetSpec(count, 128, ready_timeout=ready_timeout),
+        backend=backend,  # type: ignore[arg-type]
         image=IMAGE,
         runtime_root=root,
         run_id="rtest",
-        ready_timeout=kw.pop("ready_timeout", 5.0),  # type: ignore[arg-type]
         progress=False,
-        accel_resolver=lambda req, img: AccelChoice("tcg", "test"),
-        **kw,  # type: ignore[arg-type]
+        accel_resolver=lambda req, img: AccelChoice(AccelKind.TCG, "test"),
     )
 
 
@@ -144,7 +145,7 @@ def test_boot_all_ready_records_pids_accel_and_run_file(root: Path) -> None:
         assert fleet.pids() == {guest_name("rtest", i): 1000 + i for i in range(3)}
         result = fleet.run("ping")
         assert result.ok
-        assert {r.accel for r in result.values()} == {"tcg"}
+        assert fleet.accel == AccelChoice(AccelKind.TCG, "test")
         assert result.field("index") == {guest_name("rtest", i): i for i in range(3)}
         [run] = list_runs(root)
         assert run["run_id"] == "rtest"
@@ -261,11 +262,17 @@ def test_leftovers_are_found_by_name_prefix_in_proc(tmp_path: Path) -> None:
         "102": ["/usr/bin/qemu-system-x86_64", "-name", "guest=ksmh-rlv-g00,debug-threads=on",
                 "-object", "secret,file=/var/lib/libvirt/qemu/domain-1/master-key.aes"],
         "103": ["python3", "-name", "guest=ksmh-rx-g00"],
+        "104": ["/usr/bin/qemu-system-x86_64", "-name", "guest=ksmh-rnobody-g00"],
     }  # fmt: skip
     for pid, argv in procs.items():
         (tmp_path / pid).mkdir()
         (tmp_path / pid / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (tmp_path / "self").mkdir()
+    # Another user's guest (each user has its own runtime directory) is theirs to stop.
+    if os.geteuid() == 0:
+        os.chown(tmp_path / "104", 65534, 65534)
+    else:
+        shutil.rmtree(tmp_path / "104")  # no chown without root
     found = QemuBackend(proc=tmp_path).leftovers()
     assert found == [Leftover(name="ksmh-rdead-g00", pid=100, backend="qemu")]
 
@@ -311,5 +318,121 @@ def test_bad_sizes_are_one_line_errors_before_anything_is_built(
     # Before the fix --memory 32 was a ValueError traceback from GuestSpec, after the build.
     args: dict[str, int] = {"count": 1, "memory_mib": 128, "vcpus": 1, **kw}
     with pytest.raises(HarnessError) as err:
-        Fleet(args["count"], args["memory_mib"], vcpus=args["vcpus"], backend=FakeBackend())
+        FleetSpec(**args)
     assert err.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("kw", "message", "hint"),
+    [
+        ({"image": "alpine"}, "unknown image kind 'alpine'", "use busybox or debian"),
+        ({"backend": "xen"}, "unknown guest backend 'xen'", "use qemu or libvirt"),
+        ({"accel": "hvf"}, "unknown accelerator 'hvf'", "use auto, kvm or tcg"),
+        ({"concurrency": 0}, "--concurrency 0: must be at least 1", None),
+    ],
+)
+def test_spec_refuses_unknown_kinds_with_the_choices(
+    kw: dict[str, object], message: str, hint: str | None
+) -> None:
+    with pytest.raises(HarnessError) as err:
+        FleetSpec(1, **kw)  # type: ignore[arg-type]
+    assert (err.value.message, err.value.hint) == (message, hint)
+
+
+def test_spec_turns_strings_into_kinds_and_round_trips_through_json() -> None:
+    spec = FleetSpec(2, 128, image="debian", backend="libvirt", accel="tcg", uri="qemu:///x")  # type: ignore[arg-type]
+    assert (spec.image, spec.backend, spec.accel) == (
+        ImageKind.DEBIAN, GuestBackendKind.LIBVIRT, AccelKind.TCG,
+    )  # fmt: skip
+    data = spec.as_json()
+    assert data == {
+        "count": 2, "memory_mib": 128, "image": "debian", "backend": "libvirt",
+        "uri": "qemu:///x", "accel": "tcg", "vcpus": 1, "mem_merge": True, "thp": True,
+        "concurrency": 4, "ready_timeout": 180.0, "command_timeout": 600.0,
+    }  # fmt: skip
+    assert type(data["image"]) is str
+    assert FleetSpec.from_json(data) == spec
+
+
+def test_fleet_takes_its_description_from_the_spec_only(root: Path) -> None:
+    with pytest.raises(TypeError, match="a FleetSpec, not int"):
+        Fleet(3)  # type: ignore[arg-type]
+    fleet = make_fleet(root, FakeBackend(), count=2)
+    assert fleet.spec == FleetSpec(2, 128, ready_timeout=5.0)
+    # A prebuilt image of another kind makes the spec say so (what run.json records).
+    debian = GuestImage(Path("/k"), Path("/i"), "debian")
+    other = Fleet(FleetSpec(1), image=debian, backend=FakeBackend(), runtime_root=root)  # type: ignore[arg-type]
+    assert other.spec.image is ImageKind.DEBIAN
+
+
+def test_attach_restores_the_spec_from_run_json(root: Path) -> None:
+    backend = FakeBackend()
+    fleet = Fleet(
+        FleetSpec(2, 96, vcpus=2, mem_merge=False, thp=False, ready_timeout=5.0),
+        backend=backend,  # type: ignore[arg-type]
+        image=IMAGE,
+        runtime_root=root,
+        run_id="rspec",
+        progress=False,
+        accel_resolver=lambda req, img: AccelChoice(AccelKind.TCG, "test"),
+    )
+    fleet.up()
+    fleet.detach()
+    again = Fleet.attach("rspec", root, backend=backend, progress=False)
+    try:
+        assert again.spec == fleet.spec
+        assert [g.spec for g in again.guests] == [g.spec for g in fleet.guests]
+    finally:
+        again.down()
+
+
+class ThpRecordingBackend(FakeBackend):
+    """Records whether THP was disabled for this process (so for QEMU) at each start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thp_off_at_start: list[bool | None] = []
+
+    def start(self, spec: GuestSpec) -> int:
+        self.thp_off_at_start.append(thp_disabled())
+        return super().start(spec)
+
+
+@pytest.fixture
+def thp_allowed() -> Iterator[None]:
+    """THP allowed for this process during the test (another test module may disable it)."""
+    before = thp_disabled()
+    assert set_thp_disable(False)
+    yield
+    set_thp_disable(bool(before))
+
+
+@pytest.mark.usefixtures("thp_allowed")
+@pytest.mark.parametrize("thp", [False, True])
+def test_spec_thp_decides_what_qemu_inherits_and_the_process_gets_it_back(
+    root: Path, thp: bool
+) -> None:
+    backend = ThpRecordingBackend()
+    fleet = Fleet(
+        FleetSpec(2, 128, thp=thp, ready_timeout=5.0),
+        backend=backend,  # type: ignore[arg-type]
+        image=IMAGE,
+        runtime_root=root,
+        run_id="rthp",
+        progress=False,
+        accel_resolver=lambda req, img: AccelChoice(AccelKind.TCG, "test"),
+    )
+    try:
+        assert fleet.up().ok
+        assert backend.thp_off_at_start == [not thp, not thp]
+        assert thp_disabled() is False
+    finally:
+        fleet.down()
+
+
+@pytest.mark.usefixtures("thp_allowed")
+def test_thp_already_off_stays_off_after_boot() -> None:
+    assert set_thp_disable(True)
+    with thp_off_for_children():
+        assert thp_disabled() is True
+    assert thp_disabled() is True  # not switched on behind the caller's back

@@ -1,4 +1,4 @@
-"""QMP client against a fake monitor, and the fleet CLI's error paths (no guests booted)."""
+"""QMP (qemu.qmp) against a fake monitor, and the fleet CLI's error paths (no guests booted)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,23 @@ import pytest
 
 from harness.errors import GuestError, HarnessError
 from harness.guests import cli
-from harness.guests.qmp import QmpClient
+from harness.guests.qemu_backend import qmp_command
+
+GREETING = {
+    "QMP": {
+        "version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "Debian"},
+        "capabilities": ["oob"],
+    }
+}
 
 
-def fake_monitor(path: Path, answers: dict[str, str]) -> list[dict[str, object]]:
-    """Serve one QMP client: greeting, then a scripted line per command; returns requests."""
+def fake_monitor(
+    path: Path, answers: dict[str, list[dict[str, object]]]
+) -> list[dict[str, object]]:
+    """Serve one QMP client: greeting, then scripted messages per command; returns requests.
+
+    A scripted message without "event" is the command's reply and gets the request's id.
+    """
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
@@ -27,12 +39,21 @@ def fake_monitor(path: Path, answers: dict[str, str]) -> list[dict[str, object]]
 
     def serve() -> None:
         conn, _ = server.accept()
-        conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
-        f = conn.makefile("rb")
-        for line in f:
-            req = json.loads(line)
-            seen.append(req)
-            conn.sendall(answers[str(req["execute"])].encode() + b"\n")
+        conn.sendall(json.dumps(GREETING).encode() + b"\n")
+        # QMP is a stream of JSON objects: no newline is promised between them.
+        decoder, buf = json.JSONDecoder(), ""
+        while data := conn.recv(65536):
+            buf += data.decode()
+            while buf.strip():
+                try:
+                    req, end = decoder.raw_decode(buf.lstrip())
+                except ValueError:
+                    break  # an incomplete object: read more
+                buf = buf.lstrip()[end:]
+                seen.append(req)
+                for msg in answers[str(req["execute"])]:
+                    reply = msg if "event" in msg else {**msg, "id": req.get("id")}
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
         conn.close()
         server.close()
 
@@ -47,25 +68,46 @@ def short_dir() -> Iterator[Path]:
 
 
 def test_qmp_negotiates_skips_events_and_returns(short_dir: Path) -> None:
-    seen = fake_monitor(
-        short_dir / "m",
-        {
-            "qmp_capabilities": '{"return": {}}',
-            "query-status": '{"event": "RESUME", "timestamp": {}}\n'
-            '{"return": {"status": "running", "running": true}}',
-            "bad": '{"error": {"class": "CommandNotFound", "desc": "no bad"}}',
-        },
-    )
-    with QmpClient(short_dir / "m", timeout=5) as qmp:
-        assert qmp.execute("query-status") == {"status": "running", "running": True}
-        with pytest.raises(GuestError, match="QMP bad: CommandNotFound: no bad"):
-            qmp.execute("bad")
-    assert [r["execute"] for r in seen] == ["qmp_capabilities", "query-status", "bad"]
+    answers: dict[str, list[dict[str, object]]] = {
+        "qmp_capabilities": [{"return": {}}],
+        "query-status": [
+            {"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 0}},
+            {"return": {"status": "running", "running": True}},
+        ],
+    }
+    seen = fake_monitor(short_dir / "m", answers)
+    assert qmp_command(short_dir / "m", "query-status", timeout=5) == {
+        "status": "running",
+        "running": True,
+    }
+    assert [r["execute"] for r in seen] == ["qmp_capabilities", "query-status"]
+
+
+def test_qmp_refused_command_is_a_guest_error_with_class_and_description(short_dir: Path) -> None:
+    answers: dict[str, list[dict[str, object]]] = {
+        "qmp_capabilities": [{"return": {}}],
+        "bad": [{"error": {"class": "CommandNotFound", "desc": "no bad"}}],
+    }
+    seen = fake_monitor(short_dir / "m", answers)
+    with pytest.raises(GuestError, match=r"^QMP bad: CommandNotFound: no bad$"):
+        qmp_command(short_dir / "m", "bad", timeout=5)
+    assert [r["execute"] for r in seen] == ["qmp_capabilities", "bad"]
 
 
 def test_qmp_missing_socket_is_a_guest_error(short_dir: Path) -> None:
-    with pytest.raises(GuestError, match=r"QMP .*/nope"):
-        QmpClient(short_dir / "nope", timeout=1)
+    with pytest.raises(GuestError, match=r"^QMP .*/nope: "):
+        qmp_command(short_dir / "nope", "quit", timeout=1)
+
+
+def test_qmp_silent_monitor_times_out(short_dir: Path) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(short_dir / "m"))
+    server.listen(1)  # accepts (in the backlog) but never greets: a wedged QEMU
+    try:
+        with pytest.raises(GuestError, match=r"no answer within 0.3 s"):
+            qmp_command(short_dir / "m", "quit", timeout=0.3)
+    finally:
+        server.close()
 
 
 def ksmh(root: Path, *argv: str) -> int:

@@ -12,10 +12,10 @@ import paramiko
 import pytest
 
 from harness.errors import RemoteCommandFailed
+from harness.fleet_result import FleetResult, MemberResult
 from harness.remote.bundle import Bundle, build_bundle, local_soabi
 from harness.remote.check import HostCheck, format_table, rows
-from harness.remote.fleet import FleetResult, HostOutcome
-from harness.remote.inventory import Host
+from harness.remote.inventory import Host, Inventory
 from harness.remote.prepare import (
     REMOTE_PACKAGES,
     Layout,
@@ -28,7 +28,7 @@ from harness.remote.ssh import (
     HostKeyRefused,
     KnownHostsPolicy,
     Session,
-    _connection,
+    configure,
     fingerprint,
 )
 
@@ -183,13 +183,18 @@ def test_table_shows_every_host_and_its_problems() -> None:
 
 def test_bundle_ships_pure_deps_everywhere_and_compiled_ones_only_to_same_abi() -> None:
     other = build_bundle("cpython-39-aarch64-linux-gnu")
-    assert other.distributions == (
-        "prometheus-client",
+    pure = (
         "pydantic",
         "annotated-types",
         "typing-inspection",
         "typing-extensions",
+        "qemu.qmp",
+        "rich",
+        "markdown-it-py",
+        "mdurl",
+        "Pygments",
     )
+    assert other.distributions == ("prometheus-client", *pure)
     assert other.skipped == ("PyYAML", "libvirt-python", "numpy", "pydantic-core")
     same = build_bundle(local_soabi())
     assert same.distributions == (
@@ -202,6 +207,11 @@ def test_bundle_ships_pure_deps_everywhere_and_compiled_ones_only_to_same_abi() 
         "annotated-types",
         "typing-inspection",
         "typing-extensions",
+        "qemu.qmp",
+        "rich",
+        "markdown-it-py",
+        "mdurl",
+        "Pygments",
     )
     with tarfile.open(fileobj=io.BytesIO(same.data)) as tar:
         members = tar.getmembers()
@@ -210,8 +220,10 @@ def test_bundle_ships_pure_deps_everywhere_and_compiled_ones_only_to_same_abi() 
     assert "prometheus_client/__init__.py" in names and "yaml/__init__.py" in names
     assert "ksm_harness-0.1.0.dist-info/entry_points.txt" in names
     assert "numpy/__init__.py" in names  # the runner's shadow capture needs it
-    # harness.guests.image finds the agent source relative to site-packages and compiles it.
-    assert "guest-images/agent/ksmh-agent.c" in names
+    # Package data travels with the package: the host compiles the agent from it.
+    assert "harness/guests/data/ksmh-agent.c" in names and "harness/guests/data/init" in names
+    assert "harness/monitoring/templates/ksmh-exporter.service" in names
+    assert not [n for n in names if n.startswith("guest-images/")]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert all(m.mtime == 0 and m.uid == 0 for m in members)  # reproducible: digest = version
 
@@ -313,7 +325,7 @@ def test_connection_ignores_fabric_config_files(
         "connect_kwargs: {key_filename: /other/id}\nforward_agent: true\ngateway: jump\n"
     )
     monkeypatch.setenv("HOME", str(tmp_path))
-    conn = _connection(_host(), 10.0)
+    conn = configure(_host(), timeout=10.0)
     assert conn.connect_kwargs == {
         "key_filename": ["/k"],
         "look_for_keys": False,
@@ -371,8 +383,8 @@ def test_fetch_dir_copies_regular_files_and_never_leaves_local_dir(tmp_path: Pat
 
 def test_check_rows_keep_the_hint_of_a_host_that_failed() -> None:
     refused = HostKeyRefused("kvm-a: unknown host key", hint="ssh-keyscan it")
-    result = FleetResult([HostOutcome(_host(), error=refused)])
-    (row,) = rows(result)
+    result: FleetResult[HostCheck] = FleetResult("check", [MemberResult("kvm-a", error=refused)])
+    (row,) = rows(Inventory(Path("/inv.yaml"), (_host(),), Path("/kh")), result)
     assert (row.host, row.address, row.reachable) == ("kvm-a", "10.0.0.1:2222", False)
     assert row.problems == ["kvm-a: unknown host key (hint: ssh-keyscan it)"]
     assert format_table([row]).splitlines()[-1] == "kvm-a: unknown host key (hint: ssh-keyscan it)"

@@ -92,7 +92,7 @@ def test_alert_rules_and_for_override() -> None:
     assert alert_rules(RuleSettings(interval="1s"))["groups"][0]["interval"] == "1s"
 
 
-def test_dashboard_has_the_four_sections_and_valid_layout() -> None:
+def test_dashboard_has_the_six_sections_and_valid_layout() -> None:
     model = json.loads(json.dumps(dashboard()))  # survives a JSON round trip
     rows = [p["title"] for p in model["panels"] if p["type"] == "row"]
     assert rows == [
@@ -101,6 +101,7 @@ def test_dashboard_has_the_four_sections_and_valid_layout() -> None:
         "Per guest",
         "Kernel vs model",
         "Live twin: kernel vs model vs what-if",
+        "Nightly",
     ]
     panels = [p for p in model["panels"] if p["type"] != "row"]
     assert len(panels) >= 6
@@ -125,7 +126,35 @@ def test_dashboard_has_the_four_sections_and_valid_layout() -> None:
         assert any(series in e for e in exprs), series
     assert all('host=~"$host"' in e for e in exprs if "ALERTS" not in e)
     names = [v["name"] for v in model["templating"]["list"]]
-    assert names == ["datasource", "host"]
+    assert names == ["datasource", "host", "playbook"]
+    # The nightly row reads only what `ksmh run --push` pushed, filtered by playbook and host.
+    nightly = [e for _, e in queries(model, rows=("Nightly",))]
+    assert len(nightly) == 8
+    assert all('job="ksm_nightly", playbook=~"$playbook", host=~"$host"' in e for e in nightly)
+    assert not any("$playbook" in e for _, e in queries(model, rows=("Fleet overview",)))
+    assert len(queries(model)) == len(nightly) + len(
+        queries(
+            model,
+            rows=(
+                "Fleet overview",
+                "Per host",
+                "Per guest",
+                "Kernel vs model",
+                "Live twin: kernel vs model vs what-if",
+            ),
+        )
+    )
+
+
+def test_prometheus_config_scrapes_a_pushgateway_only_when_asked() -> None:
+    assert [j["job_name"] for j in prometheus_config()["scrape_configs"]] == ["ksm"]
+    jobs = prometheus_config(pushgateway="127.0.0.1:9091")["scrape_configs"]
+    assert jobs[1] == {
+        "job_name": "ksm_nightly",
+        "honor_labels": True,  # keep the pushed job/playbook/host labels
+        "static_configs": [{"targets": ["127.0.0.1:9091"]}],
+    }
+    assert jobs[0]["job_name"] == "ksm"
 
 
 def test_shipped_monitoring_files_are_the_generator_output() -> None:
@@ -173,3 +202,18 @@ def test_cli_rejects_a_bad_duration_and_a_bad_inventory(
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"ksmh: error: {bad}:2: hosts.a.port: 0 is out of range 1..65535"
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_pushgateway_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.cli import main
+
+    out = tmp_path / "o"
+    assert main(["monitoring", "config", str(EXAMPLE), "--out", str(out),
+                 "--pushgateway", "127.0.0.1:9091"]) == 0  # fmt: skip
+    cfg = yaml.safe_load((out / "prometheus.yml").read_text())
+    assert cfg["scrape_configs"][1]["static_configs"] == [{"targets": ["127.0.0.1:9091"]}]
+    for bad in ("http://127.0.0.1:9091", "127.0.0.1", "host:70000"):
+        with pytest.raises(SystemExit) as exc:
+            main(["monitoring", "config", str(EXAMPLE), "--out", str(out), "--pushgateway", bad])
+        assert exc.value.code == 2
+        assert f"expected HOST:PORT, got {bad!r}" in capsys.readouterr().err

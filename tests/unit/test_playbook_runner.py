@@ -10,6 +10,7 @@ nowhere), so no host lock is needed.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -26,6 +27,7 @@ from harness.guests.fleet import FleetResult, GuestResult
 from harness.playbook.live import RunState, serve_run
 from harness.playbook.runner import Runner, RunOptions
 from harness.playbook.schema import FleetSpec, loads_playbook
+from harness.report.provenance import playbook_digest
 from harness.report.results import read_results
 from harness.run import PIPE, spawn
 from harness.sides.model import ModelSnapshot
@@ -177,10 +179,33 @@ def test_model_only_run(tmp_path: Path, fleets: list[FakeFleet]) -> None:
     assert list((tmp_path / "journal").iterdir()) == []  # a clean end removes the journal
     assert run["sharing_matrix"]["pages"] == [[64, 64, 64], [64, 64, 64], [64, 64, 64]]
     assert run["shadow"]["captures"] >= 4
+    # What a trend groups and explains by; the boot record from the fleet's boot result.
+    prov = run["provenance"]
+    assert prov["playbook_digest"] == playbook_digest(None, run["playbook"]["source"])
+    assert prov["host"] == socket.gethostname() and prov["kernel_release"] == os.uname().release
+    assert run["boot"] == {
+        "seconds": {f"ksmh-rfake-g{i:02d}": 0.0 for i in range(3)},
+        "median": 0.0,
+        "max": 0.0,
+    }
     names = {p.name for p in outcome.directory.iterdir()}
-    assert {"run.json", "samples.csv", "guests.csv", "report.md", "counters.png"} <= names
+    assert {
+        "run.json",
+        "samples.csv",
+        "guests.csv",
+        "scans.csv",
+        "report.md",
+        "counters.png",
+    } <= names
     model_rows = [r for r in res.guests if r["source"] == "model"]
     assert model_rows[-1]["merging_pages"] == 64
+    # Every full scan the model made is on record, numbered from the start of the run.
+    scans = [r for r in res.scans if r["source"] == "model"]
+    assert [r["scan"] for r in scans] == list(range(1, len(scans) + 1))
+    assert len(scans) == converge["counters"]["model"]["end"]["full_scans"]
+    assert (scans[0]["pages_sharing"], scans[1]["pages_sharing"]) == (0, 191)
+    assert scans[1]["phase"] == "fill" and scans[-1]["phase"] == "converge"
+    assert (outcome.directory / "scans.png").read_bytes()[:4] == b"\x89PNG"
     assert "*** KSM backend: the model alone" in "\n".join(opts.echo.__self__)  # type: ignore[attr-defined]
 
 
@@ -306,7 +331,8 @@ def test_failed_samples_are_reported_at_the_end(tmp_path: Path) -> None:
     assert not sampler.is_alive()
     n = len(sampler.errors)
     assert n >= 1
-    assert lines[-1].endswith(f"] {n} samples failed; the last: cannot read pages_sharing")
+    noun = "sample" if n == 1 else "samples"
+    assert lines[-1].endswith(f"] {n} {noun} failed; the last: cannot read pages_sharing")
 
 
 FORECAST = """

@@ -52,18 +52,18 @@ def test_one_host_with_a_bad_probe_reply_fails_alone(
     answers = {"a": json.dumps(GOOD), "b": '{"version": "3.11"}', "c": "Welcome to host c!\n"}
 
     @contextlib.contextmanager
-    def connect(host: Host, known_hosts: Path) -> Iterator[FakeSession]:
+    def open_session(conn: object, host: Host, known_hosts: Path) -> Iterator[FakeSession]:
         yield FakeSession(host, answers[host.name])
 
-    monkeypatch.setattr(remote_fleet, "connect", connect)
+    monkeypatch.setattr(remote_fleet, "open_session", open_session)
     result = remote_fleet.on_fleet(inv, lambda s: read_facts(s, "/opt/k"))  # type: ignore[arg-type]
     assert isinstance(result["a"].value, Facts) and result["a"].value.version == (3, 11)
-    assert {n: e.message for n, e in result.failed.items()} == {
+    assert {r.name: r.error.message for r in result.failed if r.error} == {
         "b": "b: unexpected reply from the host probe (version: Input should be a valid array)",
         "c": "c: unexpected reply from the host probe (reply: Invalid JSON: expected value at "
         "line 1 column 1)",
     }
-    assert all(isinstance(e, RemoteCommandFailed) and e.hint for e in result.failed.values())
+    assert all(isinstance(r.error, RemoteCommandFailed) and r.error.hint for r in result.failed)
 
 
 @pytest.mark.parametrize("name", ["20261126-154727-quickstart", "r1", "a.b_c-d"])

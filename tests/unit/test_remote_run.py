@@ -38,6 +38,7 @@ def test_remote_argv_is_the_wrapper_then_the_installed_ksmh() -> None:
         "env", "KSM_HARNESS_IMAGE_DIR=/opt/ksm h/guest-images",
         "/opt/ksm h/venv/bin/ksmh", "run", "/opt/ksm h/runs/x/p b.yaml",
         "--backend", "kernel", "--out", "/opt/ksm h/runs/x/results", "--export", "off",
+        "--push", "off",
     ]  # fmt: skip
     # What the remote shell sees: every argument one word, the spaces quoted.
     assert shlex.split(shlex.join(argv)) == argv
@@ -189,16 +190,16 @@ def test_a_passing_host_is_uploaded_run_fetched_rendered_and_summarized(tmp_path
     work = "/opt/ksm h/runs/F-t0"
     assert s.commands[0] == ["mkdir", "-p", f"{work}/results"]
     assert s.uploads == {f"{work}/tiny.yaml": b"name: tiny\n"}
-    assert s.commands[1][-8:] == [
+    assert s.commands[1][-10:] == [
         "run", f"{work}/tiny.yaml", "--backend", "auto", "--out", f"{work}/results",
-        "--export", "off",
+        "--export", "off", "--push", "off",
     ]  # fmt: skip
     local = tmp_path / "out" / "kvm a" / "20261126-000000-tiny"
     assert lines == [
         f"kvm a: running tiny.yaml on 10.0.0.1:2222 (workdir {work})",
         "kvm a: [ 0.1s] booting",
         "kvm a: [ 9.0s] done",  # the last line had no newline
-        f"kvm a: exit 0, fetched 3 files into {local}",
+        f"kvm a: exit 0, fetched 4 files into {local}",  # run.json and three CSVs
     ]
     assert remote.pids == {}  # known while it ran, forgotten after
     assert (local / "report.md").exists()  # rendered here

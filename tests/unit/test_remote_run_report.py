@@ -144,7 +144,7 @@ def test_report_md_links_hosts_relative_and_lists_failures(tmp_path: Path) -> No
                            ": 1 passed, 0 failed, 1 errored of 2 hosts\n")  # fmt: skip
     assert (
         "- **fleet-wide saved: 15.9 MiB** (16711680 bytes at the end of each host's run, "
-        "1 hosts with results); sum of per-host peaks 15.9 MiB"
+        "1 host with results); sum of per-host peaks 15.9 MiB"
     ) in text
     rows = [
         ln for ln in text.splitlines() if ln.startswith("| alpha") or ln.startswith("| charlie")

@@ -21,12 +21,22 @@ def synthetic(sharing_end: int = 24000, sweep_seconds: float = 12.5) -> Results:
     counters = {
         "kernel": {
             "start": {"pages_shared": 0, "pages_sharing": 0, "full_scans": 0},
-            "end": {"pages_shared": 96, "pages_sharing": sharing_end, "full_scans": 7},
+            "end": {
+                "pages_shared": 96,
+                "pages_sharing": sharing_end,
+                "full_scans": 7,
+                "general_profit": 98_304_000 - 9000 * 64,
+            },
             "delta": {"pages_shared": 96, "pages_sharing": sharing_end, "full_scans": 7},
         },
         "model": {
             "start": {"pages_shared": 0, "pages_sharing": 0, "full_scans": 0},
-            "end": {"pages_shared": 96, "pages_sharing": 24000, "full_scans": 7},
+            "end": {
+                "pages_shared": 96,
+                "pages_sharing": 24000,
+                "full_scans": 7,
+                "general_profit": 98_304_000 - 9100 * 64,
+            },
             "delta": {"pages_shared": 96, "pages_sharing": 24000, "full_scans": 7},
         },
     }
@@ -122,6 +132,8 @@ def test_render_makes_every_plot_and_the_report(tmp_path: Path) -> None:
     text = report.read_text()
     assert "**Verdict: FAILED** (exit status 1)" in text
     assert "| pages_sharing | 24000 | 24000 | 24000 | 24000 | 0 |" in text
+    # general_profit is bytes: shown as a size, as are its differences (here 100 x 64 bytes)
+    assert "| general_profit | 93.2 MiB | - | 93.2 MiB | - | 6.2 KiB |" in text
     assert "| FAIL | `pages_sharing >= 1` | 13 | 0 |" in text
     assert "| 100 | 12.5 | - | 1.5 | - |" in text
     assert "- verify: clean" in text
@@ -148,9 +160,12 @@ def test_compare_lists_changes(tmp_path: Path) -> None:
     b.run["phases"][0]["expectations"][1]["status"] = "passed"
     out = compare(a, b)
     assert out.startswith("# compare r1 -> r2\n")
-    assert "| kernel.pages_sharing | 24000 | 23000 | -1000 (-4.2%) |" in out
+    assert "| kernel.pages_sharing | 24,000 | 23,000 | -1,000 (-4.2%) |" in out
     assert "| `pages_sharing >= 1` | failed | passed | verdict changed |" in out
     assert "| pages_to_scan=100 seconds | 12.5 | 20.0 | +7.5 (+60.0%) |" in out
+    c = copy.deepcopy(b)
+    c.run["phases"][0]["counters"]["kernel"]["end"]["pages_sharing"] = 24000 - 124400
+    assert "| kernel.pages_sharing | 24,000 | -100,400 | -124,400 (-518.3%) |" in compare(a, c)
     assert "model.pages_sharing" not in out
     assert "No differences" not in out
     # Within the tolerance the counter change is hidden.
@@ -171,7 +186,14 @@ def test_cli_report_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["report", str(da)]) == 0
     assert capsys.readouterr().out == f"report: {da / 'report.md'}\n"
     assert main(["compare", str(da), str(db)]) == 0
-    assert "| kernel.pages_sharing | 24000 | 1 |" in capsys.readouterr().out
+    assert "| kernel.pages_sharing | 24,000 | 1 |" in capsys.readouterr().out
+    # A verdict that got worse (passed -> error) fails the command, so a nightly job fails.
+    worse = synthetic()
+    worse.run["verdict"] = {"status": "error", "exit_status": 2}
+    write_results(tmp_path / "c", worse)
+    assert main(["compare", str(da), str(tmp_path / "c")]) == 1
+    assert capsys.readouterr().err == "verdict got worse: failed -> error\n"
+    assert main(["compare", str(tmp_path / "c"), str(da)]) == 0  # better is fine
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"ksmh: error: {tmp_path / 'missing'}: no such directory\n")

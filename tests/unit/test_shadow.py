@@ -243,3 +243,31 @@ def test_sharing_matrix() -> None:
     # Row p1: its 2 U pages occur twice inside p1 and also in p2. Row p2: its U page is in
     # p1, its B page in p3. Row p3: 3 B pages, repeated inside p3 and found in p2.
     assert sharing_matrix(caps).tolist() == [[2, 2, 0], [1, 0, 1], [0, 3, 3]]
+
+
+def test_a_zombie_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    """A guest's QEMU killed mid-run is a zombie until reaped: /proc/PID exists, pagemap
+    gives ESRCH. The capture skips it (the next agent step reports the dead guest)."""
+    import subprocess
+    import sys
+    import time
+
+    from harness.procfs import Vma, pid_alive
+    from harness.shadow import Shadow, ShadowError, capture_vmas
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while pid_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)  # exited, not reaped: a zombie
+    assert Path(f"/proc/{child.pid}").exists() and not pid_alive(child.pid)
+    try:
+        with pytest.raises(ShadowError, match=f"process {child.pid} exited during capture"):
+            capture_vmas(child.pid, [Vma(0x10000, 0x11000, ("rd", "wr", "mg"))])
+
+        class NoModel:
+            def spawn(self, name: str) -> None:
+                raise AssertionError("nothing to replay")
+
+        assert Shadow(NoModel()).capture({child.pid: "gone"}) == []
+    finally:
+        child.wait()

@@ -1,4 +1,7 @@
-"""Fleet benchmark: prints figures, asserts nothing.  `python -m harness.guests.bench`
+"""Fleet benchmark: prints figures, asserts nothing.
+
+    sudo .venv/bin/python bench/bench_guests.py [--count 16] [--concurrency 4] [--debian] \
+        [--json FILE]
 
 1. boot-to-ready of one 256 MiB guest, and of 16 x 256 MiB guests (accel as resolved, TCG here);
 2. host memory overhead per guest beyond its RAM: the Rss of every QEMU mapping except the
@@ -18,7 +21,12 @@ import statistics
 import time
 from pathlib import Path
 
+from benchlib import Figures, add_json_option
+
 from harness.guests.fleet import Fleet
+from harness.guests.spec import FleetSpec
+from harness.kinds import ImageKind
+from harness.ksm.types import PAGE_SIZE
 
 MIB = 1024 * 1024
 _HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
@@ -65,63 +73,63 @@ def meminfo_kib(key: str) -> int:
 
 def boot_times(count: int, memory: int, concurrency: int) -> tuple[float, list[float], Fleet]:
     t0 = time.monotonic()
-    fleet = Fleet(count, memory, mem_merge=False, concurrency=concurrency, ready_timeout=600)
+    spec = FleetSpec(count, memory, mem_merge=False, concurrency=concurrency, ready_timeout=600)
+    fleet = Fleet(spec)
     result = fleet.up()
     wall = time.monotonic() - t0
     result.raise_if_failed()
     return wall, [r.seconds for r in result.values()], fleet
 
 
-def bench_boot(args: argparse.Namespace) -> None:
+def bench_boot(args: argparse.Namespace, fig: Figures) -> None:
     wall, _, fleet = boot_times(1, 256, 1)
     try:
-        accel = fleet.accel.accel if fleet.accel else "?"
-        print(f"boot-to-ready, 1 x 256 MiB ({accel}): {wall:.1f} s (incl. image check, accel)")
+        fig.add("accel", str(fleet.accel.accel) if fleet.accel else None)
+        fig.add("boot_1x256.seconds", round(wall, 1), "s (incl. image check, accel)")
         pid = next(iter(fleet.pids().values()))
         ram, rss, pss = smaps_split(pid, 256)
-        print(
-            f"  QEMU after boot: guest RAM Rss {ram / MIB:.0f} MiB; outside RAM: "
-            f"Rss {rss / MIB:.1f} MiB, Pss {pss / MIB:.1f} MiB"
-        )
+        fig.add("boot_1x256.ram_rss_mib", round(ram / MIB), "MiB (guest RAM resident)")
+        fig.add("boot_1x256.other_rss_mib", round(rss / MIB, 1), "MiB (outside guest RAM)")
+        fig.add("boot_1x256.other_pss_mib", round(pss / MIB, 1), "MiB (outside guest RAM)")
     finally:
         fleet.down()
     n = args.count
     wall, each, fleet = boot_times(n, 256, args.concurrency)
     try:
-        print(
-            f"boot-to-ready, {n} x 256 MiB, concurrency {args.concurrency}: {wall:.1f} s wall; "
-            f"per guest median {statistics.median(each):.1f} s, max {max(each):.1f} s"
-        )
+        key = f"boot_{n}x256"
+        fig.add(f"{key}.concurrency", args.concurrency)
+        fig.add(f"{key}.seconds", round(wall, 1), "s wall")
+        fig.add(f"{key}.per_guest_median_seconds", round(statistics.median(each), 1), "s")
+        fig.add(f"{key}.per_guest_max_seconds", round(max(each), 1), "s")
         splits = [smaps_split(pid, 256) for pid in fleet.pids().values()]
         pss_all = [x[2] / MIB for x in splits]
-        rss_all = [x[1] / MIB for x in splits]
-        ram_all = [x[0] / MIB for x in splits]
-        print(
-            f"host overhead per guest beyond its RAM (outside the RAM block), median: "
-            f"Pss {statistics.median(pss_all):.1f} MiB (max {max(pss_all):.1f}), "
-            f"Rss {statistics.median(rss_all):.1f} MiB; guest RAM resident after boot: "
-            f"{statistics.median(ram_all):.0f} MiB"
-        )
+        fig.add("overhead_per_guest.pss_median_mib", round(statistics.median(pss_all), 1), "MiB")
+        fig.add("overhead_per_guest.pss_max_mib", round(max(pss_all), 1), "MiB")
+        rss = statistics.median(x[1] / MIB for x in splits)
+        fig.add("overhead_per_guest.rss_median_mib", round(rss, 1), "MiB")
+        ram = statistics.median(x[0] / MIB for x in splits)
+        fig.add("guest_ram_resident_after_boot_mib", round(ram), "MiB (median)")
     finally:
         fleet.down()
 
 
-def bench_overcommit(args: argparse.Namespace) -> None:
+def bench_overcommit(args: argparse.Namespace, fig: Figures) -> None:
     from harness.ksm.lock import ksm_lock
     from harness.ksm.sysfs import SysfsBackend
 
     ksm = SysfsBackend()
     n, memory, fill, want = args.guests, 256, args.fill, 192
+    grow = (n - 1) * fill * MIB // PAGE_SIZE
     with ksm_lock(), ksm.saved():
         ksm.write_tunables(run=0)
-        with Fleet(n, memory, mem_merge=True, ready_timeout=600) as fleet:
+        with Fleet(FleetSpec(n, memory, ready_timeout=600)) as fleet:
             fleet.fill("a", f"{fill}M", "mix:11:common=100,zero=0").raise_if_failed()
             pids = fleet.pids()
             off = [smaps_split(p, memory) for p in pids.values()]
             before = ksm.read_counters()
             ksm.write_tunables(run=1, pages_to_scan=5000, sleep_millisecs=10)
             t0 = time.monotonic()
-            target = (before.pages_sharing or 0) + (n - 1) * fill * MIB // 4096
+            target = (before.pages_sharing or 0) + grow
             while time.monotonic() - t0 < 300:
                 if (ksm.read_counters().pages_sharing or 0) >= target:
                     break
@@ -136,44 +144,38 @@ def bench_overcommit(args: argparse.Namespace) -> None:
     ram_off = statistics.mean(x[0] for x in off)
     over_off = statistics.mean(x[1] for x in off)
     per_off = ram_off + over_off
-    unique = statistics.mean(r - m * 4096 for r, m in zip(rss_on, merged, strict=True))
-    shared = (c.pages_shared or 0) * 4096
-    print(f"overcommit: {n} guests x {memory} MiB measured, each filling {fill} MiB identical")
-    print(
-        f"  merge time until pages_sharing grew by {(n - 1) * fill * MIB // 4096}: {merge_s:.1f} s"
-    )
-    print(f"  KSM after 2 more full scans: pages_shared {c.pages_shared}, "
-          f"pages_sharing {c.pages_sharing}")  # fmt: skip
-    print(f"  per guest without KSM: {per_off / MIB:.0f} MiB (QEMU Rss: guest RAM "
-          f"{ram_off / MIB:.0f} + the rest {over_off / MIB:.0f})")  # fmt: skip
-    print(f"  per guest with KSM: {unique / MIB:.0f} MiB unmerged, plus {shared / MIB:.0f} MiB of "
-          "KSM pages held once for all guests")  # fmt: skip
+    unique = statistics.mean(r - m * PAGE_SIZE for r, m in zip(rss_on, merged, strict=True))
+    shared = (c.pages_shared or 0) * PAGE_SIZE
+    fig.note(f"overcommit: {n} guests x {memory} MiB measured, each filling {fill} MiB identical")
+    fig.add("overcommit.merge_seconds", round(merge_s, 1), f"s (pages_sharing +{grow})")
+    fig.add("overcommit.pages_shared", c.pages_shared, "after 2 more full scans")
+    fig.add("overcommit.pages_sharing", c.pages_sharing, "after 2 more full scans")
+    fig.add("overcommit.per_guest_without_ksm_mib", round(per_off / MIB), "MiB (QEMU Rss)")
+    fig.add("overcommit.per_guest_with_ksm_mib", round(unique / MIB), "MiB unmerged")
+    fig.add("overcommit.ksm_pages_held_once_mib", round(shared / MIB), "MiB")
     # Extrapolate to a `want` MiB fill: the extra identical memory is private without KSM
     # (capped by the guest's RAM) and only grows the once-held KSM pages with it.
     extra = (want - fill) * MIB
     per_off_w = min(ram_off + max(extra, 0), memory * MIB) + over_off
     shared_w = shared + max(extra, 0)
-    print(f"  host budget: MemTotal - 1 GiB host reserve = {budget / MIB / 1024:.1f} GiB")
-    print(f"  256 MiB guests filling {want} MiB that fit without KSM: "
-          f"{int(budget // per_off_w)} ({per_off_w / MIB:.0f} MiB each)")  # fmt: skip
-    print(f"  256 MiB guests filling {want} MiB that fit with KSM: "
-          f"{int((budget - shared_w) // unique)} ({unique / MIB:.0f} MiB each + "
-          f"{shared_w / MIB:.0f} MiB shared once)")  # fmt: skip
+    fig.add("overcommit.host_budget_gib", round(budget / MIB / 1024, 1), "GiB (MemTotal - 1 GiB)")
+    fig.add(f"overcommit.fit_without_ksm_{want}mib", int(budget // per_off_w), "guests (derived)")
+    fig.add(f"overcommit.fit_with_ksm_{want}mib", int((budget - shared_w) // unique),
+            "guests (derived)")  # fmt: skip
 
 
-def bench_debian(args: argparse.Namespace) -> None:
+def bench_debian(args: argparse.Namespace, fig: Figures) -> None:
     """Sharing that identical Debian (systemd) guests get from KSM with no workload at all."""
-    from harness.guests.debian_image import ensure_debian_image
     from harness.ksm.lock import ksm_lock
     from harness.ksm.sysfs import SysfsBackend
 
-    image = ensure_debian_image()
     ksm = SysfsBackend()
     n, memory = args.debian_guests, 256
+    spec = FleetSpec(n, memory, image=ImageKind.DEBIAN, ready_timeout=600)
     with ksm_lock(), ksm.saved():
         ksm.write_tunables(run=0)
         t0 = time.monotonic()
-        with Fleet(n, memory, image=image, mem_merge=True, ready_timeout=600) as fleet:
+        with Fleet(spec) as fleet:
             boot = time.monotonic() - t0
             pids = fleet.pids()
             if len(pids) < n:
@@ -189,20 +191,19 @@ def bench_debian(args: argparse.Namespace) -> None:
                 if last >= 0 and abs(sharing - last) <= max(last // 100, 16):
                     break  # settled: under 1 % change over two full scans
                 last = sharing
+            settled = time.monotonic() - t1
             c = ksm.read_counters()
-            merged = {n_: ksm.ksm_stat(p).merging_pages or 0 for n_, p in pids.items()}
-    gain = ((c.pages_sharing or 0) - (before.pages_sharing or 0)) * 4096
-    print(f"debian (mmdebstrap minbase + systemd) x {n}, {memory} MiB, idle after boot:")
-    print(f"  boot-to-ready of the fleet: {boot:.1f} s; QEMU Rss per guest "
-          f"{statistics.mean(rss) / MIB:.0f} MiB")  # fmt: skip
-    print(f"  settled in {time.monotonic() - t1:.1f} s: pages_shared {c.pages_shared}, "
-          f"pages_sharing {c.pages_sharing} (+{gain // 4096} since run=1)")  # fmt: skip
-    print(f"  saved: {gain / MIB:.0f} MiB for {n} guests = {gain / MIB / n:.0f} MiB per guest; "
-          f"merging pages per guest: {sorted(merged.values())}")  # fmt: skip
+    gain = ((c.pages_sharing or 0) - (before.pages_sharing or 0)) * PAGE_SIZE
+    fig.note(f"debian (mmdebstrap minbase + systemd) x {n}, {memory} MiB, idle after boot")
+    fig.add("debian.fleet_ready_seconds", round(boot, 1), "s (image built or found first)")
+    fig.add("debian.rss_per_guest_mib", round(statistics.mean(rss) / MIB), "MiB")
+    fig.add("debian.settled_seconds", round(settled, 1), "s")
+    fig.add("debian.saved_mib", round(gain / MIB), "MiB")
+    fig.add("debian.saved_per_guest_mib", round(gain / MIB / n), "MiB")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m harness.guests.bench")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--guests", type=int, default=4, help="guests of the overcommit run")
@@ -213,13 +214,16 @@ def main() -> None:
     parser.add_argument("--debian-guests", type=int, default=3)
     parser.add_argument("--skip-boot", action="store_true")
     parser.add_argument("--skip-overcommit", action="store_true")
+    add_json_option(parser)
     args = parser.parse_args()
+    fig = Figures("guest fleets (bench/bench_guests.py)", args)
     if not args.skip_boot:
-        bench_boot(args)
+        bench_boot(args, fig)
     if not args.skip_overcommit:
-        bench_overcommit(args)
+        bench_overcommit(args, fig)
     if args.debian:
-        bench_debian(args)
+        bench_debian(args, fig)
+    fig.finish(args.json)
 
 
 if __name__ == "__main__":

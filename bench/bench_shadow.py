@@ -2,7 +2,8 @@
 """Benchmark: shadow-capture throughput against the real ksmd's scan rate, in one run, and the
 runner's own CPU use while the guests idle. Prints figures; asserts nothing.
 
-    sudo .venv/bin/python playbooks/bench/bench_shadow.py [--guests 4] [--memory 256] [--fill 64]
+    sudo .venv/bin/python bench/bench_shadow.py [--guests 4] [--memory 256] [--fill 64] \
+        [--json FILE]
 
 Part 1 boots a fleet (TCG here, THP off as the runner does), fills half of each guest's fill
 size with identical pages and half with random ones, then measures, on the same memory:
@@ -24,13 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import Figures, add_json_option
+
 from harness.guests.fleet import Fleet
+from harness.guests.spec import FleetSpec
 from harness.ksm.lock import ksm_lock
+from harness.ksm.model import ModelBackend
 from harness.ksm.sysfs import SysfsBackend
-from harness.playbook import host
-from harness.playbook.modelside import ModelSide
+from harness.ksm.types import PAGE_SIZE
 from harness.playbook.runner import Runner, RunOptions
 from harness.playbook.schema import loads_playbook
+from harness.sides.model import ModelSide
 
 MiB = 2**20
 
@@ -50,68 +55,60 @@ def ksmd_rate(k: SysfsBackend, scans: int) -> tuple[float, float]:
     return ((c1.pages_scanned or 0) - (c0.pages_scanned or 0)) / dt, dt
 
 
-def part1(args: argparse.Namespace, k: SysfsBackend) -> None:
+def part1(args: argparse.Namespace, k: SysfsBackend, fig: Figures) -> None:
     k.write_tunables(run=2, force=True)
     k.apply({"pages_to_scan": 20000, "sleep_millisecs": 0, "smart_scan": 0, "run": 0})
     half = args.fill // 2
-    host.set_thp_disable(True)
-    with Fleet(args.guests, args.memory, progress=False) as fleet:
-        host.set_thp_disable(False)
+    fig.note(
+        f"{args.guests} guests x {args.memory} MiB, each filling {half} MiB identical + "
+        f"{half} MiB random; THP off"
+    )
+    with Fleet(FleetSpec(args.guests, args.memory, thp=False), progress=False) as fleet:
         fleet.run("fill", "a", f"{half}M", "byte:0x5a").raise_if_failed()
         fleet.run("fill", "b", f"{half}M", "random:7").raise_if_failed()
-        side = ModelSide(include_others=False)
-        side.guests = {pid: name for name, pid in fleet.pids().items()}
+        side = ModelSide(ModelBackend(profile="host"), include_others=False)
+        side.watch({pid: name for name, pid in fleet.pids().items()})
         knobs = {"pages_to_scan": 20000, "sleep_millisecs": 0, "smart_scan": 0, "run": 0}
-        side.backend.apply(knobs, force=True)
+        side.apply(knobs)
         t0, c0 = time.perf_counter(), cpu()
         caps = side.shadow.capture(side.targets())
         cap_s, cap_cpu = time.perf_counter() - t0, cpu() - c0
         nbytes = sum(c.bytes_read for c in caps)
-        present = sum(c.present for c in caps)
+        fig.add("capture.mib_read", round(nbytes / MiB), "MiB")
+        fig.add("capture.pages_kept", sum(c.present for c in caps), "pages")
+        fig.add("capture.seconds", round(cap_s, 2), "s")
+        fig.add("capture.cpu_seconds", round(cap_cpu, 2), "s")
+        capture_mib_s = fig.add("capture_mib_s", round(nbytes / MiB / cap_s, 1), "MiB/s")
         rep1 = side.shadow.replay(caps)
-        caps2 = side.shadow.capture(side.targets())
-        rep2 = side.shadow.replay(caps2)
-        print(
-            f"guests: {args.guests} x {args.memory} MiB, "
-            f"fill {half} MiB identical + {half} MiB random"
-        )
-        print(
-            f"capture: {nbytes / MiB:.0f} MiB read, {present} pages kept, {cap_s:.2f} s "
-            f"({nbytes / MiB / cap_s:.0f} MiB/s, cpu {cap_cpu:.2f} s)"
-        )
-        print(
-            f"replay, first: {rep1.pages_written} pages in {rep1.seconds:.2f} s "
-            f"({rep1.pages_written / rep1.seconds:.0f} pages/s); "
-            f"unchanged: {rep2.pages_written} pages in {rep2.seconds:.2f} s"
-        )
-        side.backend.apply({"run": 1}, force=True)
+        rep2 = side.shadow.replay(side.shadow.capture(side.targets()))
+        fig.add("replay.first.pages", rep1.pages_written, "pages")
+        fig.add("replay.first_pages_s", round(rep1.pages_written / rep1.seconds), "pages/s")
+        fig.add("replay.unchanged.pages", rep2.pages_written, "pages")
+        fig.add("replay.unchanged.seconds", round(rep2.seconds, 3), "s")
+        side.apply({"run": 1})
+        kernel = side.model.kernel
         t0 = time.perf_counter()
-        side.kernel.run_until(full_scans=2)
+        kernel.run_until(full_scans=2)
         first2 = time.perf_counter() - t0
         scanned0 = side.counters()["pages_scanned"]
         t0 = time.perf_counter()
-        side.kernel.run_until(full_scans=3)
+        kernel.run_until(full_scans=3)
         steady = time.perf_counter() - t0
-        steady_pages = side.counters()["pages_scanned"] - scanned0
-        model_pps = steady_pages / steady
-        print(
-            f"model: first 2 scans {scanned0 / first2:.0f} pages/s ({first2:.2f} s); "
-            f"steady scan {model_pps:.0f} pages/s ({steady:.2f} s)"
-        )
+        model_pps = (side.counters()["pages_scanned"] - scanned0) / steady
+        fig.add("model.first_two_pages_s", round(scanned0 / first2), "pages/s")
+        fig.add("model.steady_pages_s", round(model_pps), "pages/s")
         end_to_end = nbytes / MiB / (cap_s + rep2.seconds + steady)
-        print(f"shadow end to end (capture + replay + one model scan): {end_to_end:.0f} MiB/s")
+        fig.add("shadow_end_to_end_mib_s", round(end_to_end, 1), "MiB/s (capture+replay+scan)")
+        # The real ksmd over the same memory, in the same run: what the ratios are against.
         k.write_tunables(run=1)
-        rate2, dt2 = ksmd_rate(k, 2)
+        rate2, _ = ksmd_rate(k, 2)
         rate, _ = ksmd_rate(k, 3)
-        print(
-            f"ksmd: first 2 scans {rate2:.0f} pages/s ({dt2:.2f} s); merged steady "
-            f"{rate:.0f} pages/s = {rate * 4096 / MiB:.0f} MiB/s"
-        )
-        print(
-            "ratio capture MiB/s / ksmd MiB/s (steady): "
-            f"{nbytes / MiB / cap_s / (rate * 4096 / MiB):.2f}; "
-            f"model scan / ksmd scan: {model_pps / rate:.2f}"
-        )
+        fig.add("ksmd.first_two_pages_s", round(rate2), "pages/s")
+        fig.add("ksmd.steady_pages_s", round(rate), "pages/s (merged memory)")
+        ksmd_mib_s = fig.add("ksmd_mib_s", round(rate * PAGE_SIZE / MiB, 1), "MiB/s")
+        fig.add("ratio", round(capture_mib_s / ksmd_mib_s, 3), "capture / ksmd (MiB/s)")
+        fig.add("model_scan_ratio", round(model_pps / rate, 3), "model scan / ksmd scan")
+        fig.add("end_to_end_ratio", round(end_to_end / ksmd_mib_s, 3), "end to end / ksmd")
         k.write_tunables(run=2, force=True)
 
 
@@ -130,7 +127,7 @@ phases:
 """
 
 
-def part2(args: argparse.Namespace) -> None:
+def part2(args: argparse.Namespace, fig: Figures) -> None:
     marks: dict[str, float] = {}
 
     def echo(line: str) -> None:
@@ -153,15 +150,12 @@ def part2(args: argparse.Namespace) -> None:
         total_cpu, total = cpu() - c_start, time.monotonic() - t_start
     idle_wall, idle_cpu = marks["t1"] - marks["t0"], marks["c1"] - marks["c0"]
     sync_wall, sync_cpu = marks["t2"] - marks["t1"], marks["c2"] - marks["c1"]
-    print(
-        f"runner while guests idle (sampler thread, exporter up): {idle_cpu:.2f} s CPU "
-        f"over {idle_wall:.1f} s = {100 * idle_cpu / idle_wall:.1f}% of one core"
-    )
-    print(
-        f"then one sync (capture + model catch-up over the kernel's scans): "
-        f"{sync_cpu:.2f} s CPU, {sync_wall:.1f} s"
-    )
-    print(f"runner whole run: {total_cpu:.1f} s CPU over {total:.1f} s")
+    fig.add("runner.idle_cpu_percent", round(100 * idle_cpu / idle_wall, 2), "% of one core")
+    fig.add("runner.idle_seconds", round(idle_wall, 1), "s (sampler + exporter)")
+    fig.add("runner.sync_after_idle_cpu_seconds", round(sync_cpu, 2), "s")
+    fig.add("runner.sync_after_idle_seconds", round(sync_wall, 1), "s")
+    fig.add("runner.whole_run_cpu_seconds", round(total_cpu, 1), "s")
+    fig.add("runner.whole_run_seconds", round(total, 1), "s")
 
 
 def main() -> int:
@@ -170,11 +164,16 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=256)
     ap.add_argument("--fill", type=int, default=64, help="MiB filled per guest")
     ap.add_argument("--idle", type=float, default=20.0, help="seconds of idle wait (part 2)")
+    ap.add_argument("--skip-runner", action="store_true", help="part 1 only")
+    add_json_option(ap)
     args = ap.parse_args()
+    fig = Figures("shadow capture vs ksmd (bench/bench_shadow.py)", args)
     k = SysfsBackend()
     with ksm_lock(), k.saved():
-        part1(args, k)
-        part2(args)
+        part1(args, k, fig)
+        if not args.skip_runner:
+            part2(args, fig)
+    fig.finish(args.json)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: ksm_model vs the real ksmd on the same machine, in one run (issue 3).
+"""Benchmark: ksm_model vs the real ksmd on the same machine, in one run.
 
 Over 1 GiB (262,144 pages), pages_to_scan=20000, sleep_millisecs=0, smart_scan=0:
   (a) steady-state scans of unique pages,
@@ -10,7 +10,10 @@ model/kernel, plus the model's memory per tracked page (tracemalloc, unique page
 The real side runs a child process (1 GiB mmap + MADV_NOHUGEPAGE + MADV_MERGEABLE) while
 holding the host-wide KSM lock, and restores every knob afterwards. Run as root:
 
-    .venv/bin/python kernel-model/bench/bench_model_vs_kernel.py [--pages N] [--no-kernel]
+    .venv/bin/python bench/bench_model_vs_kernel.py [--pages N] [--no-kernel] [--json FILE]
+
+It lives in bench/, not in kernel-model/: the model's distribution never imports the harness,
+and the kernel side needs it (the KSM lock, the sysfs backend, the process chokepoint).
 """
 
 from __future__ import annotations
@@ -23,25 +26,27 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from benchlib import Figures, add_json_option
 from ksm_model import MADV_MERGEABLE, Kernel
 
-PS = 4096
+from harness.ksm.types import PAGE_SIZE as PS
+
 KNOBS = {"pages_to_scan": 20000, "sleep_millisecs": 0, "smart_scan": 0}
 MERGED_SCANS = 10  # steady scans measured for (b), which are fast
 
 CHILD = r"""
 import mmap, sys
-n, kind = int(sys.argv[1]), sys.argv[2]
-buf = mmap.mmap(-1, n * 4096, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+n, kind, ps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+buf = mmap.mmap(-1, n * ps, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 buf.madvise(mmap.MADV_NOHUGEPAGE)
 if kind == "unique":
     words = memoryview(buf).cast("Q")
     for i in range(n):
-        words[i * 512] = i + 1
+        words[i * (ps // 8)] = i + 1
 else:
     chunk = b"a" * (1 << 22)
-    for off in range(0, n * 4096, len(chunk)):
-        buf[off:off + len(chunk)] = chunk[: n * 4096 - off]
+    for off in range(0, n * ps, len(chunk)):
+        buf[off:off + len(chunk)] = chunk[: n * ps - off]
 buf.madvise(mmap.MADV_MERGEABLE)
 print("ready", flush=True)
 sys.stdin.readline()
@@ -140,7 +145,7 @@ def _kernel_case(
     from harness.run import PIPE, spawn
 
     assert isinstance(backend, SysfsBackend)
-    child = spawn([sys.executable, "-c", CHILD, str(n), kind], stdin=PIPE, stdout=PIPE)
+    child = spawn([sys.executable, "-c", CHILD, str(n), kind, str(PS)], stdin=PIPE, stdout=PIPE)
     try:
         assert child.stdout is not None and child.stdin is not None
         if child.stdout.readline().strip() != b"ready":
@@ -165,42 +170,43 @@ def _kernel_case(
 
 
 # -- report ----------------------------------------------------------------------------------
+LABELS = {
+    "unique": "(a) steady scans, unique pages",
+    "merged": "(b) steady scans, merged pages",
+    "first_two": "(c) first two scans, identical",
+}
+TARGETS = {"unique": 1.0, "merged": 0.3, "first_two": None}  # model/kernel ratio asked for
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=262144, help="pages per case (default 1 GiB)")
     ap.add_argument("--no-kernel", action="store_true", help="model only")
     ap.add_argument("--no-memory", action="store_true", help="skip the tracemalloc run")
+    add_json_option(ap)
     args = ap.parse_args(argv)
     n = args.pages
+    fig = Figures("model vs kernel (bench/bench_model_vs_kernel.py)", args)
+    fig.add("pages_per_case", n)
+    fig.add("mib_per_case", round(n * PS / 2**20, 1), "MiB")
+    fig.note(f"ksmd knobs on both sides: {KNOBS}")
     model = measure_model(n)
     kernel = None if args.no_kernel else measure_kernel(n)
-    print(f"pages per case: {n} ({n * PS / 2**20:.0f} MiB), {KNOBS}")
-    print(f"{'case':<34}{'model visits/s':>16}{'kernel visits/s':>17}{'model/kernel':>14}")
-    targets = {"unique": 1.0, "merged": 0.3, "first_two": None}
-    labels = {
-        "unique": "(a) steady scans, unique pages",
-        "merged": "(b) steady scans, merged pages",
-        "first_two": "(c) first two scans, identical",
-    }
-    for field, label in labels.items():
-        m = getattr(model, field)
-        kv = getattr(kernel, field) if kernel else None
-        ratio = f"{m / kv:.2f}x" if kv else "-"
-        target = targets[field]
-        note = ""
-        if target is not None and kv:
-            verdict = "met" if m / kv >= target else "NOT met"
-            note = f"  (target >= {target:.1f}x: {verdict})"
-        kv_text = f"{kv:,.0f}" if kv else "-"
-        print(f"{label:<34}{m:>16,.0f}{kv_text:>17}{ratio:>14}{note}")
+    for case, label in LABELS.items():
+        m = getattr(model, case)
+        kv = getattr(kernel, case) if kernel else None
+        fig.add(f"{case}.model_visits_s", round(m), "page visits/s")
+        fig.add(f"{case}.kernel_visits_s", None if kv is None else round(kv), "page visits/s")
+        ratio = fig.add(f"{case}.ratio", None if not kv else round(m / kv, 3), "model/kernel")
+        target = TARGETS[case]
+        if target is not None and ratio is not None:
+            verdict = "met" if ratio >= target else "NOT met"
+            fig.note(f"{label}: {ratio:.2f}x (target >= {target:.1f}x: {verdict})")
     if not args.no_memory:
         after, peak = model_bytes_per_page(n)
-        verdict = "met" if max(after, peak) <= 200 else "NOT met"
-        print(
-            f"model memory per tracked page (unique pages, tracemalloc): {after:.1f} bytes "
-            f"after a full scan, {peak:.1f} bytes at the peak inside a scan "
-            f"(target <= 200: {verdict})"
-        )
+        fig.add("model_bytes_per_page.after_scan", round(after, 1), "bytes (tracemalloc)")
+        fig.add("model_bytes_per_page.peak_in_scan", round(peak, 1), "bytes (tracemalloc)")
+    fig.finish(args.json)
     return 0
 
 
