@@ -93,8 +93,17 @@ def find_kernel(boot: Path = BOOT, modules_root: Path = MODULES_ROOT) -> tuple[P
     return vmlinuz, release
 
 
-def module_load_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
-    """Module paths (relative, as in modules.dep) in an order insmod accepts: deps first."""
+def _module_name(path: str) -> str:
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def module_load_order(
+    modules_dep: str, wanted: Sequence[str], modules_builtin: str = ""
+) -> list[str]:
+    """Module paths (relative, as in modules.dep) in an order insmod accepts: deps first.
+    A wanted module listed in modules.builtin is part of the kernel (Debian's 6.12 builds
+    virtio_pci and virtio_console in): nothing to load for it."""
+    builtin = {_module_name(line) for line in modules_builtin.split()}
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in modules_dep.splitlines():
@@ -103,8 +112,7 @@ def module_load_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
         mod, _, rest = line.partition(":")
         mod = mod.strip()
         deps[mod] = rest.split()
-        name = Path(mod).name.split(".ko")[0].replace("-", "_")
-        by_name[name] = mod
+        by_name[_module_name(mod)] = mod
     order: list[str] = []
 
     def visit(mod: str, stack: tuple[str, ...]) -> None:
@@ -119,6 +127,8 @@ def module_load_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
 
     for name in wanted:
         key = name.replace("-", "_")
+        if key in builtin:
+            continue
         if key not in by_name:
             raise HarnessError(f"kernel module {name} not in modules.dep")
         visit(by_name[key], ())
@@ -177,7 +187,12 @@ def describe_inputs(
     """Everything the image depends on, with hashes; its digest decides whether to rebuild."""
     vmlinuz, release = find_kernel(inputs.boot, inputs.modules_root)
     mod_dir = inputs.modules_root / release
-    order = module_load_order((mod_dir / "modules.dep").read_text(), modules)
+    builtin = mod_dir / "modules.builtin"
+    order = module_load_order(
+        (mod_dir / "modules.dep").read_text(),
+        modules,
+        builtin.read_text() if builtin.exists() else "",
+    )
     for path in (inputs.busybox, inputs.agent_source):
         if not path.exists():
             raise HarnessError(
