@@ -42,6 +42,8 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[
         (["export", "--twin", "--listen", "nowhere"],
          "ksmh: error: bad listen address 'nowhere'", "  hint: use HOST:PORT, e.g. "
          "127.0.0.1:9712"),
+        (["export", "--twin", "--label", "1:a=b"],  # --sharing's checks hold with --twin
+         "ksmh: error: --label and --group-by need --sharing", "  hint: add --sharing"),
         (["calibrate", "--pages", "10"],
          "ksmh: error: --pages 10: too few to measure", "  hint: use 4096 or more"),
     ],
