@@ -32,6 +32,7 @@ bench: bootstrap
 	$(BIN)/python bench/bench_shadow.py --json $(BENCH_OUT)/shadow.json
 	$(BIN)/python bench/bench_guests.py --json $(BENCH_OUT)/guests.json
 	$(BIN)/python bench/bench_doctor.py --json $(BENCH_OUT)/doctor.json
+	$(BIN)/python bench/bench_twin.py --json $(BENCH_OUT)/twin.json
 
 # The full kernel matrix (the nightly job): the host and every installed guest kernel, the
 # spec's worked examples plus $(KERNELS_SEEDS) random scenarios each, then `ksmh compare`

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "harness.doctor.cli",
     "harness.report.cli",
     "harness.kernels.cli",
+    "harness.twin.cli",
 )
 
 

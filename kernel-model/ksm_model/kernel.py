@@ -53,6 +53,12 @@ class Kernel:
         self.pages_unshared = 0
         self.ksm_rmap_items = 0
         self.pages_scanned = 0
+        # Page visits by kind (scanner.VISIT_KINDS: first, unique, merged, joined, chained);
+        # they sum to pages_scanned. Bookkeeping for cost models only: nothing depends on them.
+        self.visits = [0, 0, 0, 0, 0]
+        # Dups of stable_node_chains examined by stable tree walks (stable_node_dup): with
+        # every dup full, each search through a chain examines all of them. Bookkeeping too.
+        self.dups_walked = 0
         self.pages_skipped = 0
         self.stable_node_chains = 0
         self.stable_node_dups = 0

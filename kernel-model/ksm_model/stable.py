@@ -181,6 +181,7 @@ def _node_dup_best(
     i = 0
     while i < len(dups):
         dup = dups[i]
+        k.dups_walked += 1  # bookkeeping for cost models (Kernel.dups_walked)
         if not get_folio(k, dup):
             continue  # the stale dup was unlinked from `dups` (hlist_for_each_entry_safe)
         i += 1
