@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 
 BENCH_OUT ?= results/bench
 
-.PHONY: run test bootstrap lint typecheck unit bench clean
+.PHONY: run test bootstrap lint typecheck unit bench kernels clean
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -32,6 +32,15 @@ bench: bootstrap
 	$(BIN)/python bench/bench_shadow.py --json $(BENCH_OUT)/shadow.json
 	$(BIN)/python bench/bench_guests.py --json $(BENCH_OUT)/guests.json
 	$(BIN)/python bench/bench_doctor.py --json $(BENCH_OUT)/doctor.json
+	$(BIN)/python bench/bench_twin.py --json $(BENCH_OUT)/twin.json
+
+# The full kernel matrix (the nightly job): the host and every installed guest kernel, the
+# spec's worked examples plus $(KERNELS_SEEDS) random scenarios each, then `ksmh compare`
+# with the previous night under $(KERNELS_DIR). Exit status 1 on any mismatch or regression.
+KERNELS_SEEDS ?= 200
+KERNELS_DIR ?= results/kernels
+kernels: bootstrap
+	scripts/kernels-nightly.sh $(BIN)/ksmh $(KERNELS_DIR) $(KERNELS_SEEDS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache results

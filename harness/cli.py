@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "harness.playbook.cli",
     "harness.doctor.cli",
     "harness.report.cli",
+    "harness.kernels.cli",
+    "harness.twin.cli",
 )
 
 

@@ -104,6 +104,8 @@ class ExportTarget:
     backend: KsmBackend
     host: str = field(default_factory=socket.gethostname)
     watch: Callable[[], Mapping[int, str]] | None = None
+    # ksmd's CPU seconds so far: measured on the kernel, estimated for a model (None: unknown)
+    cpu: Callable[[], float | None] | None = None
     # Opt-in (it reads every KSM user's page tables): the sharing matrix for
     # ksm_cross_group_shared_pages, e.g. harness.doctor.exposure.SharingProbe.
     sharing: Callable[[], Any] | None = None
@@ -144,6 +146,12 @@ class KsmCollector(Collector):
             GaugeMetricFamily(name, text, labels=PROCESS_LABELS)
             for _, name, text, _ in PROCESS_METRICS
         ]
+        cpu = CounterMetricFamily(
+            "ksm_ksmd_cpu_seconds",
+            "CPU time of ksmd: measured (/proc/<ksmd>/schedstat) for the kernel, the model's "
+            "estimate on the host's calibration for a model.",
+            labels=LABELS,
+        )
         pairs = GaugeMetricFamily(
             "ksm_cross_group_shared_pages",
             "Distinct KSM pages mapped by processes of both groups a and b (a < b).",
@@ -151,6 +159,7 @@ class KsmCollector(Collector):
         )
         for t in self.targets:
             labels = [t.backend.source, t.host]
+            self._add_cpu(cpu, labels, t)
             values: dict[str, int | str | None] = {}
             for m in METRICS:
                 try:
@@ -167,6 +176,7 @@ class KsmCollector(Collector):
             self._add_pairs(pairs, labels, t)
         yield from families.values()
         yield saved
+        yield cpu
         yield advisor
         yield from procs
         if any(t.sharing is not None for t in self.targets):
@@ -193,6 +203,17 @@ class KsmCollector(Collector):
         if isinstance(sharing, int):
             c = Counters(pages_sharing=sharing, ksm_zero_pages=zero if isinstance(zero, int) else 0)
             fam.add_metric(labels, derive(c, page_size or PAGE_SIZE).saved_bytes or 0)
+
+    def _add_cpu(self, fam: CounterMetricFamily, labels: list[str], t: ExportTarget) -> None:
+        if t.cpu is None:
+            return
+        try:
+            value = t.cpu()
+        except (OSError, HarnessError):
+            self._error(t)
+            return
+        if value is not None:
+            fam.add_metric(labels, value)
 
     def _add_advisor(self, fam: GaugeMetricFamily, labels: list[str], t: ExportTarget) -> None:
         try:

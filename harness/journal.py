@@ -101,9 +101,13 @@ class Journal:
         data = {"version": VERSION, **{k: v for k, v in asdict(self).items() if k != "path"}}
         _atomic_write(self.path, json.dumps(data, indent=2) + "\n")
 
+    def release(self) -> None:
+        """This process stops writing the journal (it stays on disk for `ksmh recover`)."""
+        _ACTIVE[:] = [j for j in _ACTIVE if j is not self]
+
     def remove(self) -> None:
         """The run ended cleanly: nothing left to undo."""
-        _ACTIVE[:] = [j for j in _ACTIVE if j is not self]
+        self.release()
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()

@@ -258,6 +258,23 @@ def cpu_seconds(pid: int, proc: Path = PROC) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sched_runtime_ns(pid: int, proc: Path = PROC) -> int | None:
+    """The task's CPU time in nanoseconds (the first field of /proc/PID/schedstat, its
+    sum_exec_runtime; CONFIG_SCHED_INFO), or None when the file is missing or unreadable.
+    Finer than cpu_seconds(), which counts in clock ticks (10 ms at USER_HZ 100)."""
+    try:
+        return int((proc / str(pid) / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def task_cpu_seconds(pid: int, proc: Path = PROC) -> float:
+    """CPU time of a task in seconds: from schedstat (ns) where it exists, else from stat
+    (clock ticks). HarnessError when the task is gone."""
+    ns = sched_runtime_ns(pid, proc)
+    return ns / 1e9 if ns is not None else cpu_seconds(pid, proc)
+
+
 def pids(proc: Path = PROC) -> list[int]:
     """Every numeric entry of proc, ascending."""
     try:

@@ -195,6 +195,8 @@ def run_session(
                     problems = backend.restore(before)
                 if problems:
                     echo(f"kept journal {journal and journal.path}: " + "; ".join(problems))
+                    if journal is not None:
+                        journal.release()
                 elif journal is not None:
                     journal.remove()
         if problems:

@@ -45,7 +45,9 @@ def format_path(path: PathKey) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + part
+            # A key with a newline or other unprintable text is quoted: messages stay one line.
+            name = part if part.isprintable() and part.strip() == part else repr(part)
+            out += ("." if out else "") + name
     return out
 
 
@@ -255,4 +257,7 @@ def _scalar(node: yaml.Node, path: PathKey, src: Source) -> Any:
         # A fresh constructor: one keeps every node it built (memory, and not thread-safe).
         return yaml.constructor.SafeConstructor().construct_object(node)
     except (yaml.YAMLError, ValueError) as exc:
-        raise src.error(path, f"cannot read {node.value[:40]!r}: {exc}") from None
+        # PyYAML's message spans lines (problem, then "in <unicode string>, line 1"): the
+        # problem alone, on one line; the location is ours.
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise src.error(path, f"cannot read {node.value[:40]!r}: {problem}") from None

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from harness.guests.spec import NAME_PREFIX, GuestImage, GuestSpec, parse_kind
-from harness.kinds import GuestBackendKind, ImageKind
+from harness.guests.spec import NAME_PREFIX, GuestSpec
 from harness.ksm.lock import private_dir
 from harness.paths import is_root, runtime_dir
 
@@ -92,26 +91,3 @@ def remove_quietly(*paths: Path) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-def build_image(kind: str) -> GuestImage:
-    """The image of a kind, built (or found current) on demand."""
-    kind = parse_kind(ImageKind, kind)
-    if kind is ImageKind.BUSYBOX:
-        from harness.guests.image import ensure_image
-
-        return ensure_image()
-    from harness.guests.debian_image import ensure_debian_image
-
-    return ensure_debian_image()
-
-
-def make_backend(kind: str, uri: str | None = None) -> GuestBackend:
-    kind = parse_kind(GuestBackendKind, kind)
-    if kind is GuestBackendKind.QEMU:
-        from harness.guests.qemu_backend import QemuBackend
-
-        return QemuBackend()
-    from harness.guests.libvirt_backend import DEFAULT_URI, LibvirtBackend
-
-    return LibvirtBackend(uri or DEFAULT_URI)

@@ -45,14 +45,12 @@ from harness.guests.agent import (
 from harness.guests.backend import (
     RUNTIME_ROOT,
     GuestBackend,
-    build_image,
-    make_backend,
     prepare_runtime_root,
     remove_quietly,
 )
-from harness.guests.spec import NAME_PREFIX, FleetSpec, GuestImage, GuestSpec
+from harness.guests.spec import NAME_PREFIX, FleetSpec, GuestImage, GuestSpec, parse_kind
 from harness.guests.thp import thp_off_for_children
-from harness.kinds import AccelKind, ImageKind
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind
 from harness.signals import raise_interrupt, signals_as_interrupt
 
 RUN_FILE = "run.json"
@@ -549,3 +547,27 @@ def list_runs(runtime_root: Path = RUNTIME_ROOT) -> list[dict[str, Any]]:
             except (OSError, ValueError):
                 continue
     return sorted(runs, key=lambda r: r.get("created", 0))
+
+
+# The factories live here, not in backend.py, which the backends import (no import circle).
+def build_image(kind: str) -> GuestImage:
+    """The image of a kind, built (or found current) on demand."""
+    kind = parse_kind(ImageKind, kind)
+    if kind is ImageKind.BUSYBOX:
+        from harness.guests.image import ensure_image
+
+        return ensure_image()
+    from harness.guests.debian_image import ensure_debian_image
+
+    return ensure_debian_image()
+
+
+def make_backend(kind: str, uri: str | None = None) -> GuestBackend:
+    kind = parse_kind(GuestBackendKind, kind)
+    if kind is GuestBackendKind.QEMU:
+        from harness.guests.qemu_backend import QemuBackend
+
+        return QemuBackend()
+    from harness.guests.libvirt_backend import DEFAULT_URI, LibvirtBackend
+
+    return LibvirtBackend(uri or DEFAULT_URI)

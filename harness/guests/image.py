@@ -1,16 +1,20 @@
 """Reproducible build of the busybox guest image, on demand.
 
-Inputs: the newest /boot/vmlinuz-*-amd64 and its modules and the static busybox (Debian
-packages), and the agent's C source and the init script shipped inside this package
-(harness/guests/data/, read through importlib.resources, so an installed wheel builds the same
-image as a checkout). Output in the cache directory (harness.paths: guest-images/ under
-/var/cache/ksm-harness for root, ~/.cache/ksm-harness otherwise; KSM_HARNESS_IMAGE_DIR moves
-it): vmlinuz, initramfs.cpio.gz, ksmh-agent and manifest.json (kernel release, sha256 of every
-input and artifact). The initramfs is written by our own cpio (newc) writer with fixed owners, modes
-and mtimes, and gzip with mtime 0, so the same inputs give the same bytes. A build is skipped
-when the manifest's input digest matches and every artifact still has its recorded hash.
+Inputs: a Debian kernel package's /boot/vmlinuz-RELEASE and its modules (the distribution's
+default guest kernel unless a release is asked for, see default_release), the static busybox
+(Debian packages), and the C sources of the agent and the scenario worker and the init script
+shipped inside this package (harness/guests/data/, read through importlib.resources, so an
+installed wheel builds the same image as a checkout). Output in the cache directory
+(harness.paths: guest-images/ under /var/cache/ksm-harness for root, ~/.cache/ksm-harness
+otherwise; KSM_HARNESS_IMAGE_DIR moves it; another release than the default goes to
+kernels/RELEASE/ under it): vmlinuz, initramfs.cpio.gz, ksmh-agent, ksmh-worker and
+manifest.json (kernel release, sha256 of every input and artifact). The initramfs is written
+by our own cpio (newc) writer with fixed owners, modes and mtimes, and gzip with mtime 0, so
+the same inputs give the same bytes. A build is skipped when the manifest's input digest
+matches and every artifact still has its recorded hash.
 
-`python -m harness.guests.image [--out DIR] [--force]` is what `make -C guest-images` runs.
+`python -m harness.guests.image [--out DIR] [--force] [--kernel RELEASE]` is what
+`make -C guest-images` runs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import shutil
@@ -37,11 +42,21 @@ from harness.kinds import ImageKind
 from harness.paths import cache_dir, data_path
 from harness.run import run
 
-FORMAT = 1
+FORMAT = 2
 AGENT_SOURCE = data_path("harness.guests", "data/ksmh-agent.c")
+# The differential scenario worker in C (harness/scenario/worker.py's protocol), which the
+# agent starts for the kernel matrix (harness.kernels).
+WORKER_SOURCE = data_path("harness.guests", "data/ksmh-worker.c")
 BUSYBOX = Path("/bin/busybox")
-BOOT = Path("/boot")
-MODULES_ROOT = Path("/lib/modules")
+# Where kernel packages are found: / (their /boot and /lib/modules), or a tree a package was
+# unpacked into (dpkg-deb -x, then depmod -b) given as KSM_HARNESS_KERNEL_ROOT.
+KERNEL_ROOT = Path(os.environ.get("KSM_HARNESS_KERNEL_ROOT") or "/")
+BOOT = KERNEL_ROOT / "boot"
+MODULES_ROOT = KERNEL_ROOT / "lib/modules"
+DPKG_STATUS = Path("/var/lib/dpkg/status")
+# The distribution's default kernel (a meta-package): which installed release guests boot
+# when none is asked for, so installing another kernel package changes nothing by itself.
+DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
 # The guest needs these (and their dependencies, read from modules.dep) for the agent port.
 WANTED_MODULES = ("virtio_pci", "virtio_console")
 
@@ -63,6 +78,8 @@ class ImageInputs:
     modules_root: Path = MODULES_ROOT
     busybox: Path = BUSYBOX
     agent_source: Path = AGENT_SOURCE
+    worker_source: Path = WORKER_SOURCE
+    dpkg_status: Path = DPKG_STATUS
 
 
 def sha256_file(path: Path) -> str:
@@ -77,34 +94,84 @@ def _version_key(release: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", release)]
 
 
-def find_kernel(boot: Path = BOOT, modules_root: Path = MODULES_ROOT) -> tuple[Path, str]:
-    """The newest Debian amd64 kernel in boot that also has its modules installed."""
-    found = []
+def installed_kernels(boot: Path = BOOT, modules_root: Path = MODULES_ROOT) -> dict[str, Path]:
+    """Release -> vmlinuz of every Debian amd64 kernel in `boot` with its modules installed."""
+    found = {}
     for vmlinuz in boot.glob("vmlinuz-*-amd64"):
         release = vmlinuz.name.removeprefix("vmlinuz-")
         if (modules_root / release / "modules.dep").exists():
-            found.append((release, vmlinuz))
+            found[release] = vmlinuz
+    return dict(sorted(found.items(), key=lambda rv: _version_key(rv[0])))
+
+
+def default_release(status: Path = DPKG_STATUS) -> str | None:
+    """The release the default kernel meta-package (linux-image-amd64) depends on, from the
+    dpkg status file (e.g. "6.1.0-57-amd64" on bookworm); None when it is not installed."""
+    try:
+        text = status.read_text(errors="replace")
+    except OSError:
+        return None
+    for stanza in text.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[0] != " "
+        )
+        if fields.get("Package") != DEFAULT_KERNEL_PACKAGE or "installed" not in fields.get(
+            "Status", ""
+        ):
+            continue
+        m = re.search(r"linux-image-(\S+-amd64)\b", fields.get("Depends", ""))
+        return m.group(1) if m else None
+    return None
+
+
+def find_kernel(
+    boot: Path = BOOT,
+    modules_root: Path = MODULES_ROOT,
+    release: str | None = None,
+    status: Path = DPKG_STATUS,
+) -> tuple[Path, str]:
+    """The guest kernel: `release` when given; else the default meta-package's kernel when it
+    is installed, else the newest Debian amd64 kernel in boot that has its modules."""
+    found = installed_kernels(boot, modules_root)
     if not found:
         raise HarnessError(
             f"no guest kernel: no {boot}/vmlinuz-*-amd64 with modules in {modules_root}",
             hint="apt-get install linux-image-amd64",
         )
-    release, vmlinuz = max(found, key=lambda rv: _version_key(rv[0]))
-    return vmlinuz, release
+    if release is not None:
+        if release not in found:
+            raise HarnessError(
+                f"no guest kernel {release!r} (installed: {', '.join(found)})",
+                hint=f"apt-get install linux-image-{release}",
+            )
+        return found[release], release
+    default = default_release(status)
+    if default in found:
+        return found[default], default
+    release = list(found)[-1]
+    return found[release], release
 
 
-def module_load_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
-    """Module paths (relative, as in modules.dep) in an order insmod accepts: deps first."""
+def _module_name(path: str) -> str:
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def module_load_order(modules_dep: str, wanted: Sequence[str], builtin: str = "") -> list[str]:
+    """Module paths (relative, as in modules.dep) in an order insmod accepts: deps first.
+
+    A wanted module listed in `builtin` (modules.builtin) is part of the kernel already
+    (6.12's virtio_pci and virtio_console) and needs nothing.
+    """
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
+    inside = {_module_name(line) for line in builtin.split()}
     for line in modules_dep.splitlines():
         if ":" not in line:
             continue
         mod, _, rest = line.partition(":")
         mod = mod.strip()
         deps[mod] = rest.split()
-        name = Path(mod).name.split(".ko")[0].replace("-", "_")
-        by_name[name] = mod
+        by_name[_module_name(mod)] = mod
     order: list[str] = []
 
     def visit(mod: str, stack: tuple[str, ...]) -> None:
@@ -119,6 +186,8 @@ def module_load_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
 
     for name in wanted:
         key = name.replace("-", "_")
+        if key in inside and key not in by_name:
+            continue
         if key not in by_name:
             raise HarnessError(f"kernel module {name} not in modules.dep")
         visit(by_name[key], ())
@@ -172,13 +241,18 @@ def _gzip(data: bytes) -> bytes:
 
 
 def describe_inputs(
-    inputs: ImageInputs, modules: Sequence[str] = WANTED_MODULES
+    inputs: ImageInputs, modules: Sequence[str] = WANTED_MODULES, release: str | None = None
 ) -> dict[str, object]:
     """Everything the image depends on, with hashes; its digest decides whether to rebuild."""
-    vmlinuz, release = find_kernel(inputs.boot, inputs.modules_root)
+    vmlinuz, release = find_kernel(inputs.boot, inputs.modules_root, release, inputs.dpkg_status)
     mod_dir = inputs.modules_root / release
-    order = module_load_order((mod_dir / "modules.dep").read_text(), modules)
-    for path in (inputs.busybox, inputs.agent_source):
+    builtin = mod_dir / "modules.builtin"
+    order = module_load_order(
+        (mod_dir / "modules.dep").read_text(),
+        modules,
+        builtin.read_text() if builtin.exists() else "",
+    )
+    for path in (inputs.busybox, inputs.agent_source, inputs.worker_source):
         if not path.exists():
             raise HarnessError(
                 f"guest image input missing: {path}", hint="apt-get install busybox-static"
@@ -194,6 +268,10 @@ def describe_inputs(
             "path": str(inputs.agent_source),
             "sha256": sha256_file(inputs.agent_source),
         },
+        "worker_source": {
+            "path": str(inputs.worker_source),
+            "sha256": sha256_file(inputs.worker_source),
+        },
         "gcc": {"path": gcc, "sha256": sha256_file(Path(gcc)) if gcc else None},
         "init_sha256": hashlib.sha256(INIT_SCRIPT.encode()).hexdigest(),
         "modules": [{"path": m, "sha256": sha256_file(mod_dir / m)} for m in order],
@@ -205,7 +283,8 @@ def _digest(desc: dict[str, object]) -> str:
 
 
 def compile_agent(source: Path, out: Path) -> None:
-    """gcc -static: the guest has no libc. -ffile-prefix-map keeps the binary path-independent."""
+    """gcc -static: the guest has no libc. -ffile-prefix-map keeps the binary path-independent.
+    (The scenario worker, ksmh-worker.c, is compiled the same way.)"""
     try:
         run(
             [
@@ -217,12 +296,30 @@ def compile_agent(source: Path, out: Path) -> None:
         )  # fmt: skip
     except CommandFailed as exc:
         raise HarnessError(
-            f"compiling the guest agent failed: {exc.message}",
+            f"compiling the guest {source.stem} failed: {exc.message}",
             hint="apt-get install gcc libc6-dev (static libc.a is needed)",
         ) from exc
 
 
-def build_initramfs(desc: dict[str, object], agent: Path, modules_root: Path) -> bytes:
+def module_bytes(path: Path) -> bytes:
+    """A module as insmod needs it: busybox insmod cannot read xz-compressed modules (Debian
+    compresses them since 6.12), so .ko.xz is decompressed here."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if not path.name.endswith(".ko"):
+        raise HarnessError(
+            f"kernel module {path} is compressed in a way the image build cannot read",
+            hint="xz, gzip and uncompressed modules are supported",
+        )
+    return data
+
+
+def build_initramfs(
+    desc: dict[str, object], agent: Path, modules_root: Path, worker: Path | None = None
+) -> bytes:
     release = str(desc["kernel_release"])
     cpio = CpioWriter()
     for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sbin", "sys", "tmp"):
@@ -232,11 +329,13 @@ def build_initramfs(desc: dict[str, object], agent: Path, modules_root: Path) ->
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
     cpio.file("bin/busybox", Path(str(desc["busybox"]["path"])).read_bytes(), 0o755)  # type: ignore[index]
     cpio.file("sbin/ksmh-agent", agent.read_bytes(), 0o755)
+    if worker is not None:
+        cpio.file("sbin/ksmh-worker", worker.read_bytes(), 0o755)
     names = []
     for mod in desc["modules"]:  # type: ignore[attr-defined]
-        name = Path(mod["path"]).name
+        name = Path(mod["path"]).name.split(".ko")[0] + ".ko"
         names.append(name)
-        cpio.file(f"lib/modules/{name}", (modules_root / release / mod["path"]).read_bytes())
+        cpio.file(f"lib/modules/{name}", module_bytes(modules_root / release / mod["path"]))
     cpio.file("etc/ksmh-modules", ("\n".join(names) + "\n").encode())
     return _gzip(cpio.finish())
 
@@ -286,13 +385,28 @@ def _up_to_date(out: Path, digest: str) -> dict[str, object] | None:
     return manifest
 
 
+def image_dir_for(release: str | None, inputs: ImageInputs | None = None) -> Path:
+    """Where the image of `release` lives: default_image_dir() for the default guest kernel,
+    kernels/RELEASE/ under it for any other."""
+    base = default_image_dir()
+    if release is None:
+        return base
+    i = inputs or ImageInputs()
+    _, default = find_kernel(i.boot, i.modules_root, None, i.dpkg_status)
+    return base if release == default else base / "kernels" / release
+
+
 def ensure_image(
-    out: Path | None = None, inputs: ImageInputs | None = None, force: bool = False
+    out: Path | None = None,
+    inputs: ImageInputs | None = None,
+    force: bool = False,
+    release: str | None = None,
 ) -> GuestImage:
-    """Build the busybox image into `out` (default_image_dir()) unless current; return it."""
-    out = out or default_image_dir()
+    """Build the busybox image of kernel `release` (default: the default guest kernel, see
+    find_kernel) into `out` (default: image_dir_for(release)) unless current; return it."""
     inputs = inputs or ImageInputs()
-    desc = describe_inputs(inputs)
+    out = out or image_dir_for(release, inputs)
+    desc = describe_inputs(inputs, release=release)
     digest = _digest(desc)
     with _build_lock(out):
         manifest = None if force else _up_to_date(out, digest)
@@ -301,13 +415,13 @@ def ensure_image(
         with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp_name:
             tmp = Path(tmp_name)
             compile_agent(inputs.agent_source, tmp / "ksmh-agent")
+            compile_agent(inputs.worker_source, tmp / "ksmh-worker")
             (tmp / "initramfs.cpio.gz").write_bytes(
-                build_initramfs(desc, tmp / "ksmh-agent", inputs.modules_root)
+                build_initramfs(desc, tmp / "ksmh-agent", inputs.modules_root, tmp / "ksmh-worker")
             )
             shutil.copyfile(str(desc["kernel"]["path"]), tmp / "vmlinuz")  # type: ignore[index]
-            artifacts = {
-                n: sha256_file(tmp / n) for n in ("vmlinuz", "initramfs.cpio.gz", "ksmh-agent")
-            }
+            names = ("vmlinuz", "initramfs.cpio.gz", "ksmh-agent", "ksmh-worker")
+            artifacts = {n: sha256_file(tmp / n) for n in names}
             for name in artifacts:
                 os.replace(tmp / name, out / name)
         manifest = {
@@ -328,15 +442,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.guests.image")
     parser.add_argument("--out", type=Path, default=None, help=f"default: {default_image_dir()}")
     parser.add_argument("--force", action="store_true", help="rebuild even if current")
+    parser.add_argument(
+        "--kernel", metavar="RELEASE", default=None, help="an installed kernel, e.g. 6.1.0-57-amd64"
+    )
     args = parser.parse_args(argv)
-    args.out = args.out or default_image_dir()
     try:
+        args.out = args.out or image_dir_for(args.kernel)
         before = (
             (args.out / "manifest.json").read_bytes()
             if (args.out / "manifest.json").exists()
             else b""
         )
-        image = ensure_image(args.out, force=args.force)
+        image = ensure_image(args.out, force=args.force, release=args.kernel)
     except HarnessError as exc:
         print(f"guest image: error: {exc.message}", file=sys.stderr)
         if exc.hint:

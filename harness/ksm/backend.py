@@ -150,6 +150,7 @@ class BackendBase:
             raise KsmWriteRefused(
                 f"{missing[0]}: this kernel has no such KSM file",
                 hint="`ksmh status` lists the tunables this kernel has",
+                errno=errno.ENOENT,
             )
         self._precheck(ordered, current)
         before = current

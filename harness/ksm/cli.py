@@ -77,6 +77,9 @@ def register(sub: Any) -> None:
     p.add_argument("--label", action="append", default=[], metavar="TARGETS:KEY=VALUE",
                    help="label processes (PIDs or names) for --group-by")  # fmt: skip
     p.add_argument("--group-by", metavar="KEY", help="group the sharing matrix by this label")
+    from harness.twin.export import add_export_options
+
+    add_export_options(p)  # --twin, --what-if: models beside the kernel (harness.twin)
     p.set_defaults(func=cmd_export)
 
 
@@ -356,11 +359,20 @@ def _sharing(args: argparse.Namespace) -> Any:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from harness.exporter import ExportTarget, parse_listen, serve
+    from harness.twin.export import export_twin, wants_twin
 
-    backend = _backend(args)
+    sharing = _sharing(args)
     pids = {pid: _comm(args.proc_root, pid) for pid in args.pid}
-    target = ExportTarget(backend=backend, watch=_watched(pids, args.proc_root) if pids else None)
-    target.sharing = _sharing(args)
+    watch = _watched(pids, args.proc_root) if pids else None
+    if wants_twin(args):
+        return export_twin(args, watch, sharing)
+    backend = _backend(args)
+    target = ExportTarget(backend=backend, watch=watch)
+    target.sharing = sharing
+    if isinstance(backend, SysfsBackend):
+        from harness.sides.kernel import KernelSide
+
+        target.cpu = KernelSide(backend, args.proc_root).ksmd_cpu_seconds
     if args.host:
         target.host = args.host
     server, _thread = serve([target], args.listen)

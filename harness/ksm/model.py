@@ -23,7 +23,7 @@ from harness.ksm.types import COUNTER_NAMES, TUNABLE_NAMES, KsmStat
 from harness.record import StatValue, stat_record
 
 
-def host_settings(profile: str) -> HostSettings | None:
+def host_settings(profile: object) -> HostSettings | None:
     """For profile "host": the running kernel's settings the model takes (CONFIG_HZ,
     CONFIG_PT_RECLAIM, THP mode and use_zero_page, ksmd's CPU time); None for a fixed profile."""
     return probe() if profile == "host" else None

@@ -62,6 +62,15 @@ def register(sub: Any) -> None:
     p.add_argument("--volatile-share", type=float, default=0.5, help="volatile share alert level")
     p.add_argument("--model-tolerance", type=int, default=16, help="pages of model delta allowed")
     p.add_argument(
+        "--divergence-ratio",
+        type=float,
+        default=0.05,
+        help="live twin: relative |kernel - model| that counts as divergence (0.05)",
+    )
+    p.add_argument(
+        "--divergence-pages", type=int, default=256, help="... and at least this many pages"
+    )
+    p.add_argument(
         "--allow-loopback",
         action="store_true",
         help="write the config even if remote hosts' exporters listen only on loopback "
@@ -103,6 +112,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         waste_ratio=args.waste_ratio,
         volatile_share=args.volatile_share,
         model_tolerance=args.model_tolerance,
+        divergence_ratio=args.divergence_ratio,
+        divergence_pages=args.divergence_pages,
     ).with_for(args.for_)
     scrape = ScrapeSettings(args.scrape_interval, args.evaluation_interval)
     try:

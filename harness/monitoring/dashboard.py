@@ -1,5 +1,6 @@
 """A Grafana dashboard for KSM, built as data: fleet overview, per host, per guest, kernel vs
-model, and nightly runs.
+model, the live twin (kernel vs model vs what-if twins, from `ksmh export --twin`) and
+nightly runs.
 
 Panels query the recorded series of harness.monitoring.rules where there is one, so the
 dashboard and the alerts agree. `$host` is a multi-value template variable (All = `.*`);
@@ -15,6 +16,7 @@ from typing import Any
 
 H = 'host=~"$host"'
 KH = f'source="kernel", {H}'
+MH = f'source="model", {H}'
 NH = f'job="ksm_nightly", playbook=~"$playbook", {H}'
 NIGHTLY = "{{playbook}} {{host}}"
 
@@ -145,6 +147,106 @@ LAYOUT: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 "timeseries",
                 "none",
                 ((f"host:ksm_model_minus_kernel:pages{{{H}}}", "{{host}} {{counter}}"),),
+            ),
+        ),
+    ),
+    (
+        "Live twin: kernel vs model vs what-if",
+        (
+            Panel(
+                "Twin delta, kernel - model",
+                "stat",
+                "none",
+                ((f'max(abs(ksm_model_delta{{{MH}, counter="pages_sharing"}}))', "pages"),),
+                "Largest |kernel - model| of pages_sharing over the selected hosts at the "
+                "twin's last sync.",
+            ),
+            Panel(
+                "Twin CPU, share of one core",
+                "stat",
+                "percentunit",
+                ((f"max(rate(ksm_twin_cpu_seconds_total{{{H}}}[5m]))", "twin"),),
+                "The twin's own CPU (capture, replay, model scans): it keeps under its budget.",
+            ),
+            Panel(
+                "Twin lag (full scans)",
+                "stat",
+                "none",
+                ((f"max(ksm_twin_lag_full_scans{{{H}}})", "lag"),),
+                "Full scans the kernel made since the twin's last sync.",
+            ),
+            Panel(
+                "Twin capture time",
+                "stat",
+                "s",
+                ((f"max(ksm_twin_capture_seconds{{{H}}})", "capture"),),
+            ),
+            Panel(
+                "Memory saved: kernel, twin and what-if twins",
+                "timeseries",
+                "bytes",
+                ((f"ksm_saved_bytes{{{H}}}", "{{host}} {{source}}"),),
+                "source=kernel is measured, model is the live twin, what-if:NAME a twin with "
+                "other knobs over the same memory: what the host would save with them.",
+            ),
+            Panel(
+                "pages_shared and pages_sharing by source",
+                "timeseries",
+                "none",
+                (
+                    (f"ksm_pages_shared{{{H}}}", "{{host}} {{source}} shared"),
+                    (f"ksm_pages_sharing{{{H}}}", "{{host}} {{source}} sharing"),
+                ),
+            ),
+            Panel(
+                "Chains and dups by source (max_page_sharing what-ifs)",
+                "timeseries",
+                "none",
+                (
+                    (f"ksm_stable_node_chains{{{H}}}", "{{host}} {{source}} chains"),
+                    (f"ksm_stable_node_dups{{{H}}}", "{{host}} {{source}} dups"),
+                ),
+            ),
+            Panel(
+                "General profit by source",
+                "timeseries",
+                "bytes",
+                ((f"ksm_general_profit_bytes{{{H}}}", "{{host}} {{source}}"),),
+                "Saved minus KSM's metadata; the KsmGeneralProfitNegative alert fires below 0.",
+            ),
+            Panel(
+                "ksmd CPU, share of one core: measured and estimated",
+                "timeseries",
+                "percentunit",
+                ((f"host:ksm_ksmd_cpu:ratio{{{H}}}", "{{host}} {{source}}"),),
+                "rate(ksm_ksmd_cpu_seconds_total): the kernel's from /proc/<ksmd>/schedstat, "
+                "the models' from `ksmh calibrate`'s cost per page visit.",
+            ),
+            Panel(
+                "Live twin delta per counter (kernel - model)",
+                "timeseries",
+                "none",
+                ((f"ksm_model_delta{{{MH}}}", "{{host}} {{counter}}"),),
+                "At each sync; KsmModelDivergence fires when it stays above its share.",
+            ),
+            Panel(
+                "Twin: capture seconds and lag",
+                "timeseries",
+                "none",
+                (
+                    (f"ksm_twin_capture_seconds{{{H}}}", "{{host}} capture s"),
+                    (f"ksm_twin_lag_full_scans{{{H}}}", "{{host}} lag (scans)"),
+                    (f"ksm_twin_capture_every_full_scans{{{H}}}", "{{host}} every N scans"),
+                ),
+            ),
+            Panel(
+                "Twin: pages captured and read",
+                "timeseries",
+                "none",
+                (
+                    (f"ksm_twin_captured_pages{{{H}}}", "{{host}} captured"),
+                    (f"ksm_twin_read_pages{{{H}}}", "{{host}} read (not unchanged KSM pages)"),
+                ),
             ),
         ),
     ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.error
 from collections.abc import Iterator, Mapping
@@ -218,3 +219,15 @@ def push_run(
     except OSError as exc:
         line += f"; could not record it in {path}: {exc.strerror or exc}"
     return PushOutcome(bool(record["ok"]), line, record)
+
+
+def push_results(directory: Path, url: str, host: str | None = None) -> bool:
+    """Push one results directory; print one line (stderr when it failed, prefixed with
+    `host` when given: a fleet's host pushed under its inventory name). Never raises."""
+    prefix = f"{host}: " if host else ""
+    if not (directory / "run.json").exists():
+        print(f"{prefix}ksmh: push to {url} skipped: the run wrote no results", file=sys.stderr)
+        return False
+    outcome = push_run(directory, url, host=host)
+    print(prefix + outcome.line, file=sys.stdout if outcome.ok else sys.stderr)
+    return outcome.ok

@@ -12,8 +12,16 @@ Recorded series (level:metric:operation, as the Prometheus naming guide suggests
   host:ksm_volatile_share:ratio        pages_volatile / all pages ksmd tracks
   host:ksm_full_scans:rate             full scans per second over the rate window
   host:ksm_pages_scanned:rate          pages scanned per second over the rate window
-  host:ksm_model_delta:abs             |model - kernel| per counter, from the runner
+  host:ksm_model_delta:abs             |kernel - model| per counter, from the runner or the twin
   host:ksm_model_minus_kernel:pages    model - kernel per counter, from the two exporter sources
+  host:ksm_ksmd_cpu:ratio              ksmd's CPU share of one core per source (rate of
+                                       ksm_ksmd_cpu_seconds_total: measured, or a model's estimate)
+
+`ksm_model_delta` comes from two places: the playbook runner (no `source` label; exact at its
+sync points) and the exporter's live twin (`source="model"` or `"what-if:NAME"`, with
+`ksm_model_delta_ratio`; it trails the kernel by up to a full scan). KsmModelDelta holds the
+runner's to its tolerance in pages; KsmModelDivergence fires when the twin stays off by more
+than a share of the kernel's value (and a number of pages) for `divergence_for`.
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ class RuleSettings:
     volatile_for: str = "30m"
     model_tolerance: int = 16  # pages; the model is meant to be counter-exact
     model_for: str = "5m"
+    divergence_ratio: float = 0.05  # the live twin: |kernel - model| / kernel above this ...
+    divergence_pages: int = 256  # ... and above this many pages ...
+    divergence_for: str = "15m"  # ... for this long
+    profit_for: str = "30m"  # general_profit below 0 this long
     ksm_off_for: str = "10m"
     exporter_down_for: str = "5m"
     expected_label: str = "ksm_expected"  # inventory label saying a host must run KSM
@@ -54,6 +66,8 @@ class RuleSettings:
             waste_for=duration,
             volatile_for=duration,
             model_for=duration,
+            divergence_for=duration,
+            profit_for=duration,
             ksm_off_for=duration,
             exporter_down_for=duration,
         )
@@ -98,6 +112,10 @@ def recording_rules(s: RuleSettings | None = None) -> dict[str, Any]:
             "expr": f"rate(ksm_pages_scanned_total[{s.rate_window}])",
         },
         {"record": "host:ksm_model_delta:abs", "expr": "abs(ksm_model_delta)"},
+        {
+            "record": "host:ksm_ksmd_cpu:ratio",
+            "expr": f"rate(ksm_ksmd_cpu_seconds_total[{s.rate_window}])",
+        },
     ]
     for c in COMPARED_COUNTERS:
         # on(host): the model may be served by another exporter (the runner) than the kernel.
@@ -161,12 +179,30 @@ def alert_rules(s: RuleSettings | None = None) -> dict[str, Any]:
         ),
         _alert(
             "KsmModelDelta",
-            f"host:ksm_model_delta:abs > {s.model_tolerance}"
-            f" or abs(host:ksm_model_minus_kernel:pages) > {s.model_tolerance}",
+            f'host:ksm_model_delta:abs{{source=""}} > {s.model_tolerance}',
             s.model_for,
             "The KSM model disagrees with the kernel on {{ $labels.host }}",
             "{{ $labels.counter }} differs by {{ $value }} pages, beyond the tolerance of "
             f"{s.model_tolerance}.",
+        ),
+        _alert(
+            "KsmModelDivergence",
+            f'abs(ksm_model_delta_ratio{{source="model"}}) > {s.divergence_ratio:g}'
+            f' and abs(ksm_model_delta{{source="model"}}) > {s.divergence_pages}',
+            s.divergence_for,
+            "The live KSM twin diverges from the kernel on {{ $labels.host }}",
+            "{{ $labels.counter }}: kernel and model differ by {{ $value | humanizePercentage }} "
+            f"of the kernel's value (more than {s.divergence_ratio:g} and "
+            f"{s.divergence_pages} pages) for {s.divergence_for}: the model no longer "
+            "explains this host (a kernel change, a missed run=2, or a bug to report).",
+        ),
+        _alert(
+            "KsmGeneralProfitNegative",
+            f"ksm_general_profit_bytes{K} < 0",
+            s.profit_for,
+            "KSM costs more memory than it saves on {{ $labels.host }}",
+            "general_profit is {{ $value | humanize1024 }}B: the rmap items of pages that never "
+            "merge outweigh the merged pages. Narrow MADV_MERGEABLE, or turn KSM off here.",
         ),
         _alert(
             "KsmOffWhereExpected",

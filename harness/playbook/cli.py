@@ -73,7 +73,13 @@ def register(sub: Any) -> None:
     p.add_argument("directory", type=Path)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="show what changed between two results directories")
+    p = sub.add_parser(
+        "compare",
+        help="show what changed between two results directories (or two kernel matrices)",
+        description="Two run directories, or two `ksmh kernels check` outputs (a directory "
+        "with matrix.json, or the file). Exit status 1: B's verdict is worse (for matrices: a "
+        "kernel lost exact scenarios, has a new mismatch or an error, or is missing).",
+    )
     p.add_argument("a", type=Path, metavar="DIR_A")
     p.add_argument("b", type=Path, metavar="DIR_B")
     p.add_argument(
@@ -102,6 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.playbook_name = playbook.name
         args.push_url = push
         return cmd_run_fleet(args)
+    from harness.monitoring.push import push_results
     from harness.playbook.runner import Runner, RunOptions
 
     export = args.export or DEFAULT_EXPORT
@@ -158,20 +165,6 @@ def _push_url(option: str | None, playbook: str | None) -> str | None:
     return playbook
 
 
-def push_results(directory: Path, url: str, host: str | None = None) -> bool:
-    """Push one results directory; print one line (stderr when it failed, prefixed with
-    `host` when given: a fleet's host pushed under its inventory name). Never raises."""
-    from harness.monitoring.push import push_run
-
-    prefix = f"{host}: " if host else ""
-    if not (directory / "run.json").exists():
-        print(f"{prefix}ksmh: push to {url} skipped: the run wrote no results", file=sys.stderr)
-        return False
-    outcome = push_run(directory, url, host=host)
-    print(prefix + outcome.line, file=sys.stdout if outcome.ok else sys.stderr)
-    return outcome.ok
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report.render import render
     from harness.report.results import read_results
@@ -191,6 +184,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"--tolerance {args.tolerance}: must be a fraction of 0 or more",
             hint="e.g. --tolerance 0.01 hides changes up to 1%",
         )
+    from harness.kernels.report import compare_matrices, is_matrix, read_matrix
+
+    if is_matrix(args.a) or is_matrix(args.b):
+        # Two `ksmh kernels check` runs: exit 1 when B is worse (fewer exact, new mismatches).
+        text, worse_matrix = compare_matrices(read_matrix(args.a), read_matrix(args.b))
+        print(text, end="")
+        return 1 if worse_matrix else 0
     a, b = read_results(args.a), read_results(args.b)
     with _malformed(f"{args.a} or {args.b}"):
         text = compare(a, b, args.tolerance)

@@ -4,6 +4,7 @@ runner (and the runner and its steps do not import each other)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from harness.playbook.expect import Context
@@ -31,6 +32,11 @@ class StepContext(Protocol):
 
     @property
     def fleet(self) -> FleetLike: ...
+
+    @property
+    def proc(self) -> Path:
+        """The /proc the run reads (a fake tree in tests): where steps capture guests from."""
+        ...
 
     @property
     def phase_record(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from harness.validation import Check, Invalid, Model, between, boolean, one_of
 MiB = 2**20
 PAGE = 4096
 AGENT_COMMANDS = ("fill", "rewrite", "verify", "free")
-STEP_KINDS = (*AGENT_COMMANDS, "ksm", "wait", "expect", "sweep")
+STEP_KINDS = (*AGENT_COMMANDS, "ksm", "wait", "expect", "sweep", "forecast")
 # Tunables a sweep may vary (each value is set with ksmd unmerged first, then timed to converge).
 SWEEPABLE = ("pages_to_scan", "sleep_millisecs")
 # The guest kernel and agent need about this much of a guest's RAM; a fill gets the rest.
@@ -126,6 +126,20 @@ class SweepStep(Step):
     values: tuple[int, ...]
     tolerance: float
     timeout: float
+
+
+@dataclass(frozen=True)
+class ForecastStep(Step):
+    """Forecast KSM from a capture of the guests (KSM off); with `apply`, then turn it on
+    with the recommended knobs and measure (harness.playbook.forecast_step)."""
+
+    knob_sets: tuple[dict[str, int | str], ...] = ()  # () = the host's knobs and a ladder
+    target: float = 0.95
+    within: float | None = None  # seconds
+    cpu: float | None = None  # share of one core
+    apply: bool = False
+    timeout: float = 1800.0
+    checks: dict[str, float] = field(default_factory=dict)  # figure -> relative tolerance
 
 
 @dataclass(frozen=True)

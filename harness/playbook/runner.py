@@ -131,6 +131,10 @@ class Runner:
         return self._fleet
 
     @property
+    def proc(self) -> Path:
+        return self.opts.proc
+
+    @property
     def phase_record(self) -> dict[str, Any]:
         return self._phase_rec
 
@@ -356,7 +360,9 @@ class Runner:
 
         def target(side: Side) -> ExportTarget:
             backend, _ = side.exported()
-            return ExportTarget(backend=backend, watch=lambda: side.exported()[1])
+            return ExportTarget(
+                backend=backend, watch=lambda: side.exported()[1], cpu=side.ksmd_cpu_seconds
+            )
 
         targets = [target(s) for s in self.sides]
         try:

@@ -49,6 +49,7 @@ from harness.playbook.plan import (
     ExpectStep,
     FleetDoc,
     FleetSpec,
+    ForecastStep,
     KsmStep,
     MiB,
     Phase,
@@ -80,6 +81,7 @@ __all__ = [
     "AgentStep",
     "ExpectStep",
     "FleetSpec",
+    "ForecastStep",
     "KsmStep",
     "Phase",
     "Playbook",
@@ -320,6 +322,95 @@ class SweepArgs(Model):
         return self
 
 
+def _knob_sets(value: Any) -> tuple[dict[str, int | str], ...]:
+    """A list of knob sets, each 'K=V,K=V' or a mapping of tunables (run excluded)."""
+    from harness.twin.knobs import knob_set
+
+    if not isinstance(value, list) or not value:
+        raise Invalid(
+            f"expected a non-empty list of knob sets, got {kind(value)}",
+            hint='e.g. knobs: ["pages_to_scan=1000", {pages_to_scan: 100}]',
+        )
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            if "run" in item:
+                raise Invalid("run is not a knob to compare", hint="leave run out", at=(i,))
+            try:
+                out.append(_tunables(item))
+            except Invalid as exc:
+                raise Invalid(exc.message, exc.hint, at=(i, *exc.at)) from None
+        elif isinstance(item, str):
+            try:
+                out.append(knob_set(item))
+            except HarnessError as exc:
+                raise Invalid(exc.message, exc.hint, at=(i,)) from None
+        else:
+            raise Invalid(f"expected K=V,... or a mapping, got {kind(item)}", at=(i,))
+    return tuple(out)
+
+
+def _share(value: Any) -> float:
+    from harness.twin.knobs import share
+
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise Invalid(f"expected a share like 95% or 0.95, got {kind(value)}")
+    try:
+        return share(value, "share")
+    except HarnessError as exc:
+        raise Invalid(exc.message) from None
+
+
+def _duration(value: Any) -> float:
+    from harness.twin.knobs import duration
+
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise Invalid(f"expected a duration like 90s or 10m, got {kind(value)}")
+    try:
+        return duration(value, "duration")
+    except HarnessError as exc:
+        raise Invalid(exc.message) from None
+
+
+FORECAST_FIGURES = ("saved_bytes", "seconds_to_target", "cpu_seconds_to_target")
+
+
+def _checks(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected figure: tolerance pairs, got {kind(value)}")
+    out = {}
+    for key, tol in value.items():
+        if key not in FORECAST_FIGURES:
+            raise Invalid(
+                f"unknown figure {key!r}", hint="figures: " + ", ".join(FORECAST_FIGURES), at=(key,)
+            )
+        try:
+            out[key] = _share(tol)
+        except Invalid as exc:
+            raise Invalid(exc.message, hint="a tolerance like 20% (relative)", at=(key,)) from None
+    return out
+
+
+Share = Annotated[float, Check(_share)]
+Duration = Annotated[float, Check(_duration)]
+
+
+class ForecastArgs(Model):
+    what = "the forecast arguments"
+    example = 'e.g. forecast: {knobs: ["pages_to_scan=1000"], target: 95%, apply: true}'
+    knobs: Annotated[tuple[dict[str, int | str], ...], Check(_knob_sets)] = ()
+    target: Share = 0.95
+    within: Duration | None = None
+    cpu: Share | None = None
+    apply: Annotated[bool, Check(boolean)] = False
+    timeout: Annotated[float, between(1, 86400, integer=False)] = 1800.0
+    check: Annotated[dict[str, float], Check(_checks)] = {}  # noqa: RUF012 (pydantic copies)
+
+
 class FillStep(Model):
     fill: FillArgs
 
@@ -346,6 +437,10 @@ class WaitStepDoc(Model):
 
 class SweepStepDoc(Model):
     sweep: SweepArgs
+
+
+class ForecastStepDoc(Model):
+    forecast: ForecastArgs
 
 
 class ExpectStepDoc(Model):
@@ -378,6 +473,7 @@ StepDoc = Annotated[
         Annotated[WaitStepDoc, Tag("<wait>")],
         Annotated[SweepStepDoc, Tag("<sweep>")],
         Annotated[ExpectStepDoc, Tag("<expect>")],
+        Annotated[ForecastStepDoc, Tag("<forecast>")],
     ],
     Discriminator(_step_kind),
     Check(_step_shape),
@@ -483,6 +579,17 @@ def _step(doc: Any, path: PathKey, src: Source, count: int) -> Step:
         knob = next(k for k in SWEEPABLE if getattr(args, k) is not None)
         values = tuple(getattr(args, knob))
         return SweepStep(line, knob, values, args.tolerance, args.timeout)
+    if isinstance(args, ForecastArgs):
+        return ForecastStep(
+            line,
+            knob_sets=tuple(args.knobs),
+            target=args.target,
+            within=args.within,
+            cpu=args.cpu,
+            apply=args.apply,
+            timeout=args.timeout,
+            checks=dict(args.check),
+        )
     if key == "expect":
         # A list of expectations: each its own line; a single string: the key's line.
         lines = [src.lines.get((*path, key, i), src.line((*path, key))) for i in range(len(args))]

@@ -12,7 +12,15 @@ from typing import Any
 from harness.console import plural
 from harness.errors import GuestError, HarnessError, ScanTimeout
 from harness.playbook.context import StepContext
-from harness.playbook.plan import AgentStep, ExpectStep, KsmStep, Step, SweepStep, WaitStep
+from harness.playbook.plan import (
+    AgentStep,
+    ExpectStep,
+    ForecastStep,
+    KsmStep,
+    Step,
+    SweepStep,
+    WaitStep,
+)
 
 
 def run_step(ctx: StepContext, step: Step) -> None:
@@ -27,6 +35,10 @@ def run_step(ctx: StepContext, step: Step) -> None:
         expect_step(ctx, step)
     elif isinstance(step, SweepStep):
         sweep_step(ctx, step)
+    elif isinstance(step, ForecastStep):
+        from harness.playbook.forecast_step import forecast_step
+
+        forecast_step(ctx, step)
     else:  # pragma: no cover - the schema builds only the kinds above
         raise HarnessError(f"unknown step {step!r}")
 

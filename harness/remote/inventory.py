@@ -14,6 +14,8 @@ Format (YAML)::
         labels: {rack: r1, ksm_expected: "true"}
         trust_on_first_use: false                        # the default
         exporter: {listen: "10.0.0.11:9712"}            # default 127.0.0.1:9712
+        # exporter: {twin: true, what_if: ["mps16:max_page_sharing=16"], twin_cpu: 5%}
+        #   adds the live twin (`ksmh export --twin`; runs as root, see monitoring/)
         prefix: /opt/ksm-harness                        # where `hosts prepare` installs
         python: python3                                 # interpreter the venv is made from
 
@@ -71,6 +73,9 @@ class Host:
     labels: Mapping[str, str] = field(default_factory=dict)
     trust_on_first_use: bool = False
     exporter_listen: str = DEFAULT_LISTEN
+    exporter_twin: bool = False  # `ksmh export --twin`: the live model beside the kernel
+    exporter_what_if: tuple[str, ...] = ()  # --what-if NAME:KNOB=VALUE,...
+    exporter_twin_cpu: str = "5%"  # --twin-cpu
     prefix: str = DEFAULT_PREFIX
     python: str = "python3"
 
@@ -229,9 +234,40 @@ Text = Annotated[str, Check(_text)]
 # -- the document -----------------------------------------------------------------------------
 
 
+def _what_ifs(value: Any) -> tuple[str, ...]:
+    from harness.twin.knobs import what_if
+
+    if not isinstance(value, list):
+        raise Invalid(f"expected a list of NAME:KNOB=VALUE,..., got {kind(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise Invalid(f"expected NAME:KNOB=VALUE,..., got {kind(item)}", at=(i,))
+        try:
+            what_if(item)
+        except HarnessError as exc:
+            raise Invalid(exc.message, exc.hint, at=(i,)) from None
+    return tuple(value)
+
+
+def _share(value: Any) -> str:
+    from harness.twin.knobs import share
+
+    text = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+    if not isinstance(text, str):
+        raise Invalid(f"expected a share like 5% or 0.05, got {kind(value)}")
+    try:
+        share(text, "twin_cpu")
+    except HarnessError as exc:
+        raise Invalid(exc.message) from None
+    return text
+
+
 class ExporterDoc(Model):
     what = "exporter settings"
     listen: Annotated[str, Check(_listen)] = DEFAULT_LISTEN
+    twin: Annotated[bool, Check(boolean)] = False
+    what_if: Annotated[tuple[str, ...], Check(_what_ifs)] = ()
+    twin_cpu: Annotated[str, Check(_share)] = "5%"
 
 
 class HostDefaults(Model):
@@ -336,6 +372,9 @@ def _parse(data: Any, src: Source, path: Path) -> Inventory:
                 labels=dict(h.labels),
                 trust_on_first_use=h.trust_on_first_use,
                 exporter_listen=h.exporter.listen,
+                exporter_twin=h.exporter.twin or bool(h.exporter.what_if),
+                exporter_what_if=tuple(h.exporter.what_if),
+                exporter_twin_cpu=h.exporter.twin_cpu,
                 prefix=h.prefix,
                 python=h.python,
             )

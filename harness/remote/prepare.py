@@ -91,8 +91,9 @@ class Layout:
 
 
 def exporter_argv(host: Host, layout: Layout) -> list[str]:
-    """The exporter command line: `ksmh export` on the kernel, bound where the inventory says."""
-    return [
+    """The exporter command line: `ksmh export` on the kernel, bound where the inventory says,
+    with the live twin and its what-ifs when the inventory turns them on."""
+    argv = [
         layout.python,
         "-m",
         "harness.cli",
@@ -104,16 +105,32 @@ def exporter_argv(host: Host, layout: Layout) -> list[str]:
         "--host",
         host.name,
     ]
+    if host.exporter_twin:
+        argv += ["--twin", "--twin-cpu", host.exporter_twin_cpu]
+        for w in host.exporter_what_if:
+            argv += ["--what-if", w]
+    return argv
+
+
+# Who the exporter runs as. Reading KSM needs no privilege: a throwaway user. The twin reads
+# the memory of the processes KSM scans (/proc/PID/mem needs ptrace rights over them;
+# pagemap's PFNs and /proc/kpageflags need CAP_SYS_ADMIN): root, with only those capabilities.
+IDENTITY_PLAIN = "DynamicUser=yes"
+IDENTITY_TWIN = "User=root\nCapabilityBoundingSet=CAP_SYS_PTRACE CAP_SYS_ADMIN"
 
 
 def render_unit(host: Host, layout: Layout) -> str:
-    """The systemd unit for this host: the template with @EXEC@ and @PREFIX@ filled in.
+    """The systemd unit for this host: the template with @EXEC@, @PREFIX@ and @IDENTITY@
+    filled in.
 
-    Both are quoted: systemd splits ExecStart= and ReadOnlyPaths= at whitespace.
+    The first two are quoted: systemd splits ExecStart= and ReadOnlyPaths= at whitespace.
     """
     text = data_path(*UNIT_TEMPLATE).read_text()
-    return text.replace("@EXEC@", shlex.join(exporter_argv(host, layout))).replace(
-        "@PREFIX@", shlex.quote(layout.prefix)
+    identity = IDENTITY_TWIN if host.exporter_twin else IDENTITY_PLAIN
+    return (
+        text.replace("@EXEC@", shlex.join(exporter_argv(host, layout)))
+        .replace("@PREFIX@", shlex.quote(layout.prefix))
+        .replace("@IDENTITY@", identity)
     )
 
 
@@ -241,6 +258,12 @@ def prepare_host(s: Session, bundle_for: Callable[[str], Bundle]) -> PrepareRepo
             f"{host.name}: {host.python} is {'.'.join(map(str, facts.version))}, "
             "ksm-harness needs 3.11+",
             hint="set `python:` for this host to a 3.11+ interpreter",
+        )
+    if host.exporter_twin and facts.uid != 0:
+        raise RemoteCommandFailed(
+            f"{host.name}: the exporter's twin reads other processes' memory and needs root, "
+            f"but {host.user} is not root",
+            hint="connect as root (user: root), or turn the twin off for this host",
         )
     bundle = bundle_for(facts.soabi)
     _install_packages(

@@ -368,7 +368,7 @@ def cmd_run_fleet(args: Any) -> int:
     print(f"fleet report: {fr.report}")
     push = getattr(args, "push_url", None)
     if push:
-        from harness.playbook.cli import push_results
+        from harness.monitoring.push import push_results
 
         for h in fr.hosts:
             if h.directory:

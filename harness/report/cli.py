@@ -88,7 +88,8 @@ def parse_floors(items: list[str]) -> dict[str, Floors]:
 
 def cmd_trend(args: argparse.Namespace) -> int:
     from harness.report.regression import Rule
-    from harness.report.trend import build_trend, flag_doc, with_floors, write_trend
+    from harness.report.trend import build_trend, flag_doc, with_floors
+    from harness.report.trend_write import write_trend
 
     if args.min_nights > args.window:
         raise HarnessError(

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from harness.console import plural
+from harness.report.forecast import forecast_lines
 from harness.report.results import Results
 from harness.units import format_size
 
@@ -166,6 +167,8 @@ def render_markdown(res: Results, plots: Mapping[str, str]) -> str:
                     f"| {p['value']} | {_v(p.get('seconds'))} | {_v(p.get('scans'))} | "
                     f"{_v(p.get('ksmd_cpu_seconds'))} | {_v(p.get('pages_sharing'))} |"
                 )
+        for rec in phase.get("forecasts", []):
+            out += forecast_lines(rec)
         if phase.get("expectations"):
             out += ["", "| | expectation | line | detail |", "|---|---|---|---|"]
             for e in phase["expectations"]:

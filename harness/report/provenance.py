@@ -98,7 +98,7 @@ def playbook_digest(file: str | None, raw: Mapping[str, Any] | None = None) -> s
 
 
 def model_profile(name: str = "host") -> str | None:
-    """The ksm_model profile `name` resolves to on this kernel ("host" -> "6.13" on 6.18)."""
+    """The ksm_model profile `name` resolves to on this kernel ("host" -> "6.17" on 6.18)."""
     try:
         from ksm_model.profiles import resolve
     except ImportError:

@@ -359,21 +359,3 @@ def to_json(trend: Trend, inputs: Iterable[Path]) -> dict[str, Any]:
             for g in trend.groups
         ],
     }
-
-
-def write_trend(trend: Trend, inputs: Sequence[Path], out: Path) -> Path:
-    """Write trend.json, the plots and trend.md into out; returns trend.md's path."""
-    from harness.report.trend_markdown import render_markdown
-
-    out.mkdir(parents=True, exist_ok=True)
-    doc = to_json(trend, inputs)
-    (out / TREND_JSON).write_text(json.dumps(doc, indent=2) + "\n")
-    try:
-        from harness.report.trend_plots import render_plots  # imports matplotlib
-    except ImportError:
-        plots: dict[str, str] = {}
-    else:
-        plots = render_plots(trend, out)
-    path = out / TREND_MD
-    path.write_text(render_markdown(trend, doc, plots))
-    return path

@@ -14,11 +14,16 @@ The sequence (spec sections 2, 3, 12.4 and 14):
 5. at the end kill every worker and write run=2, so no KSM state of ours is left behind.
 
 To avoid waiting out the long sleep after each sample, the runner rewrites sleep_millisecs
-alternating S and S+1: a changed value ends ksmd's sleep at once (sleep_millisecs_store wakes
-ksm_iter_wait). Counters do not depend on the sleep length.
+alternating S and S+1, just before run=1: a changed value ends ksmd's sleep at once
+(sleep_millisecs_store wakes ksm_iter_wait). Counters do not depend on the sleep length.
 
 A sample is proven to be the end-of-scan state: after run=0 full_scans must still be the value
 that was seen to change (a batch started meanwhile would be a whole scan and bump it again).
+
+Knobs this kernel does not have (smart_scan before 6.7, ...) are not written: the scenario runs
+as that kernel can run it, and a `set` action on one is refused with ENOENT, as the model of
+that kernel refuses it. Where the KSM lives is behind a few methods (_pool, _await_scan,
+_snapshot, _foreign): harness.kernels.guest runs the same sequence in a guest over its agent.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 
 from harness import procfs
 from harness.errors import KsmWriteRefused, ScanTimeout
+from harness.ksm.backend import BackendBase
 from harness.ksm.sysfs import SysfsBackend
 from harness.record import Snapshot, StatValue, stat_record
 from harness.scenario.errors import ForeignKsmActivity, SamplingError
@@ -70,7 +76,7 @@ class KernelRunner:
     Use run_on_kernel() to have the lock and the knob save/restore taken for you.
     """
 
-    backend: SysfsBackend
+    backend: BackendBase  # a SysfsBackend here; harness.kernels.guest.GuestKsm in a guest
     python: str = sys.executable
     sleep_millisecs: int = DEFAULT_SLEEP_MS
     pages_to_scan: int = BIG_PAGES_TO_SCAN
@@ -92,19 +98,25 @@ class KernelRunner:
             isinstance(a, Spawn) and a.spec.thp for a in scenario.actions
         )
         try:
+            # In a guest (harness.kernels) khugepaged is held off for good by the guest itself.
+            root = b.root if isinstance(b, SysfsBackend) else None
             with (
-                khugepaged_pinned(b.root.parent / "transparent_hugepage")
-                if huge
+                khugepaged_pinned(root.parent / "transparent_hugepage")
+                if huge and root is not None
                 else nullcontext(),
-                WorkerPool(
-                    python=self.python, page_size=b.page_size, timeout=self.worker_timeout
-                ) as pool,
+                self._pool() as pool,
             ):
                 self.last_pids = pool.pids  # every worker pid of this run, for leak checks
                 return self._run(scenario, pool)
         finally:
             # Killed workers' rmap_items would otherwise stay counted while ksmd is stopped.
             b.write_tunables(run=2, force=True)
+
+    def _pool(self) -> WorkerPool:
+        """The pool that starts this run's worker processes."""
+        return WorkerPool(
+            python=self.python, page_size=self.backend.page_size, timeout=self.worker_timeout
+        )
 
     # -- the run ---------------------------------------------------------------------------
     def _run(self, scenario: Scenario, pool: WorkerPool) -> Series:
@@ -114,8 +126,9 @@ class KernelRunner:
         self._check_reset()
         have = b.read_tunables()
         numa, advisor = have.merge_across_nodes is not None, have.advisor_mode is not None
+        absent = frozenset(k for k, v in have.as_dict().items() if v is None)
         tunables = runner_tunables(
-            scenario, self.pages_to_scan, self.sleep_millisecs, numa, advisor
+            scenario, self.pages_to_scan, self.sleep_millisecs, numa, advisor, absent
         )
         b.write_tunables(**tunables)  # type: ignore[arg-type]
         self._sleep = int(tunables["sleep_millisecs"])
@@ -129,11 +142,9 @@ class KernelRunner:
         with self._full_scans_fd() as fd:
             b.write_tunables(run=1)
             for scan in range(1, scenario.scans + 1):
-                seen = self._wait_change(fd, last, scan)
-                visits = self._visits()
-                b.write_tunables(run=0)
+                seen, visits = self._await_scan(fd, last, scan)
                 end = self._snapshot(pool, base)
-                self._check_frozen(scan, seen, visits, end)
+                self._check_frozen(scan, seen, visits, end, last)
                 self._check_accounting(scan, end, {h.pid for h in pool.live()})
                 actions = scenario.actions_after(scan)
                 outcomes = tuple(self._apply(scenario, a, pool) for a in actions)
@@ -146,10 +157,14 @@ class KernelRunner:
 
     def _resume(self) -> None:
         b = self.backend
-        b.write_tunables(run=1)
-        # A changed sleep_millisecs ends ksmd's current sleep now instead of after S ms.
+        # A changed sleep_millisecs ends ksmd's current sleep now instead of after S ms. It is
+        # written while run=0: the woken ksmd finds nothing to do and waits for run, and run=1
+        # then starts exactly one batch. Written after run=1 it could also wake a ksmd that
+        # had been idle (a pause longer than S), had started at run=1 and already finished
+        # the next scan: a second scan at once (seen on a 6.1 guest).
         current = b.read_tunables().sleep_millisecs
         b.write_tunables(sleep_millisecs=self._sleep + 1 if current == self._sleep else self._sleep)
+        b.write_tunables(run=1)
 
     def _apply(self, scenario: Scenario, action: Action, pool: WorkerPool) -> str:
         t = self.worker_timeout
@@ -177,13 +192,30 @@ class KernelRunner:
                 self._sleep = action.value
         return "ok"
 
+    def _sysfs(self) -> SysfsBackend:
+        if not isinstance(self.backend, SysfsBackend):
+            raise TypeError(f"{type(self).__name__} needs a SysfsBackend")
+        return self.backend
+
+    def _await_scan(
+        self, fd: int, last: int, scan: int
+    ) -> tuple[int, tuple[int | None, int | None]]:
+        """Wait until full_scans is no longer `last`, then pause ksmd (run=0, which returns
+        once the batch in progress ended); returns the value seen and the visit counters read
+        just before the pause, for _check_frozen."""
+        seen = self._wait_change(fd, last, scan)
+        visits = self._visits()
+        self.backend.write_tunables(run=0)
+        return seen, visits
+
     # -- reading ---------------------------------------------------------------------------
     def _snapshot(self, pool: WorkerPool, base: dict[str, int | None]) -> Snapshot:
         counters = relative(self.backend.read_counters().as_dict(), base)
         procs = {}
         for h in pool.live():
             procs[h.name] = self.read_stat(h.pid)
-            procs[h.name]["anon_huge_kb"] = anon_huge_kb(self.backend.proc, h.pid, h.addr, h.length)
+            proc = getattr(self.backend, "proc", procfs.PROC)
+            procs[h.name]["anon_huge_kb"] = anon_huge_kb(proc, h.pid, h.addr, h.length)
         return Snapshot(counters=counters, processes=procs)
 
     def read_stat(self, pid: int) -> dict[str, StatValue]:
@@ -192,7 +224,8 @@ class KernelRunner:
 
     @contextmanager
     def _full_scans_fd(self) -> Iterator[int]:
-        fd = os.open(self.backend.root / "full_scans", os.O_RDONLY)
+        """An open full_scans file for the whole run (-1 where _await_scan needs none)."""
+        fd = os.open(self._sysfs().root / "full_scans", os.O_RDONLY)
         try:
             yield fd
         finally:
@@ -218,13 +251,26 @@ class KernelRunner:
         return c.pages_scanned, c.pages_skipped
 
     def _check_frozen(
-        self, scan: int, seen: int, visits: tuple[int | None, int | None], end: Snapshot
+        self,
+        scan: int,
+        seen: int,
+        visits: tuple[int | None, int | None],
+        end: Snapshot,
+        last: int | None = None,
     ) -> None:
         """Prove the sample is the end-of-scan state: ksmd did not start the next batch.
 
         A batch started before run=0 took effect either completes a scan (full_scans moves
-        again, with one batch per scan) or visits pages (pages_scanned/skipped move).
+        again, with one batch per scan) or visits pages (pages_scanned/skipped move). And
+        exactly one scan completed since the last sample (`last`): two would be a sample
+        missed.
         """
+        if last is not None and seen != last + 1:
+            raise SamplingError(
+                f"F={scan}: ksmd completed {seen - last} full scans since the last sample "
+                f"(full_scans {last} -> {seen}), so a sample was missed",
+                hint="the host is too loaded for a frozen read; raise sleep_millisecs",
+            )
         now = self._visits()
         if end.counters["full_scans"] != seen or now != visits:
             raise SamplingError(
@@ -248,22 +294,26 @@ class KernelRunner:
         total = sum(c[n] or 0 for n in _RESET_COUNTERS)
         ours = sum(int(s["ksm_rmap_items"] or 0) for s in snap.processes.values())
         if total > ours:
-            found = procfs.ksm_users(self.backend.proc, exclude=pids | {os.getpid()})
             raise ForeignKsmActivity(
                 f"F={scan}: KSM tracks {total} rmap_items but the scenario's processes own "
                 f"{ours}; other registered processes: "
-                f"{procfs.describe_users(found) or 'none found'}",
+                f"{self._foreign(pids) or 'none found'}",
                 hint="stop the other KSM users (QEMU guests?) or wait for them; they must hold "
                 "the ksm-harness lock while merging",
             )
 
+    def _foreign(self, ours: set[int]) -> str:
+        """The processes other than `ours` (and this one) that KSM scans or counts, described;
+        empty when there are none."""
+        found = procfs.ksm_users(self._sysfs().proc, exclude=ours | {os.getpid()})
+        return procfs.describe_users(found)
+
     def check_no_foreign(self, ours: set[int]) -> None:
         """Raise ForeignKsmActivity if any process but `ours` is registered with KSM."""
-        found = procfs.ksm_users(self.backend.proc, exclude=ours | {os.getpid()})
+        found = self._foreign(ours)
         if found:
             raise ForeignKsmActivity(
-                "processes outside the scenario are registered with KSM: "
-                + procfs.describe_users(found),
+                "processes outside the scenario are registered with KSM: " + found,
                 hint="their pages would change every counter; stop them (or wait) and retry",
             )
 
@@ -278,10 +328,16 @@ ADVISOR_DEFAULTS = {"advisor_mode": "none"}
 
 
 def runner_tunables(
-    scenario: Scenario, pages_to_scan: int, sleep_millisecs: int, numa: bool, advisor: bool
+    scenario: Scenario,
+    pages_to_scan: int,
+    sleep_millisecs: int,
+    numa: bool,
+    advisor: bool,
+    absent: frozenset[str] = frozenset(),
 ) -> dict[str, int | str]:
-    """What both runners write before run=1: defaults, timing settings, then the scenario's."""
-    return {
+    """What both runners write before run=1: defaults, timing settings, then the scenario's,
+    minus the knobs this kernel (or model profile) does not have (`absent`)."""
+    values: dict[str, int | str] = {
         **(ADVISOR_DEFAULTS if advisor else {}),
         **KERNEL_DEFAULTS,
         **(NUMA_DEFAULTS if numa else {}),
@@ -290,6 +346,7 @@ def runner_tunables(
         "stable_node_chains_prune_millisecs": DEFAULT_PRUNE_MS,
         **scenario.tunable_values,
     }
+    return {k: v for k, v in values.items() if k not in absent}
 
 
 def anon_huge_kb(proc: Path, pid: int, addr: int, length: int) -> int:

@@ -2,9 +2,9 @@
 
 The kernel runner's sequence is mirrored step by step (issue 3): run=0, run=2, the tunables
 (with the same huge pages_to_scan), the processes created, filled and madvised one at a time,
-run=1, then per full scan: run until full_scans moves, run=0, sample, actions, run=1 and the
-sleep_millisecs toggle that ends ksmd's sleep (so the next scan starts at once on both sides:
-what is jiffies-exact between scans is then the same). The model is reached through the one
+run=1, then per full scan: run until full_scans moves, run=0, sample, actions, the
+sleep_millisecs toggle that ends ksmd's sleep, run=1 (so the next scan starts at once on both
+sides: what is jiffies-exact between scans is then the same). The model is reached through the one
 adapter, harness.ksm.model.ModelBackend.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from ksm_model.profiles import Profile
 
 from harness.ksm.tunables import WRITE_ORDER
 from harness.record import Snapshot
@@ -53,7 +55,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        profile: str = "6.11",
+        profile: str | Profile = "host",
         page_size: int = 4096,
         sleep_millisecs: int = DEFAULT_SLEEP_MS,
         pages_to_scan: int = BIG_PAGES_TO_SCAN,
@@ -100,8 +102,9 @@ class ModelRunner:
         sysfs.write("run", "2")
         have = m.read_tunables()
         numa, advisor = have.merge_across_nodes is not None, have.advisor_mode is not None
+        absent = frozenset(k for k, v in have.as_dict().items() if v is None)
         tunables = runner_tunables(
-            scenario, self.pages_to_scan, self.sleep_millisecs, numa, advisor
+            scenario, self.pages_to_scan, self.sleep_millisecs, numa, advisor, absent
         )
         for name in WRITE_ORDER:
             if name in tunables:
@@ -126,10 +129,11 @@ class ModelRunner:
             after = self._snapshot(m, procs, base) if actions else None
             samples.append(ScanSample(scan, end, after, outcomes))
             if scan < scenario.scans:
-                sysfs.write("run", "1")
-                # KernelRunner._resume: a changed sleep_millisecs ends ksmd's sleep now.
+                # KernelRunner._resume: a changed sleep_millisecs (written while run=0) ends
+                # ksmd's sleep, then run=1 starts the next scan at once.
                 current = int(sysfs.read("sleep_millisecs"))
                 sysfs.write("sleep_millisecs", str(sleep + 1 if current == sleep else sleep))
+                sysfs.write("run", "1")
         return Series("model", scenario, initial, tuple(samples))
 
     def _start(self, k: Any, name: str, pages: tuple[str, ...], thp: bool) -> _Proc:
@@ -209,6 +213,6 @@ def _import_model() -> Any:
     return mod
 
 
-def run_on_model(scenario: Scenario, profile: str = "6.11") -> Series:
+def run_on_model(scenario: Scenario, profile: str | Profile = "host") -> Series:
     """Run the scenario on a fresh ksm_model Kernel and return the model series."""
     return ModelRunner(profile=profile).run(scenario)

@@ -136,7 +136,7 @@ class KernelSide:
         if self._ksmd is None:
             return None
         try:
-            return procfs.cpu_seconds(self._ksmd, self.proc)
+            return procfs.task_cpu_seconds(self._ksmd, self.proc)  # schedstat: ns, not ticks
         except HarnessError:
             return None
 

@@ -108,11 +108,13 @@ class ModelSide:
                 t[user.pid] = f"{user.comm}-{user.pid}"
         return t
 
-    def refresh(self) -> None:
-        """Capture the targets and replay what changed into the model."""
-        targets = self.targets()
+    def refresh(self, caps: list[ProcessCapture] | None = None) -> None:
+        """Capture the targets and replay what changed into the model. `caps`: a capture
+        already made (the exporter's twin replays one capture into several models)."""
+        targets = self.targets() if caps is None else {c.pid: c.name for c in caps}
         t0 = time.perf_counter()
-        caps = self.shadow.capture(targets)
+        if caps is None:
+            caps = self.shadow.capture(targets)
         self.shadow.reap(c.pid for c in caps)
         t1 = time.perf_counter()
         st = self.shadow.replay(caps)
@@ -149,8 +151,8 @@ class ModelSide:
         self.publish()
         yield 0
 
-    def follow(self, scans: int) -> None:
-        self.refresh()
+    def follow(self, scans: int, caps: list[ProcessCapture] | None = None) -> None:
+        self.refresh(caps)
         n = min(scans, self.cap) if self.cap else scans
         self.stats["skipped_scans"] += scans - n
         self.scans_total += scans - n  # keep the kernel's numbering past the scans left out

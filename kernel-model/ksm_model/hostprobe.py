@@ -1,11 +1,17 @@
 """Read the running kernel's settings that a model of it needs (the only ksm_model module
 that does I/O; the model's core never imports it).
 
-    from ksm_model.hostprobe import probe
+    from ksm_model.hostprobe import host_profile, probe
+    Kernel(profile=host_profile())      # what Kernel(profile="host") does
     host = probe()
     k = Kernel(profile="host", **host.kernel_args())
     k.ksmd_runtime_ns = host.ksmd_runtime_ns  # for the scan-time advisor's first step
 
+host_profile(): the running kernel's release, the file names in /sys/kernel/mm/ksm and the
+line names of /proc/self/ksm_stat, handed to ksm_model.profiles.select. Behaviour that only a
+probe can tell (stable backports) is measured by harness.kernels.detect, which drives KSM.
+
+probe(): the host settings beside the profile:
 - hz: CONFIG_HZ from /proc/config.gz, else /boot/config-$(uname -r), else 250;
 - pt_reclaim: CONFIG_PT_RECLAIM=y in the same config (else False);
 - thp, thp_use_zero_page: /sys/kernel/mm/transparent_hugepage/{enabled,use_zero_page};
@@ -21,6 +27,39 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ksm_model.profiles import Profile, select
+
+KSM_ROOT = Path("/sys/kernel/mm/ksm")
+
+
+def ksm_files(root: Path = KSM_ROOT) -> list[str] | None:
+    """The names in /sys/kernel/mm/ksm (None: no KSM, or unreadable)."""
+    try:
+        return sorted(p.name for p in root.iterdir())
+    except OSError:
+        return None
+
+
+def stat_fields(proc: Path = Path("/proc")) -> list[str] | None:
+    """The line names of this process's /proc/self/ksm_stat (None: no such file)."""
+    try:
+        text = (proc / "self" / "ksm_stat").read_text()
+    except OSError:
+        return None
+    return [line.split()[0].rstrip(":") for line in text.splitlines() if line.strip()]
+
+
+def host_profile(
+    root: Path = KSM_ROOT, proc: Path = Path("/proc"), release: str | None = None
+) -> Profile:
+    """The running kernel's profile from its release and files (every path injectable)."""
+    return select(
+        release if release is not None else os.uname().release,
+        ksm_files(root),
+        stat_fields(proc),
+    )
+
 
 DEFAULT_HZ = 250
 _HZ_RE = re.compile(r"^CONFIG_HZ=(\d+)$", re.M)

@@ -37,7 +37,7 @@ class Kernel:
 
     def __init__(
         self,
-        profile: str = "6.11",
+        profile: str | Profile = "latest",
         numa_nodes: int = 1,
         page_size: int = 4096,
         *,
@@ -80,6 +80,12 @@ class Kernel:
         self.pages_unshared = 0
         self.ksm_rmap_items = 0
         self.pages_scanned = 0
+        # Page visits by kind (scanner.VISIT_KINDS: first, unique, merged, joined, chained);
+        # they sum to pages_scanned. Bookkeeping for cost models only: nothing depends on them.
+        self.visits = [0, 0, 0, 0, 0]
+        # Dups of stable_node_chains examined by stable tree walks (stable_node_dup): with
+        # every dup full, each search through a chain examines all of them. Bookkeeping too.
+        self.dups_walked = 0
         self.pages_skipped = 0
         self.stable_node_chains = 0
         self.stable_node_dups = 0

@@ -77,6 +77,9 @@ class Process:
         self.ksm_rmap_items = 0
         self.ksm_merging_pages = 0
         self.ksm_zero_pages = 0
+        # What fork copied into the three counts above on a kernel without the fork reset
+        # (profile fork_resets_counters False): they never go back to the real figures.
+        self.inherited = (0, 0, 0)
         # rmap_items sorted by address; while ksmd walks this mm, `new` holds the items
         # already passed and `items[r:]` the rest (see scanner.py).
         self.items: list[RmapItem] = []
@@ -392,6 +395,13 @@ class Process:
         self._check_alive()
         k = self.kernel
         child = k._new_process(name if name is not None else self.name)
+        reset = k.profile.fork_resets_counters
+        if not reset:
+            # dup_mm copies the mm_struct: the child starts with the parent's KSM counts.
+            child.ksm_rmap_items = self.ksm_rmap_items
+            child.ksm_merging_pages = self.ksm_merging_pages
+            child.ksm_zero_pages = self.ksm_zero_pages
+            child.inherited = (self.ksm_rmap_items, self.ksm_merging_pages, self.ksm_zero_pages)
         if self.registered:
             k.ksm_enter(child)  # ksm_fork, before the VMAs are copied
             child.merge_any = self.merge_any
@@ -408,8 +418,11 @@ class Process:
                     pages[i] = s
                 if s is KZERO:
                     # The copied PTE keeps its KSM zero-page marker and is counted as one
-                    # more KSM zero page (measured on 6.18; see notes/diff-findings F1).
-                    k.map_zero_page(child)
+                    # more KSM zero page (measured on 6.18; see notes/diff-findings F1);
+                    # without the fork fix the child's count is the parent's copy, and the
+                    # global one does not grow.
+                    if reset:
+                        k.map_zero_page(child)
                 else:
                     s.mapcount += 1
                 cpages[i] = s

@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 
 _SKIP_AGE = [1] * 4 + [2] * 2 + [4] * 3 + [8] * 247  # skip_age(age) for age 0..255
 
+# Kinds of page visit, counted in Kernel.visits for cost models (they change no behaviour):
+# FIRST: the checksum changed (a new rmap_item, or new content): only checksummed;
+# UNIQUE: searched the trees and stayed unmerged; MERGED: the page is already a KSM page;
+# JOINED: merged now, into a plain stable node, with an unstable-tree partner or with the
+#   zero page; CHAINED: merged now into a dup of a stable_node_chain (the search walked it).
+V_FIRST, V_UNIQUE, V_MERGED, V_JOINED, V_CHAINED = range(5)
+VISIT_KINDS = ("first", "unique", "merged", "joined", "chained")
+
 
 def remove_from_tree(k: Kernel, it: RmapItem, mm: Process) -> None:
     """remove_rmap_item_from_tree."""
@@ -168,6 +176,8 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
     r = mm.r
     new = mm.new
     n = 0
+    nm = nu = 0  # fast-path visits (merged, unique), added to k.visits on return
+    visits = k.visits
     for v in vmas[i:]:
         if not v.mergeable:
             continue
@@ -199,10 +209,13 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
             if cls is Page and s.node is not None:
                 if it.ref is s.node:
                     n += 1  # steady state of a merged page: nothing to do
+                    nm += 1
                     addr += 1
                     if n == budget:
                         mm.r = r
                         k.scan_addr = addr
+                        visits[V_MERGED] += nm
+                        visits[V_UNIQUE] += nu
                         return n, False
                     continue
             else:
@@ -225,10 +238,13 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
                         if ref is None:
                             k.pages_unshared += 1
                         n += 1
+                        nu += 1
                         addr += 1
                         if n == budget:
                             mm.r = r
                             k.scan_addr = addr
+                            visits[V_MERGED] += nm
+                            visits[V_UNIQUE] += nu
                             return n, False
                         continue
             mm.r = r
@@ -239,9 +255,13 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
             n += 1
             addr += 1
             if n == budget:
+                visits[V_MERGED] += nm
+                visits[V_UNIQUE] += nu
                 return n, False
     mm.r = r
     k.scan_addr = addr
+    visits[V_MERGED] += nm
+    visits[V_UNIQUE] += nu
     return n, True
 
 
@@ -251,7 +271,10 @@ def do_scan(k: Kernel, budget: int) -> int:
     A full scan always ends the batch (scan_get_next_rmap_item returns NULL after seqnr++).
     """
     done = 0
-    if budget <= 0 or not k.mm_list:
+    if not k.mm_list:
+        return 0
+    if budget <= 0:
+        _account_scanned(k, budget, 0, False)
         return 0
     mm = k.cursor
     if mm is None:  # start of a full scan
@@ -289,11 +312,23 @@ def do_scan(k: Kernel, budget: int) -> int:
             k.cursor = None
             k.advisor.stop_scan(k)
             k.seqnr += 1
-            break
+            _account_scanned(k, budget, done, True)
+            return done
         mm = nxt
         _next_mm(k, mm)
-    k.pages_scanned += done
+    _account_scanned(k, budget, done, False)
     return done
+
+
+def _account_scanned(k: Kernel, budget: int, done: int, ended_scan: bool) -> None:
+    """pages_scanned after a batch. 6.6-6.9 (before 730cdc2c72c6) added
+    `scan_npages - npages` after the loop `while (npages--)`: nothing for a batch that ended a
+    full scan (it returned early), and pages_to_scan + 1 (u32 arithmetic) for a batch that
+    used its whole budget, the counter having wrapped past 0."""
+    if k.profile.pages_scanned_exact:
+        k.pages_scanned += done
+    elif not ended_scan:
+        k.pages_scanned += (budget + 1) & 0xFFFFFFFF
 
 
 def _release(s: Any) -> None:
@@ -407,6 +442,7 @@ def cmp_and_merge(k: Kernel, mm: Process, v: Vma, i: int, it: RmapItem) -> None:
     s = v.pages[i]
     if s.__class__ is Page and s.node is not None:
         node = s.node
+        k.visits[V_MERGED] += 1
         if it.ref is node:
             return
         # A KSM page reached by an rmap_item not on its node (fork, swap-in): append.
@@ -418,16 +454,20 @@ def cmp_and_merge(k: Kernel, mm: Process, v: Vma, i: int, it: RmapItem) -> None:
     key = s if s.__class__ is bytes else s.key
     if it.oldck != key:
         it.oldck = key
+        k.visits[V_FIRST] += 1
         return
     if k.use_zero_pages and key == ZERO and _merge_zero(k, mm, v, i, s):
+        k.visits[V_JOINED] += 1
         return
     nid = 0 if k.merge_across_nodes else (s.nid if s.__class__ is Page else v.nid)
     if k.stable_trees[nid].root is not None:
         dup = stable.search(k, key, nid)
         if dup is not None:
+            k.visits[V_JOINED if dup.in_chain is None else V_CHAINED] += 1
             _merge_into(k, mm, v, i, s, it, dup)
             return
     _unstable(k, mm, v, i, s, it, key, nid)
+    k.visits[V_JOINED if it.ref.__class__ is StableNode else V_UNIQUE] += 1
 
 
 def cmp_and_merge_old(k: Kernel, mm: Process, v: Vma, i: int, it: RmapItem) -> None:
@@ -435,6 +475,7 @@ def cmp_and_merge_old(k: Kernel, mm: Process, v: Vma, i: int, it: RmapItem) -> N
     s = v.pages[i]
     if s.__class__ is Page and s.node is not None:
         node = s.node
+        k.visits[V_MERGED] += 1
         if it.ref is node:
             return
         remove_from_tree(k, it, mm)
@@ -446,11 +487,15 @@ def cmp_and_merge_old(k: Kernel, mm: Process, v: Vma, i: int, it: RmapItem) -> N
     if it.ref is not None:
         remove_from_tree(k, it, mm)
     if dup is not None:
+        k.visits[V_JOINED if dup.in_chain is None else V_CHAINED] += 1
         _merge_into(k, mm, v, i, s, it, dup)
         return
     if it.oldck != key:
         it.oldck = key
+        k.visits[V_FIRST] += 1
         return
     if k.use_zero_pages and key == ZERO and _merge_zero(k, mm, v, i, s):
+        k.visits[V_JOINED] += 1
         return
     _unstable(k, mm, v, i, s, it, key, nid)
+    k.visits[V_JOINED if it.ref.__class__ is StableNode else V_UNIQUE] += 1

@@ -1,7 +1,8 @@
 """The stable tree: KSM pages ordered by content, with chains of dups (mm/ksm.c).
 
 Faithful to stable_tree_search / stable_tree_insert / stable_node_dup / ksm_get_folio /
-remove_node_from_stable_tree of 6.11+: every node a walk passes through is validated, stale
+remove_node_from_stable_tree of 6.11+ (and of 6.1-6.8 for the dup choice, profile
+chain_best_dup): every node a walk passes through is validated, stale
 nodes (their KSM page was freed) are removed on the spot and the walk restarts, and every chain
 on the path is pruned / collapsed / freed. That is why the tree is a real rbtree in memcmp order
 (rbtree.py) and not a dict: those lazy clean-ups move stable_node_chains and stable_node_dups.
@@ -99,6 +100,74 @@ def get_folio(k: Kernel, node: StableNode) -> bool:
 def _node_dup(
     k: Kernel, chain: StableNode, tree: RBTree, prune: bool
 ) -> tuple[StableNode | None, StableNode]:
+    if not k.profile.chain_best_dup:
+        return _node_dup_old(k, chain, tree, prune)
+    return _node_dup_best(k, chain, tree, prune)
+
+
+def _node_dup_old(
+    k: Kernel, chain: StableNode, tree: RBTree, prune: bool
+) -> tuple[StableNode | None, StableNode]:
+    """stable_node_dup before 6.9 (and stable_node_dup_any after it), same contract as
+    _node_dup_best. Only sharing candidates are picked; when there is none, the first live
+    dup is returned to continue the walk (stable_node_dup_any), or the chain is freed when it
+    has none. A chain collapses only in a pruning lookup (a search once the prune interval
+    has elapsed) that found exactly one live dup, and it is a candidate.
+    """
+    if prune:
+        # time_before(jiffies, chain_prune_time + msecs_to_jiffies(prune_ms)), as in 6.1
+        hz = k.hz
+        now = k.now_ns * hz // NSEC_PER_SEC
+        if now - chain.prune_time - (k.stable_node_chains_prune_millisecs * hz + 999) // 1000 < 0:
+            prune = False
+        else:
+            chain.prune_time = now
+    found: StableNode | None = None
+    found_len = 0
+    live = 0
+    dups = chain.dups
+    i = 0
+    while i < len(dups):
+        dup = dups[i]
+        if not get_folio(k, dup):
+            continue  # the stale dup was unlinked from `dups`
+        i += 1
+        live += 1
+        if is_candidate(k, dup) and (found is None or dup.length > found_len):
+            found = dup
+            found_len = dup.length
+            if not prune:
+                break
+    if found is not None:
+        if prune and live == 1:
+            _collapse(k, chain, found, tree)
+            return found, found
+        if dups[0] is not found and is_candidate(k, found, 1):
+            dups.remove(found)
+            dups.insert(0, found)
+        return found, chain
+    # stable_node_dup_any: the walk above removed every stale dup.
+    if not dups:
+        tree.erase(chain)
+        chain.dead = True
+        k.stable_node_chains -= 1
+        return None, chain
+    return dups[0], chain
+
+
+def _collapse(k: Kernel, chain: StableNode, found: StableNode, tree: RBTree) -> None:
+    """The chain's only dup takes its place in the tree (chains -1, dups -1)."""
+    tree.replace(chain, found)
+    found.in_chain = None
+    chain.dups = []
+    chain.dead = True
+    k.stable_node_chains -= 1
+    k.stable_node_dups -= 1
+
+
+def _node_dup_best(
+    k: Kernel, chain: StableNode, tree: RBTree, prune: bool
+) -> tuple[StableNode | None, StableNode]:
     """stable_node_dup: pick a dup of `chain`; may prune, collapse or free the chain.
 
     Returns (dup or None, node now at the chain's position). Dup choice: first sharing
@@ -120,6 +189,7 @@ def _node_dup(
     i = 0
     while i < len(dups):
         dup = dups[i]
+        k.dups_walked += 1  # bookkeeping for cost models (Kernel.dups_walked)
         if not get_folio(k, dup):
             continue  # the stale dup was unlinked from `dups` (hlist_for_each_entry_safe)
         i += 1
@@ -137,12 +207,7 @@ def _node_dup(
         return None, chain
     if len(dups) == 1:
         # Only one dup left: the chain collapses into it (chains -1, dups -1).
-        tree.replace(chain, found)
-        found.in_chain = None
-        chain.dups = []
-        chain.dead = True
-        k.stable_node_chains -= 1
-        k.stable_node_dups -= 1
+        _collapse(k, chain, found, tree)
         return found, found
     if dups[0] is not found and is_candidate(k, found, 1):
         dups.remove(found)

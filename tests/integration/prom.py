@@ -19,6 +19,7 @@ from tests.integration.conftest import free_port
 @dataclass
 class Prometheus:
     url: str
+    proc: Popen[bytes]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         q = urllib.parse.urlencode({"query": expr})
@@ -76,7 +77,7 @@ def prometheus(config: str, workdir: Path) -> Iterator[Prometheus]:
         wait_http(
             f"{url}/-/ready", proc, 30, lambda: "prometheus did not start: " + log_path.read_text()
         )
-        yield Prometheus(url)
+        yield Prometheus(url, proc)
     finally:
         proc.terminate()
         try:

@@ -1,10 +1,11 @@
 """Fault injection with real parts: `ksmh run` as a real process, real guests, real KSM.
 
 Each test breaks a run in one way (SIGKILL at a stage, SIGHUP, a second SIGTERM during
-teardown, a guest's QEMU killed, a full results filesystem, a taken exporter port, a foreign
-KSM user) and then checks what a user would find: the knobs equal the originals (after
-`ksmh recover` where the runner could not do it itself), no QEMU process or fleet directory of
-the run, no journal, the lock free, and run.json (where one was written) saying what happened.
+teardown, a guest's QEMU killed, a full results filesystem, a taken exporter port, its
+Prometheus killed, a foreign KSM user, libvirtd restarted) and then checks what a user would
+find: the knobs equal the originals (after `ksmh recover` where the runner could not do it
+itself), no QEMU process or fleet directory of the run, no journal, the lock free, and run.json
+(where one was written) saying what happened.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,9 +30,19 @@ from harness.journal import JOURNAL_DIR, journals
 from harness.ksm.lock import DEFAULT_LOCK, ksm_lock
 from harness.ksm.sysfs import SysfsBackend
 from harness.run import PIPE, spawn
+from tests.integration.conftest import free_port
+from tests.integration.prom import prometheus
 from tests.integration.test_run_quickstart import qemu_processes_of
 
 pytestmark = [pytest.mark.ksm_kernel, pytest.mark.qemu]
+
+PROM_CONFIG = """
+global: {{scrape_interval: 1s}}
+scrape_configs:
+  - job_name: run
+    static_configs:
+      - targets: ["127.0.0.1:{port}"]
+"""
 
 # One small guest, so each fault costs seconds: 16 MiB of identical pages merge inside it.
 TINY = """
@@ -188,6 +200,7 @@ def test_sigkill_at_each_stage_then_recover(
     assert ksmh("recover").stdout.startswith("nothing to recover")
 
 
+@pytest.mark.prometheus
 def test_the_next_run_recovers_first_and_compares_exactly(
     tiny: Path, tmp_path: Path, host_before: dict[str, int | str]
 ) -> None:
@@ -197,15 +210,27 @@ def test_the_next_run_recovers_first_and_compares_exactly(
     first.finish()
     orphans = qemu_of_run(first.lines)
     assert orphans, "the killed run's guest keeps running until something recovers it"
-    second = RunProc(tiny, tmp_path / "second")
-    code = second.finish(900)
+    # The second run is scraped by a real Prometheus, which dies (SIGKILL) mid-run: pull-based
+    # monitoring going away must not touch the run.
+    port = free_port()
+    scrape = PROM_CONFIG.format(port=port)
+    with prometheus(scrape, tmp_path / "prom") as prom:
+        second = RunProc(tiny, tmp_path / "second", "--export", f"127.0.0.1:{port}")
+        second.wait_for(STAGES["fill"])
+        assert prom.wait_for('ksm_pages_sharing{source="kernel"}'), "never scraped"
+        prom.proc.kill()
+        code = second.finish(900)
     text = "\n".join(second.lines)
     assert code == 0, text
-    assert "recovered what an earlier run left behind" in text
+    # (On a shared host, whoever held the lock meanwhile may have recovered it first.)
+    if "waiting for the host KSM lock" not in text:
+        assert "recovered what an earlier run left behind" in text
     assert all(not os.path.exists(f"/proc/{pid}") for pid in orphans)
     run = only_run_json(tmp_path / "second")
     assert run["verdict"]["status"] == "passed"  # type: ignore[index]
     assert_host_clean(host_before, first.lines + second.lines, tmp_path)
+    with pytest.raises(OSError):  # the run's exporter is gone with it
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
@@ -273,8 +298,6 @@ def test_a_full_results_filesystem_is_a_clear_error(
 def test_a_taken_export_port_fails_before_anything_boots(
     tiny: Path, tmp_path: Path, host_before: dict[str, int | str]
 ) -> None:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()

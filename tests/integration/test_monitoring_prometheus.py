@@ -29,6 +29,8 @@ from harness.monitoring.config import ScrapeSettings, write_config
 from harness.monitoring.dashboard import dashboard, queries
 from harness.monitoring.rules import RuleSettings
 from harness.remote.inventory import parse_inventory
+from harness.twin.collector import TwinCollector
+from harness.twin.live import TwinStats
 from tests.integration.prom import Prometheus, prometheus
 
 pytestmark = pytest.mark.prometheus
@@ -73,6 +75,26 @@ class DeltaCollector(Collector):
         yield fam
 
 
+class FixtureTwin:
+    """What TwinCollector reads from a live Twin (harness.twin.live), with fixed values."""
+
+    def __init__(self, kernel: dict[str, int]) -> None:
+        self.kernel = kernel
+        self.cpu = 0.0
+
+    def snapshot(self) -> tuple[TwinStats, list[tuple[str, dict[str, int], float]]]:
+        self.cpu += 0.01  # the twin's CPU counter moves, so rate() has something to say
+        stats = TwinStats(captures=3, capture_seconds=0.2, captured_pages=1060, every=1,
+                          captured_processes=2, pages_read=60, cpu_seconds=self.cpu)  # fmt: skip
+        return stats, [
+            ("model", {"pages_sharing": 2, "pages_shared": 0}, 1.5),
+            ("what-if:mps16", {"pages_sharing": 40, "pages_shared": -40}, 1.6),
+        ]
+
+    def last_kernel(self) -> dict[str, int]:
+        return dict(self.kernel)
+
+
 BASE: dict[str, int | str] = {
     "run": 1,
     "pages_to_scan": 100,
@@ -92,18 +114,31 @@ def _exporter(
     ticking: tuple[str, ...],
     deltas: dict[str, int] | None,
     stopper: list[Callable[[], None]],
+    twin: bool = False,
 ) -> int:
     kernel = DictBackend({**BASE, **counters}, "kernel", ticking)
     kernel.stats[4242] = KsmStat(
         pid=4242, rmap_items=300, zero_pages=0, merging_pages=250, process_profit=900_000
     )
-    targets = [ExportTarget(kernel, host=host, watch=lambda: {4242: f"qemu-{host}"})]
+    ticks = iter(range(10**9))
+    targets = [
+        ExportTarget(
+            kernel, host=host, watch=lambda: {4242: f"qemu-{host}"}, cpu=lambda: next(ticks) / 100
+        )
+    ]
     if model is not None:
         targets.append(ExportTarget(DictBackend({**BASE, **model}, "model", ticking), host=host))
+    if twin:
+        # A live twin beside the kernel: the model, a what-if, and the twin's own series.
+        targets[1].cpu = lambda: next(ticks) / 120
+        mps16 = {**BASE, **counters, "stable_node_chains": 3, "stable_node_dups": 60}
+        targets.append(ExportTarget(DictBackend(mps16, "what-if:mps16", ticking), host=host))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KsmCollector(targets))
     if deltas is not None:
         registry.register(DeltaCollector(host, deltas))
+    if twin:
+        registry.register(TwinCollector(FixtureTwin(counters), host))  # type: ignore[arg-type]
     server, _thread = start_http_server(0, addr="127.0.0.1", registry=registry)
     stopper.append(server.shutdown)
     return int(server.server_port)
@@ -150,6 +185,7 @@ def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
                 ("full_scans", "pages_scanned"),
                 {"pages_sharing": 0, "pages_shared": 0},
                 stoppers,
+                twin=True,
             ),
             "bravo": _exporter(
                 "bravo",
@@ -227,7 +263,13 @@ def test_recording_rules_compute_the_documented_figures(prom: Prom) -> None:
         "alpha": 0.0,
         "bravo": 500.0,
     }
-    assert one('host:ksm_model_delta:abs{counter="pages_sharing"}') == {"alpha": 0, "bravo": 500}
+    # The runner's delta (no source label) and the live twin's (source="model", alpha only).
+    runner = 'host:ksm_model_delta:abs{counter="pages_sharing", source=""}'
+    assert one(runner) == {"alpha": 0, "bravo": 500}
+    twin = 'host:ksm_model_delta:abs{counter="pages_shared", source="what-if:mps16"}'
+    assert one(twin) == {"alpha": 40}
+    cpu = one('host:ksm_ksmd_cpu:ratio{source="kernel"}')
+    assert set(cpu) == {"alpha", "bravo", "charlie"} and cpu["alpha"] > 0
     fleet = _until("fleet sum", lambda: prom.query('fleet:ksm_saved_bytes:sum{source="kernel"}'))
     assert float(fleet[0]["value"][1]) == 1000 * 4096
     rate = one('host:ksm_full_scans:rate{source="kernel"}')

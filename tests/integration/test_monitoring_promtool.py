@@ -33,8 +33,8 @@ def test_promtool_check_config_and_rules(generated: Path) -> None:
     r = run(["promtool", "check", "config", generated / "prometheus.yml"])
     assert "SUCCESS: 2 rule files found" in r.stdout
     r = run(["promtool", "check", "rules", generated / RECORDING_FILE, generated / ALERT_FILE])
-    assert "SUCCESS: 11 rules found" in r.stdout
-    assert "SUCCESS: 6 rules found" in r.stdout
+    assert "SUCCESS: 12 rules found" in r.stdout
+    assert "SUCCESS: 8 rules found" in r.stdout
 
 
 def test_promtool_accepts_short_test_settings(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_promtool_accepts_short_test_settings(tmp_path: Path) -> None:
     write_config(load_inventory(EXAMPLE), tmp_path, settings)
     run(["promtool", "check", "config", tmp_path / "prometheus.yml"])
     text = (tmp_path / ALERT_FILE).read_text()
-    assert text.count("for: 2s") == 6 and "interval: 1s" in text
+    assert text.count("for: 2s") == 8 and "interval: 1s" in text
 
 
 def _series(host: str, values: dict[str, str], **extra: str) -> list[dict[str, str]]:
@@ -62,8 +62,9 @@ def _labels(host: str, **extra: str) -> dict[str, str]:
     }
 
 
-def _delta(counter: str, host: str) -> str:
-    return f'ksm_model_delta{{counter="{counter}",host="{host}",instance="r:1",job="ksm"}}'
+def _delta(counter: str, host: str, name: str = "ksm_model_delta", twin: bool = False) -> str:
+    source = ',source="model"' if twin else ""
+    return f'{name}{{counter="{counter}",host="{host}",instance="r:1",job="ksm"{source}}}'
 
 
 def _rule_tests() -> dict[str, Any]:
@@ -94,6 +95,20 @@ def _rule_tests() -> dict[str, Any]:
         *_series("optional", {"ksm_run": "0x40"}, ksm_expected="false"),
         {"series": _delta("pages_sharing", "exact"), "values": "16x40"},
         {"series": _delta("pages_shared", "off_by_17"), "values": "-17x40"},
+        # The live twin: off by 10% (and 1000 pages) from 6m on; a twin 40 pages (40%) off
+        # stays quiet (below the pages threshold), and so does the runner's exact alert.
+        {"series": _delta("pages_sharing", "twin", twin=True), "values": "0x5 1000x35"},
+        {
+            "series": _delta("pages_sharing", "twin", "ksm_model_delta_ratio", True),
+            "values": "0x5 0.1x35",
+        },
+        {"series": _delta("pages_shared", "small", twin=True), "values": "40x40"},
+        {
+            "series": _delta("pages_shared", "small", "ksm_model_delta_ratio", True),
+            "values": "0.4x40",
+        },
+        # general_profit below 0 from 11m on, to the end (45m).
+        *_series("costly", {"ksm_general_profit_bytes": "1000x10 -4096x35"}),
     ]
     stalled = {
         "exp_labels": _labels("stuck"),
@@ -130,6 +145,30 @@ def _rule_tests() -> dict[str, Any]:
             "description": "pages_shared differs by 17 pages, beyond the tolerance of 16.",
         },
     }
+    diverged = {
+        "exp_labels": {
+            "severity": "warning",
+            "counter": "pages_sharing",
+            "host": "twin",
+            "instance": "r:1",
+            "job": "ksm",
+            "source": "model",
+        },
+        "exp_annotations": {
+            "summary": "The live KSM twin diverges from the kernel on twin",
+            "description": "pages_sharing: kernel and model differ by 10% of the kernel's value "
+            "(more than 0.05 and 256 pages) for 15m: the model no longer explains this host "
+            "(a kernel change, a missed run=2, or a bug to report).",
+        },
+    }
+    costly = {
+        "exp_labels": _labels("costly"),
+        "exp_annotations": {
+            "summary": "KSM costs more memory than it saves on costly",
+            "description": "general_profit is -4kiB: the rmap items of pages that never "
+            "merge outweigh the merged pages. Narrow MADV_MERGEABLE, or turn KSM off here.",
+        },
+    }
     return {
         "rule_files": [],  # filled in by the test
         "evaluation_interval": "1m",
@@ -147,6 +186,20 @@ def _rule_tests() -> dict[str, Any]:
                     {"eval_time": "10m", "alertname": "KsmOffWhereExpected", "exp_alerts": [off]},
                     {"eval_time": "10m", "alertname": "KsmModelDelta", "exp_alerts": [delta]},
                     {"eval_time": "10m", "alertname": "KsmVolatilePagesHigh", "exp_alerts": []},
+                    # Off from 6m ("0x5": 0 at 0m..5m), for: 15m -> fires at 21m, not at 20m.
+                    {"eval_time": "20m", "alertname": "KsmModelDivergence", "exp_alerts": []},
+                    {
+                        "eval_time": "21m",
+                        "alertname": "KsmModelDivergence",
+                        "exp_alerts": [diverged],
+                    },
+                    # Negative from 11m, for: 30m -> fires at 41m, not at 40m.
+                    {"eval_time": "40m", "alertname": "KsmGeneralProfitNegative", "exp_alerts": []},
+                    {
+                        "eval_time": "41m",
+                        "alertname": "KsmGeneralProfitNegative",
+                        "exp_alerts": [costly],
+                    },
                 ],
                 "promql_expr_test": [
                     {

@@ -182,3 +182,20 @@ def test_idle_connections_are_closed_and_concurrent_ones_bounded(fake_backend: M
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_ksmd_cpu_seconds_per_target(fake_backend: Make) -> None:
+    def gone() -> float | None:
+        raise HarnessError("no ksmd")
+
+    kernel = fake_backend("linux-6.18")
+    m = scrape(
+        ExportTarget(kernel, host="h1", cpu=lambda: 12.5),
+        ExportTarget(fake_backend("linux-5.14"), host="h2", cpu=lambda: None),
+        ExportTarget(fake_backend("negative-profit"), host="h3", cpu=gone),
+    )
+    assert m[("ksm_ksmd_cpu_seconds_total", K)] == 12.5
+    assert not any(k[0] == "ksm_ksmd_cpu_seconds_total" and ("host", "h2") in k[1] for k in m)
+    assert m[("ksm_exporter_read_errors_total", (("host", "h3"), ("source", "kernel")))] == 1
+    # Without a cpu reader there is no series at all (a model backend without an estimate).
+    assert not any(k[0].startswith("ksm_ksmd_cpu") for k in scrape(ExportTarget(kernel)))

@@ -36,10 +36,10 @@ def test_the_playbook_fleet_section_is_the_guests_fleet_spec() -> None:
         accel=AccelKind.TCG,
         vcpus=2,
         mem_merge=False,
-        thp=False,  # the playbook default: THP off unless `thp: true`
+        thp=True,  # the playbook default, as production runs guests (`thp: false` turns it off)
     )
     minimal = loads_playbook(PLAYBOOK.replace(PLAYBOOK.splitlines()[2], "fleet: {count: 1}"))
-    assert minimal.fleet == FleetSpec(count=1, thp=False)
+    assert minimal.fleet == FleetSpec(count=1, thp=True)
 
 
 def test_the_runner_boots_exactly_the_playbook_spec() -> None:

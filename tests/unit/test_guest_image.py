@@ -50,6 +50,16 @@ def test_module_order_loads_dependencies_first_once() -> None:
     ]
 
 
+def test_builtin_modules_are_skipped() -> None:
+    dep = MODULES_DEP.replace("\\\n", "")
+    builtin = "kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/char/virtio_console.ko\n"
+    # 6.12: both are built in, but their entries are gone from modules.dep too.
+    only_builtin = "\n".join(
+        line for line in dep.splitlines() if "virtio_pci.ko:" not in line and "console" not in line
+    )
+    assert module_load_order(only_builtin, ["virtio_pci", "virtio_console"], builtin) == []
+
+
 def test_unknown_module_is_an_error() -> None:
     with pytest.raises(HarnessError, match=r"virtio_gpu not in modules\.dep"):
         module_load_order(MODULES_DEP, ["virtio_gpu"])
@@ -108,9 +118,28 @@ def fake_inputs(root: Path) -> ImageInputs:
 
 def test_find_kernel_picks_newest_release_numerically(tmp_path: Path) -> None:
     inputs = fake_inputs(tmp_path)
-    path, release = find_kernel(inputs.boot, inputs.modules_root)
+    no_status = tmp_path / "no-dpkg-status"  # no default kernel package: the newest
+    path, release = find_kernel(inputs.boot, inputs.modules_root, status=no_status)
     assert release == "6.1.0-10-amd64"
     assert path.read_bytes() == b"new kernel"
+
+
+def test_the_default_kernel_package_wins_over_a_newer_release(tmp_path: Path) -> None:
+    """Installing another kernel package (the kernel matrix does) must not change what the
+    default guest boots: linux-image-amd64's dependency names the release."""
+    inputs = fake_inputs(tmp_path)
+    status = tmp_path / "status"
+    other = "Package: linux-image-6.1.0-10-amd64\nStatus: install ok installed\n"
+    meta = (
+        "Package: linux-image-amd64\nStatus: install ok installed\n"
+        "Depends: linux-image-6.1.0-9-amd64 (= 6.1.38-1)\n"
+    )
+    status.write_text(f"{other}\n{meta}")
+    path, release = find_kernel(inputs.boot, inputs.modules_root, status=status)
+    assert (release, path.read_bytes()) == ("6.1.0-9-amd64", b"old kernel")
+    # Not installed (deinstall): the newest release again.
+    status.write_text(meta.replace("install ok installed", "deinstall ok config-files"))
+    assert find_kernel(inputs.boot, inputs.modules_root, status=status)[1] == "6.1.0-10-amd64"
 
 
 def test_no_kernel_is_a_clear_error(tmp_path: Path) -> None:
@@ -167,3 +196,76 @@ def test_debian_initramfs_modules_load_in_dependency_order() -> None:
     assert order.index("jbd2.ko") < order.index("ext4.ko")
     assert order.index("virtio.ko") < order.index("virtio_blk.ko")
     assert order[-1] == "overlay.ko"
+
+
+DPKG_STATUS = """\
+Package: linux-image-6.12.117+deb12-amd64
+Status: install ok installed
+Version: 6.12.117-1~deb12u1
+
+Package: linux-image-amd64
+Status: install ok installed
+Priority: optional
+Version: 6.1.192-3
+Depends: linux-image-6.1.0-9-amd64 (= 6.1.192-3)
+
+Package: linux-image-6.12-amd64
+Status: deinstall ok config-files
+Depends: linux-image-6.12.117+deb12-amd64 (= 6.12.117-1~deb12u1)
+"""
+
+
+def test_default_kernel_is_the_meta_package_one_not_the_newest(tmp_path: Path) -> None:
+    from harness.guests.image import default_release, installed_kernels
+
+    inputs = fake_inputs(tmp_path)
+    status = tmp_path / "status"
+    status.write_text(DPKG_STATUS)
+    assert default_release(status) == "6.1.0-9-amd64"
+    assert list(installed_kernels(inputs.boot, inputs.modules_root)) == [
+        "6.1.0-9-amd64",
+        "6.1.0-10-amd64",
+    ]
+    path, release = find_kernel(inputs.boot, inputs.modules_root, status=status)
+    assert (release, path.read_bytes()) == ("6.1.0-9-amd64", b"old kernel")
+    # A release asked for by name, and one that is not installed.
+    assert find_kernel(inputs.boot, inputs.modules_root, "6.1.0-10-amd64", status)[1] == (
+        "6.1.0-10-amd64"
+    )
+    with pytest.raises(HarnessError, match=r"no guest kernel '6\.12\.1-amd64'") as exc:
+        find_kernel(inputs.boot, inputs.modules_root, "6.12.1-amd64", status)
+    assert exc.value.hint == "apt-get install linux-image-6.12.1-amd64"
+    # Without the meta-package (or dpkg): the newest.
+    assert default_release(tmp_path / "nothing") is None
+    assert find_kernel(inputs.boot, inputs.modules_root, status=tmp_path / "x")[1] == (
+        "6.1.0-10-amd64"
+    )
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc needed to compile the agent")
+def test_xz_modules_are_decompressed_and_the_worker_is_in(tmp_path: Path) -> None:
+    import lzma
+
+    inputs = fake_inputs(tmp_path)
+    for rel in ("6.1.0-9-amd64", "6.1.0-10-amd64"):
+        mods = inputs.modules_root / rel
+        con = mods / "kernel/drivers/char/virtio_console.ko"
+        (mods / "kernel/drivers/char/virtio_console.ko.xz").write_bytes(
+            lzma.compress(b"\x7fELF console module")
+        )
+        con.unlink()
+        (mods / "modules.dep").write_text(
+            (mods / "modules.dep")
+            .read_text()
+            .replace("virtio_console.ko:", "virtio_console.ko.xz:")
+        )
+    image = ensure_image(tmp_path / "out", inputs, release="6.1.0-9-amd64")
+    assert image.kernel_release == "6.1.0-9-amd64"
+    files = {n: d for n, _, _, d in parse_newc(gzip.decompress(image.initrd.read_bytes()))}
+    assert files["lib/modules/virtio_console.ko"] == b"\x7fELF console module"
+    assert files["etc/ksmh-modules"].decode().split()[-1] == "virtio_console.ko"
+    assert files["sbin/ksmh-worker"][:4] == b"\x7fELF"
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert set(manifest["artifacts"]) == {
+        "vmlinuz", "initramfs.cpio.gz", "ksmh-agent", "ksmh-worker",
+    }  # fmt: skip

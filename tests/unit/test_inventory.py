@@ -126,6 +126,23 @@ HOST_ERRORS = [
         FORMAT,
     ),
     (
+        H + "    exporter: {what_if: ['mps:max_page_sharing=1']}\n",
+        "inv.yaml:5: hosts.a.exporter.what_if[0]: 'max_page_sharing=1': max_page_sharing: 1 "
+        "is out of range 2..2147483647",
+        "max_page_sharing takes 2..2147483647",
+    ),
+    (
+        H + "    exporter: {what_if: ['mps:run=1']}\n",
+        "inv.yaml:5: hosts.a.exporter.what_if[0]: 'run=1': run is not a knob to compare",
+        "leave run out",
+    ),
+    (
+        H + "    exporter: {twin: true, twin_cpu: 150%}\n",
+        "inv.yaml:5: hosts.a.exporter.twin_cpu: twin_cpu '150%': expected a share like 95% or "
+        "0.95 (above 0, at most 100%)",
+        FORMAT,
+    ),
+    (
         H + "    trust_on_first_use: maybe\n",
         "inv.yaml:5: hosts.a.trust_on_first_use: expected true or false, got str 'maybe'",
         FORMAT,
@@ -256,6 +273,19 @@ def test_defaulted_field_errors_name_the_defaults_line() -> None:
 def test_missing_file_is_an_inventory_error(tmp_path: Path) -> None:
     with pytest.raises(InventoryError, match=r"cannot read inventory: No such file or directory"):
         load_inventory(tmp_path / "nope.yaml")
+
+
+def test_exporter_twin_settings() -> None:
+    text = BASE + (
+        "  a:\n    address: h\n    exporter:\n      twin: true\n      twin_cpu: 3%\n"
+        "  b:\n    address: i\n    exporter: {what_if: ['mps16:max_page_sharing=16']}\n"
+        "  c: {address: j}\n"
+    )
+    a, b, c = parse_inventory(text, Path("/x/inv.yaml")).hosts
+    assert (a.exporter_twin, a.exporter_what_if, a.exporter_twin_cpu) == (True, (), "3%")
+    # A what-if implies the twin it runs beside.
+    assert (b.exporter_twin, b.exporter_what_if) == (True, ("mps16:max_page_sharing=16",))
+    assert (c.exporter_twin, c.exporter_what_if, c.exporter_twin_cpu) == (False, (), "5%")
 
 
 def test_two_exporters_on_one_port_of_one_machine_are_refused() -> None:

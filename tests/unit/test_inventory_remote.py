@@ -95,6 +95,32 @@ def test_exporter_argv_binds_the_inventory_address() -> None:
     ]
 
 
+def test_twin_turns_on_in_the_argv_and_runs_the_unit_as_root() -> None:
+    h = _host(
+        exporter_listen="10.0.0.1:9712",
+        exporter_twin=True,
+        exporter_what_if=("mps16:max_page_sharing=16", "slow:pages_to_scan=50"),
+        exporter_twin_cpu="3%",
+    )
+    argv = exporter_argv(h, Layout("/opt/k"))
+    assert argv[:10] == exporter_argv(_host(exporter_listen="10.0.0.1:9712"), Layout("/opt/k"))
+    assert argv[10:] == [
+        "--twin",
+        "--twin-cpu",
+        "3%",
+        "--what-if",
+        "mps16:max_page_sharing=16",
+        "--what-if",
+        "slow:pages_to_scan=50",
+    ]
+    unit = render_unit(h, Layout("/opt/k"))
+    assert "User=root\nCapabilityBoundingSet=CAP_SYS_PTRACE CAP_SYS_ADMIN\n" in unit
+    assert "DynamicUser" not in unit.split("[Service]")[1].split("#")[0]
+    assert "--twin --twin-cpu 3% --what-if mps16:max_page_sharing=16" in unit
+    plain = render_unit(_host(exporter_listen="10.0.0.1:9712"), Layout("/opt/k"))
+    assert "\nDynamicUser=yes\n" in plain and "User=root" not in plain
+
+
 def test_unit_file_is_rendered_with_quoted_exec() -> None:
     h = _host(exporter_listen="10.0.0.1:9712")
     unit = render_unit(h, Layout("/opt/my dir"))

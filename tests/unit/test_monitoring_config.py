@@ -55,7 +55,9 @@ def test_recording_rules_cover_the_issue_figures() -> None:
         "host:ksm_pages_scanned:rate",
         "host:ksm_model_delta:abs",
         "host:ksm_model_minus_kernel:pages",
+        "host:ksm_ksmd_cpu:ratio",
     }
+    assert by_name["host:ksm_ksmd_cpu:ratio"][0]["expr"] == "rate(ksm_ksmd_cpu_seconds_total[5m])"
     assert by_name["host:ksm_full_scans:rate"][0]["expr"] == "rate(ksm_full_scans_total[5m])"
     assert [r["labels"]["counter"] for r in by_name["host:ksm_model_minus_kernel:pages"]] == [
         "pages_shared",
@@ -71,6 +73,8 @@ def test_alert_rules_and_for_override() -> None:
         ("KsmWastedEffort", "30m"),
         ("KsmVolatilePagesHigh", "30m"),
         ("KsmModelDelta", "5m"),
+        ("KsmModelDivergence", "15m"),
+        ("KsmGeneralProfitNegative", "30m"),
         ("KsmOffWhereExpected", "10m"),
         ("KsmExporterDown", "5m"),
     ]
@@ -78,15 +82,27 @@ def test_alert_rules_and_for_override() -> None:
     group = short["groups"][0]
     assert {a["for"] for a in group["rules"]} == {"2s"}
     assert 'increase(ksm_full_scans_total{source="kernel"}[4s]) == 0' in group["rules"][0]["expr"]
-    assert group["rules"][3]["expr"].startswith("host:ksm_model_delta:abs > 3 or ")
+    assert group["rules"][3]["expr"] == 'host:ksm_model_delta:abs{source=""} > 3'
+    assert group["rules"][4]["expr"] == (
+        'abs(ksm_model_delta_ratio{source="model"}) > 0.05'
+        ' and abs(ksm_model_delta{source="model"}) > 256'
+    )
+    assert group["rules"][5]["expr"] == 'ksm_general_profit_bytes{source="kernel"} < 0'
     assert "interval" not in group
     assert alert_rules(RuleSettings(interval="1s"))["groups"][0]["interval"] == "1s"
 
 
-def test_dashboard_has_the_five_sections_and_valid_layout() -> None:
+def test_dashboard_has_the_six_sections_and_valid_layout() -> None:
     model = json.loads(json.dumps(dashboard()))  # survives a JSON round trip
     rows = [p["title"] for p in model["panels"] if p["type"] == "row"]
-    assert rows == ["Fleet overview", "Per host", "Per guest", "Kernel vs model", "Nightly"]
+    assert rows == [
+        "Fleet overview",
+        "Per host",
+        "Per guest",
+        "Kernel vs model",
+        "Live twin: kernel vs model vs what-if",
+        "Nightly",
+    ]
     panels = [p for p in model["panels"] if p["type"] != "row"]
     assert len(panels) >= 6
     ids = [p["id"] for p in model["panels"]]
@@ -103,6 +119,11 @@ def test_dashboard_has_the_five_sections_and_valid_layout() -> None:
     exprs = [e for _, e in queries(model)]
     assert any("ksm_process_merging_pages" in e for e in exprs)  # per guest
     assert any("ksm_model_delta" in e for e in exprs)  # kernel vs model
+    # the live twin: what-ifs by source, chains, ksmd CPU measured and estimated, twin health
+    for series in ("ksm_saved_bytes", "ksm_stable_node_dups", "host:ksm_ksmd_cpu:ratio",
+                   "ksm_twin_capture_seconds", "ksm_twin_lag_full_scans",
+                   "ksm_twin_captured_pages", 'ksm_model_delta{source="model"'):  # fmt: skip
+        assert any(series in e for e in exprs), series
     assert all('host=~"$host"' in e for e in exprs if "ALERTS" not in e)
     names = [v["name"] for v in model["templating"]["list"]]
     assert names == ["datasource", "host", "playbook"]
@@ -112,7 +133,16 @@ def test_dashboard_has_the_five_sections_and_valid_layout() -> None:
     assert all('job="ksm_nightly", playbook=~"$playbook", host=~"$host"' in e for e in nightly)
     assert not any("$playbook" in e for _, e in queries(model, rows=("Fleet overview",)))
     assert len(queries(model)) == len(nightly) + len(
-        queries(model, rows=("Fleet overview", "Per host", "Per guest", "Kernel vs model"))
+        queries(
+            model,
+            rows=(
+                "Fleet overview",
+                "Per host",
+                "Per guest",
+                "Kernel vs model",
+                "Live twin: kernel vs model vs what-if",
+            ),
+        )
     )
 
 

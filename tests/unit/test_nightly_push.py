@@ -302,7 +302,7 @@ def test_gather_records_what_a_trend_groups_and_explains(tmp_path: Path) -> None
     assert prov["host"] == socket.gethostname()
     assert prov["kernel_release"] == os.uname().release
     assert prov["playbook_digest"] == "sha256:" + hashlib.sha256(PLAYBOOK.encode()).hexdigest()
-    assert prov["model_profile"] in ("6.13", "6.12", "6.11", "6.1")
+    assert re.match(r"^6\.\d+", prov["model_profile"])  # a ksm_model profile name
     assert prov["harness_version"] == "0.1.0" and prov["model_version"] == "0.1.0"
     if prov["qemu"] is not None:
         assert re.fullmatch(r"\d+\.\d+(\.\d+)?", prov["qemu"])

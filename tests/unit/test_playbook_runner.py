@@ -21,7 +21,7 @@ from subprocess import Popen
 
 import pytest
 
-from harness.errors import GuestError
+from harness.errors import GuestError, HarnessError
 from harness.guests.agent import AgentReply, parse_fields
 from harness.guests.fleet import FleetResult, GuestResult
 from harness.playbook.live import RunState, serve_run
@@ -333,3 +333,61 @@ def test_failed_samples_are_reported_at_the_end(tmp_path: Path) -> None:
     assert n >= 1
     noun = "sample" if n == 1 else "samples"
     assert lines[-1].endswith(f"] {n} {noun} failed; the last: cannot read pages_sharing")
+
+
+FORECAST = """
+name: fc
+fleet: {count: 3, memory_mib: 64}
+ksm: {pages_to_scan: 100, max_page_sharing: 256, smart_scan: 0}
+phases:
+  - name: fill
+    steps:
+      - fill: {region: a, size: 512KiB, pattern: "byte:0x5a"}
+  - name: forecast
+    steps:
+      - forecast:
+          knobs: ["pages_to_scan=50", "pages_to_scan=400"]
+          within: 0.2s
+          apply: true
+          timeout: 60
+          check: {saved_bytes: 1%}
+"""
+
+
+def test_forecast_step_in_a_model_only_run(
+    tmp_path: Path, fleets: list[FakeFleet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness.twin import calibration
+
+    cal = calibration.DEFAULT.__class__(**{**calibration.DEFAULT.__dict__, "release": "x"})
+    monkeypatch.setenv("KSM_HARNESS_CALIBRATION_DIR", str(tmp_path / "cal"))
+    monkeypatch.setattr(calibration, "release", lambda: "x")
+    calibration.save(cal, tmp_path / "cal")
+    outcome = Runner(loads_playbook(FORECAST, "fc.yaml"), options(tmp_path, fleets)).run()
+    assert outcome.exit_status == 0, outcome.failed
+    run = read_results(outcome.directory).run
+    (rec,) = run["phases"][1]["forecasts"]
+    f = rec["forecast"]
+    assert f["calibration"]["release"] == "x" and f["captured_pages"] == 3 * 128
+    slow, fast = f["results"]
+    # 384 identical pages: one KSM page with 255 sharers and one with 127.
+    assert slow["saved_bytes"] == fast["saved_bytes"] == 382 * 4096
+    assert slow["seconds_to_target"] > 0.2 > fast["seconds_to_target"]
+    assert f["recommended"] == "pages_to_scan=400"  # the slow one misses the 0.2 s budget
+    applied = rec["applied"]
+    assert applied["knobs"] == {"pages_to_scan": 400}
+    assert applied["measured"]["saved_bytes"] == 382 * 4096 and applied["measured"]["converged"]
+    assert applied["error"]["saved_bytes"] == 0.0
+    assert applied["checks"] == {
+        "saved_bytes": {"tolerance": 0.01, "error": 0.0, "status": "passed"}
+    }
+    report = (outcome.directory / "report.md").read_text()
+    assert "| `pages_to_scan=400` (recommended) | 1.5 MiB |" in report
+    assert "Forecast against measured (KSM turned on with `pages_to_scan=400`):" in report
+    assert "| saved | 1.5 MiB | 1.5 MiB | +0.0% | passed (within 1%) |" in report
+
+
+def test_forecast_step_needs_ksm_off(tmp_path: Path, fleets: list[FakeFleet]) -> None:
+    text = FORECAST.replace("smart_scan: 0}", "smart_scan: 0, run: 1}")
+    with pytest.raises(HarnessError, match=r"^line 11: forecast needs KSM off \(run=1\)"):
+        Runner(loads_playbook(text, "fc.yaml"), options(tmp_path, fleets)).run()

@@ -11,6 +11,7 @@ from harness.errors import PlaybookError
 from harness.playbook.schema import (
     AgentStep,
     ExpectStep,
+    ForecastStep,
     KsmStep,
     SweepStep,
     WaitStep,
@@ -145,3 +146,67 @@ def test_negative_tolerance_is_refused(tolerance: str, shown: str) -> None:
         "<string>:6: phases[0].steps[0].wait.converged.tolerance: expected a tolerance like "
         f"1% or 0.01 or 100 (pages), got {shown}"
     )
+
+
+def test_forecast_step() -> None:
+    pb = loads_playbook(
+        BASE
+        + "      - forecast:\n"
+        + '          knobs: ["pages_to_scan=1000,sleep_millisecs=20", {pages_to_scan: 100}]\n'
+        + "          target: 90%\n"
+        + "          within: 10m\n"
+        + "          cpu: 0.1\n"
+        + "          apply: true\n"
+        + "          check: {saved_bytes: 1%, seconds_to_target: 20%}\n"
+        + "      - forecast: {}\n"
+    )
+    f, g = pb.phases[0].steps
+    assert isinstance(f, ForecastStep) and isinstance(g, ForecastStep)
+    assert f.knob_sets == ({"pages_to_scan": 1000, "sleep_millisecs": 20}, {"pages_to_scan": 100})
+    assert (f.target, f.within, f.cpu, f.apply, f.timeout) == (0.9, 600.0, 0.1, True, 1800.0)
+    assert f.checks == {"saved_bytes": 0.01, "seconds_to_target": 0.2}
+    assert (g.knob_sets, g.target, g.within, g.cpu, g.apply, g.checks) == (
+        (),
+        0.95,
+        None,
+        None,
+        False,
+        {},
+    )
+    assert load_playbook(ROOT / "playbooks" / "forecast.yaml").phases[1].steps[0] == ForecastStep(
+        line=20,
+        knob_sets=tuple(
+            {"pages_to_scan": n, "sleep_millisecs": 20} for n in (100, 400, 1000, 4000)
+        ),
+        target=0.95,
+        within=90.0,
+        cpu=0.2,
+        apply=True,
+        timeout=900.0,
+        checks={"saved_bytes": 0.01, "seconds_to_target": 0.2, "cpu_seconds_to_target": 0.25},
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("{knobs: [run=1]}", "phases[0].steps[0].forecast.knobs[0]: 'run=1': run is not a "
+         "knob to compare"),
+        ("{knobs: []}", "phases[0].steps[0].forecast.knobs: expected a non-empty list of "
+         "knob sets, got a list"),
+        ("{knobs: [{max_page_sharing: 1}]}", "phases[0].steps[0].forecast.knobs[0]."
+         "max_page_sharing: max_page_sharing: 1 is out of range 2..2147483647"),
+        ("{target: 120%}", "phases[0].steps[0].forecast.target: share '120%': expected a share "
+         "like 95% or 0.95 (above 0, at most 100%)"),
+        ("{within: soon}", "phases[0].steps[0].forecast.within: duration 'soon': expected a "
+         "duration like 90s, 10m or 1h30m"),
+        ("{check: {speed: 1%}}", "phases[0].steps[0].forecast.check.speed: unknown figure "
+         "'speed'"),
+        ("{apply: maybe}", "phases[0].steps[0].forecast.apply: expected true or false, got "
+         "str 'maybe'"),
+    ],
+)  # fmt: skip
+def test_forecast_step_errors(body: str, message: str) -> None:
+    with pytest.raises(PlaybookError) as info:
+        loads_playbook(BASE + f"      - forecast: {body}\n")
+    assert info.value.message == "<string>:6: " + message

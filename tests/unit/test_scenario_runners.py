@@ -24,6 +24,12 @@ class FakeSysfs:
             "pages_scanned": "500",
             "pages_shared": "0",
             "max_page_sharing": "256",
+            # Tunables the runner writes: a knob the kernel lacks is not written at all.
+            "pages_to_scan": "100",
+            "sleep_millisecs": "20",
+            "use_zero_pages": "0",
+            "smart_scan": "1",
+            "stable_node_chains_prune_millisecs": "2000",
         }
 
     def read(self, name: str) -> str:
@@ -173,8 +179,8 @@ def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) 
         "sysfs run=0",
         "p2 write 0x200000 4096 b'ksm-harness unique page '",
         "p1 fork",
-        "sysfs run=1",
         "sysfs sleep_millisecs=301",  # the kernel runner's toggle: ends ksmd's sleep
+        "sysfs run=1",
         "run_until 2",
         "sysfs run=0",
         "sysfs max_page_sharing=2",
@@ -193,8 +199,8 @@ def test_model_runner_mirrors_the_kernel_sequence(fake_model: type[FakeKernel]) 
         "h1 madvise 0x200000 2097152 14",  # MADV_HUGEPAGE
         "h1 fill 0x200000 2097152 0x61",
         "h1 madvise 0x200000 2097152 12",
-        "sysfs run=1",
         "sysfs sleep_millisecs=300",
+        "sysfs run=1",
         "run_until 1",  # full_scans restarted at 0 after run=2
         "sysfs run=0",
     ]
@@ -223,3 +229,38 @@ def test_model_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
 def test_refusal_text() -> None:
     assert refusal(errno.EBUSY) == "refused EBUSY"
     assert refusal(None) == "refused (no errno)"
+
+
+def test_knobs_the_kernel_lacks_are_not_written_and_refused_with_enoent() -> None:
+    # The real model with the 6.1 profile (no smart_scan file): the scenario's smart_scan is
+    # left out before run=1, and a `set` of it is refused with ENOENT, which is also what the
+    # kernel runner reports for a kernel without the file (BackendBase: errno ENOENT).
+    from harness.scenario.kernel_runner import runner_tunables
+
+    s = Scenario.from_mapping(
+        {
+            "scans": 2,
+            "tunables": {"smart_scan": 0, "use_zero_pages": 1},
+            "processes": [{"name": "p1", "pages": 4, "fill": "a"}],
+            "actions": [{"after": 1, "do": "set", "tunable": "smart_scan", "value": 1}],
+        }
+    )
+    values = runner_tunables(s, 100, 300, True, False, frozenset({"smart_scan"}))
+    assert "smart_scan" not in values and values["use_zero_pages"] == 1
+    series = model_runner.run_on_model(s, profile="6.1")
+    assert series.at(1).outcomes == ("refused ENOENT",)
+    assert series.at(2).end.counters["pages_skipped"] is None
+    assert series.at(2).end.counters["pages_sharing"] == 3
+
+
+def test_the_backend_refuses_an_absent_knob_with_enoent(tmp_path: Any) -> None:
+    from harness.errors import KsmWriteRefused
+    from harness.ksm.sysfs import SysfsBackend
+
+    root = tmp_path / "ksm"
+    root.mkdir()
+    for name in ("run", "pages_to_scan", "sleep_millisecs", "pages_shared"):
+        (root / name).write_text("0\n")
+    with pytest.raises(KsmWriteRefused) as exc:
+        SysfsBackend(root, tmp_path).write_tunables(smart_scan=1)
+    assert refusal(exc.value.errno) == "refused ENOENT"

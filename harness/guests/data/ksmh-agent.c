@@ -10,7 +10,8 @@
  *   malformed requests (no valid id, overlong line) get "- err MESSAGE"; nothing hangs.
  *
  * Commands: ping | info | fill NAME SIZE PATTERN | verify NAME | rewrite NAME FRACTION [SEED]
- *           | hold NAME SECONDS | digest NAME | poke NAME OFFSET BYTE | free NAME | poweroff
+ *           | hold NAME SECONDS | digest NAME | poke NAME OFFSET BYTE | free NAME | poweroff,
+ *           and the KSM and scenario-worker commands described before valid_id() below
  * Patterns (deterministic per guest index, read from ksmh.index= on the kernel command line):
  *   byte:V | zero | random:SEED | tail96:SEED | mix:SEED:common=P,zero=Q
  *
@@ -30,7 +31,10 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/mman.h>
+#include <signal.h>
 #include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -43,7 +47,9 @@
 #define PAGE 4096u
 #define WORDS (PAGE / 8u)
 #define MAXREG 16
-#define LINEMAX 1024
+#define LINEMAX 4096
+#define MAXARGS 1024
+#define REPLYMAX (60 * 1024) /* under the host client's 64 KiB line limit */
 #define PORT_NAME "org.ksmh.agent"
 #define VERSION "1"
 
@@ -120,7 +126,7 @@ static void write_all(const char *buf, size_t len)
 
 static void reply(const char *id, const char *fmt, ...)
 {
-	char out[LINEMAX + 128];
+	static char out[REPLYMAX];
 	int off = snprintf(out, sizeof(out), "%s ", id);
 	va_list ap;
 	va_start(ap, fmt);
@@ -497,6 +503,667 @@ static void cmd_info(const char *id)
 	      names[0] ? names : "-", total);
 }
 
+/*
+ * ---- The guest's own KSM and scenario workers (the kernel matrix: harness/kernels) ----
+ *
+ *   ksmsnap [PID:ADDR:LEN ...]  every /sys/kernel/mm/ksm file as k.NAME=VALUE (advisor_mode:
+ *                               the selected word), and per PID its ksm_stat lines as
+ *                               pPID.NAME=VALUE plus pPID.anon_huge_kb (AnonHugePages of its
+ *                               VMAs inside [ADDR, ADDR+LEN)); pPID.gone=1 for a dead process
+ *   ksmset NAME VALUE           write VALUE to /sys/kernel/mm/ksm/NAME; "err errno=N ..."
+ *   ksmwait LAST TIMEOUT_MS     poll full_scans every millisecond until it is not LAST, read
+ *                               pages_scanned/pages_skipped, write run=0 (which returns once
+ *                               the batch in progress ended): full_scans= scanned= skipped=
+ *   ksmusers [PID ...]          processes KSM scans or counts (harness.procfs.ksm_user's rule),
+ *                               minus the PIDs given: users=PID/COMM/REASON,... with REASON
+ *                               ksm_mergeable:yes, ksm_rmap_items:N or VM_MERGEABLE
+ *   readfile PATH               data=<the first 32 KiB, %XX-escaped>
+ *   writefile PATH VALUE        write VALUE and a newline
+ *   wspawn NAME                 start a scenario worker (/sbin/ksmh-worker, built from
+ *                               ksmh-worker.c) on two pipes: pid=
+ *   w NAME WORDS...             relay one line to the worker: "ok " + the worker's reply line
+ *   wpush NAME WORDS... / wsend NAME   the same for a line longer than one request
+ *   wfork PARENT CHILD          the worker PARENT forks; its child becomes worker CHILD: pid=
+ *   wexit NAME                  the worker exits; answered once its mm is gone (zombie/reaped)
+ *   wkill                       SIGKILL every worker's process group and reap them
+ */
+#define KSM_DIR "/sys/kernel/mm/ksm"
+#define MAXWORKERS 64
+#define WORKER_TIMEOUT_MS 60000
+
+struct worker {
+	int used;
+	char name[33];
+	pid_t pid;
+	pid_t group;  /* the root worker's pid: every worker of one root shares its group */
+	int cmd, rep; /* our ends: we write commands to cmd, read replies from rep */
+	char *pending;
+	size_t plen;
+	char rbuf[4096];
+	size_t rlen;
+};
+
+static struct worker workers[MAXWORKERS];
+static unsigned fifo_seq;
+
+static void reap_children(void)
+{
+	while (waitpid(-1, NULL, WNOHANG) > 0)
+		;
+}
+
+/* Read a small file into buf (NUL-terminated); returns its length or -1 with errno. */
+static ssize_t read_small(const char *path, char *buf, size_t cap)
+{
+	int fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -1;
+	size_t len = 0;
+	for (;;) {
+		ssize_t n = read(fd, buf + len, cap - 1 - len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		len += (size_t)n;
+		if (len == cap - 1)
+			break;
+	}
+	close(fd);
+	buf[len] = 0;
+	return (ssize_t)len;
+}
+
+static int write_text(const char *path, const char *value)
+{
+	char text[256];
+	int fd = open(path, O_WRONLY);
+	if (fd < 0)
+		return -1;
+	int n = snprintf(text, sizeof(text), "%s\n", value);
+	ssize_t w = write(fd, text, (size_t)n);
+	int e = errno;
+	close(fd);
+	errno = e;
+	return w == n ? 0 : -1;
+}
+
+/* Append to a reply under construction; stops (truncates) at REPLYMAX. */
+struct text {
+	char buf[REPLYMAX - 256];
+	size_t len;
+};
+
+static void add(struct text *t, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(t->buf + t->len, sizeof(t->buf) - t->len, fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		t->len = t->len + (size_t)n < sizeof(t->buf) ? t->len + (size_t)n : sizeof(t->buf) - 1;
+}
+
+/* %XX-escape everything but printable ASCII other than '%' (the host unquotes it). */
+static void add_escaped(struct text *t, const char *s, size_t n)
+{
+	for (size_t i = 0; i < n && t->len + 4 < sizeof(t->buf); i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c > 0x20 && c < 0x7f && c != '%')
+			t->buf[t->len++] = (char)c;
+		else
+			t->len += (size_t)sprintf(t->buf + t->len, "%%%02X", c);
+	}
+	t->buf[t->len] = 0;
+}
+
+static int safe_name(const char *s)
+{
+	return *s && !strchr(s, '/') && strcmp(s, ".") && strcmp(s, "..");
+}
+
+static long long ksm_read_ll(const char *name, int *ok)
+{
+	char path[128], buf[64];
+	snprintf(path, sizeof(path), KSM_DIR "/%s", name);
+	*ok = read_small(path, buf, sizeof(buf)) > 0;
+	return *ok ? strtoll(buf, NULL, 10) : 0;
+}
+
+/* Sum of AnonHugePages (kB) of the VMAs of pid that lie inside [lo, hi). */
+static long anon_huge_kb(pid_t pid, unsigned long lo, unsigned long hi)
+{
+	char path[64], line[512];
+	snprintf(path, sizeof(path), "/proc/%d/smaps", (int)pid);
+	FILE *f = fopen(path, "r");
+	long total = 0, kb;
+	int inside = 0;
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long a, b;
+		if (sscanf(line, "%lx-%lx ", &a, &b) == 2 && strchr(line, '-') < strchr(line, ' '))
+			inside = lo <= a && b <= hi;
+		else if (inside && sscanf(line, "AnonHugePages: %ld kB", &kb) == 1)
+			total += kb;
+	}
+	fclose(f);
+	return total;
+}
+
+static void cmd_ksmsnap(const char *id, int argc, char **argv)
+{
+	static struct text t;
+	char path[300], buf[256];
+	t.len = 0;
+	t.buf[0] = 0;
+	add(&t, "ok");
+	DIR *d = opendir(KSM_DIR);
+	struct dirent *e;
+	while (d && (e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), KSM_DIR "/%s", e->d_name);
+		if (read_small(path, buf, sizeof(buf)) < 0)
+			continue; /* write-only or unreadable: not a value */
+		char *v = buf, *lb = strchr(buf, '['), *rb = lb ? strchr(lb, ']') : NULL;
+		if (lb && rb) { /* advisor_mode: "[none] scan-time" -> none */
+			*rb = 0;
+			v = lb + 1;
+		}
+		v[strcspn(v, "\n")] = 0;
+		add(&t, " k.%s=", e->d_name);
+		add_escaped(&t, v, strlen(v));
+	}
+	if (d)
+		closedir(d);
+	for (int i = 1; i < argc; i++) {
+		unsigned long pid, addr = 0, len = 0;
+		if (sscanf(argv[i], "%lu:%lu:%lu", &pid, &addr, &len) < 1) {
+			reply(id, "err usage: ksmsnap [PID:ADDR:LEN ...]");
+			return;
+		}
+		snprintf(path, sizeof(path), "/proc/%lu/ksm_stat", pid);
+		FILE *f = fopen(path, "r");
+		if (!f) {
+			add(&t, " p%lu.gone=1", pid);
+			continue;
+		}
+		char line[256], key[64], val[64];
+		while (fgets(line, sizeof(line), f)) {
+			if (sscanf(line, "%63s %63s", key, val) != 2)
+				continue;
+			key[strcspn(key, ":")] = 0; /* 6.14+: "ksm_merge_any: yes" */
+			add(&t, " p%lu.%s=%s", pid, key, val);
+		}
+		fclose(f);
+		if (len)
+			add(&t, " p%lu.anon_huge_kb=%ld", pid, anon_huge_kb((pid_t)pid, addr, addr + len));
+	}
+	reply(id, "%s", t.buf);
+}
+
+static void cmd_ksmset(const char *id, int argc, char **argv)
+{
+	char path[128];
+	if (argc != 3 || !safe_name(argv[1]) || strlen(argv[1]) > 64) {
+		reply(id, "err usage: ksmset NAME VALUE");
+		return;
+	}
+	snprintf(path, sizeof(path), KSM_DIR "/%s", argv[1]);
+	if (write_text(path, argv[2]))
+		reply(id, "err errno=%d %s: %s", errno, argv[1], strerror(errno));
+	else
+		reply(id, "ok");
+}
+
+static void cmd_ksmwait(const char *id, int argc, char **argv)
+{
+	uint64_t last, timeout_ms;
+	int ok;
+	if (argc != 3 || parse_u64(argv[1], &last, 10) || parse_u64(argv[2], &timeout_ms, 10)) {
+		reply(id, "err usage: ksmwait LAST TIMEOUT_MS");
+		return;
+	}
+	int fd = open(KSM_DIR "/full_scans", O_RDONLY);
+	if (fd < 0) {
+		reply(id, "err no %s/full_scans: %s", KSM_DIR, strerror(errno));
+		return;
+	}
+	double deadline = now_ms() + (double)timeout_ms;
+	long long seen;
+	for (;;) {
+		char buf[32];
+		ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
+		buf[n > 0 ? n : 0] = 0;
+		seen = strtoll(buf, NULL, 10);
+		if (n > 0 && (uint64_t)seen != last)
+			break;
+		if (now_ms() > deadline) {
+			close(fd);
+			reply(id, "err timeout full_scans=%lld", seen);
+			return;
+		}
+		struct timespec ts = {0, 1000000};
+		nanosleep(&ts, NULL);
+	}
+	close(fd);
+	long long scanned = ksm_read_ll("pages_scanned", &ok);
+	int has_scanned = ok;
+	long long skipped = ksm_read_ll("pages_skipped", &ok);
+	int has_skipped = ok;
+	if (write_text(KSM_DIR "/run", "0")) {
+		reply(id, "err errno=%d run=0: %s", errno, strerror(errno));
+		return;
+	}
+	char s1[32] = "-", s2[32] = "-";
+	if (has_scanned)
+		snprintf(s1, sizeof(s1), "%lld", scanned);
+	if (has_skipped)
+		snprintf(s2, sizeof(s2), "%lld", skipped);
+	reply(id, "ok full_scans=%lld scanned=%s skipped=%s", seen, s1, s2);
+}
+
+static void cmd_ksmusers(const char *id, int argc, char **argv)
+{
+	static struct text t;
+	char path[300], buf[4096], comm[64];
+	t.len = 0;
+	add(&t, "ok users=");
+	int first = 1;
+	DIR *d = opendir("/proc");
+	struct dirent *e;
+	while (d && (e = readdir(d))) {
+		if (!isdigit((unsigned char)e->d_name[0]))
+			continue;
+		long pid = atol(e->d_name);
+		int skip = pid == (long)getpid();
+		for (int i = 1; i < argc; i++)
+			skip |= atol(argv[i]) == pid;
+		if (skip)
+			continue;
+		char reason[64] = "";
+		snprintf(path, sizeof(path), "/proc/%ld/ksm_stat", pid);
+		if (read_small(path, buf, sizeof(buf)) >= 0) {
+			char *m = strstr(buf, "ksm_mergeable");
+			char *r = strstr(buf, "ksm_rmap_items ");
+			if (m && strstr(m, "yes") && strstr(m, "yes") < m + 20)
+				snprintf(reason, sizeof(reason), "ksm_mergeable:yes");
+			else if (r && atol(r + 15) > 0)
+				snprintf(reason, sizeof(reason), "ksm_rmap_items:%ld", atol(r + 15));
+			else if (!m) { /* before 6.14: a VM_MERGEABLE mapping says it */
+				snprintf(path, sizeof(path), "/proc/%ld/smaps", pid);
+				FILE *f = fopen(path, "r");
+				char line[512];
+				while (f && fgets(line, sizeof(line), f))
+					if (!strncmp(line, "VmFlags:", 8) && strstr(line, " mg"))
+						snprintf(reason, sizeof(reason), "VM_MERGEABLE");
+				if (f)
+					fclose(f);
+			}
+		}
+		if (!reason[0])
+			continue;
+		snprintf(path, sizeof(path), "/proc/%ld/comm", pid);
+		if (read_small(path, comm, sizeof(comm)) < 0)
+			continue;
+		comm[strcspn(comm, "\n /,")] = 0;
+		add(&t, "%s%ld/%s/%s", first ? "" : ",", pid, comm, reason);
+		first = 0;
+	}
+	if (d)
+		closedir(d);
+	reply(id, "%s", t.buf);
+}
+
+static void cmd_readfile(const char *id, int argc, char **argv)
+{
+	static struct text t;
+	static char buf[32 * 1024];
+	if (argc != 2) {
+		reply(id, "err usage: readfile PATH");
+		return;
+	}
+	ssize_t n = read_small(argv[1], buf, sizeof(buf));
+	if (n < 0) {
+		reply(id, "err errno=%d %s: %s", errno, argv[1], strerror(errno));
+		return;
+	}
+	t.len = 0;
+	add(&t, "ok data=");
+	add_escaped(&t, buf, (size_t)n);
+	reply(id, "%s", t.buf);
+}
+
+static void cmd_writefile(const char *id, int argc, char **argv)
+{
+	if (argc != 3) {
+		reply(id, "err usage: writefile PATH VALUE");
+		return;
+	}
+	if (write_text(argv[1], argv[2]))
+		reply(id, "err errno=%d %s: %s", errno, argv[1], strerror(errno));
+	else
+		reply(id, "ok");
+}
+
+static struct worker *find_worker(const char *name)
+{
+	for (int i = 0; i < MAXWORKERS; i++)
+		if (workers[i].used && !strcmp(workers[i].name, name))
+			return &workers[i];
+	return NULL;
+}
+
+static struct worker *new_worker(const char *id, const char *name)
+{
+	if (strlen(name) > 32 || find_worker(name)) {
+		reply(id, "err worker name '%.40s' is taken or too long", name);
+		return NULL;
+	}
+	for (int i = 0; i < MAXWORKERS; i++) {
+		if (!workers[i].used) {
+			memset(&workers[i], 0, sizeof(workers[i]));
+			workers[i].used = 1;
+			workers[i].cmd = workers[i].rep = -1;
+			snprintf(workers[i].name, sizeof(workers[i].name), "%s", name);
+			return &workers[i];
+		}
+	}
+	reply(id, "err too many workers (max %d)", MAXWORKERS);
+	return NULL;
+}
+
+static void drop_worker(struct worker *w)
+{
+	if (w->cmd >= 0)
+		close(w->cmd);
+	if (w->rep >= 0 && w->rep != w->cmd)
+		close(w->rep);
+	free(w->pending);
+	memset(w, 0, sizeof(*w));
+}
+
+/* One reply line of worker w into out (NUL-terminated, without newline); -1 on EOF/timeout. */
+static int worker_line(struct worker *w, char *out, size_t cap, int timeout_ms, const char **why)
+{
+	double deadline = now_ms() + timeout_ms;
+	for (;;) {
+		char *nl = memchr(w->rbuf, '\n', w->rlen);
+		if (nl) {
+			size_t n = (size_t)(nl - w->rbuf);
+			size_t m = n < cap - 1 ? n : cap - 1;
+			memcpy(out, w->rbuf, m);
+			out[m] = 0;
+			memmove(w->rbuf, nl + 1, w->rlen - n - 1);
+			w->rlen -= n + 1;
+			return 0;
+		}
+		if (w->rlen == sizeof(w->rbuf)) {
+			*why = "reply line too long";
+			return -1;
+		}
+		int left = (int)(deadline - now_ms());
+		if (left <= 0) {
+			*why = "no answer in time";
+			return -1;
+		}
+		struct pollfd pfd = {.fd = w->rep, .events = POLLIN};
+		int rc = poll(&pfd, 1, left < 100 ? left : 100);
+		if (rc < 0 && errno != EINTR) {
+			*why = "poll failed";
+			return -1;
+		}
+		if (rc <= 0)
+			continue;
+		ssize_t n = read(w->rep, w->rbuf + w->rlen, sizeof(w->rbuf) - w->rlen);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			*why = "the worker closed its channel (died?)";
+			return -1;
+		}
+		w->rlen += (size_t)n;
+	}
+}
+
+static int worker_send(struct worker *w, const char *line, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(w->cmd, line, len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		line += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Send `line` (with its newline) to w and reply to the host with the worker's answer. */
+static void worker_request(const char *id, struct worker *w, const char *line, size_t len)
+{
+	static char answer[4096];
+	const char *why = "";
+	if (worker_send(w, line, len)) {
+		reply(id, "err worker %s: cannot send: %s", w->name, strerror(errno));
+		return;
+	}
+	if (worker_line(w, answer, sizeof(answer), WORKER_TIMEOUT_MS, &why))
+		reply(id, "err worker %s (pid %d): %s", w->name, (int)w->pid, why);
+	else
+		reply(id, "ok %s", answer);
+}
+
+static int append_words(struct worker *w, int argc, char **argv, int from)
+{
+	for (int i = from; i < argc; i++) {
+		size_t n = strlen(argv[i]);
+		char *p = realloc(w->pending, w->plen + n + 2);
+		if (!p)
+			return -1;
+		w->pending = p;
+		if (w->plen)
+			w->pending[w->plen++] = ' ';
+		memcpy(w->pending + w->plen, argv[i], n);
+		w->plen += n;
+		w->pending[w->plen] = 0;
+	}
+	return 0;
+}
+
+static void cmd_wspawn(const char *id, int argc, char **argv)
+{
+	int to[2], from[2];
+	if (argc != 2) {
+		reply(id, "err usage: wspawn NAME");
+		return;
+	}
+	struct worker *w = new_worker(id, argv[1]);
+	if (!w)
+		return;
+	if (pipe(to) || pipe(from)) {
+		reply(id, "err pipe: %s", strerror(errno));
+		drop_worker(w);
+		return;
+	}
+	pid_t pid = fork();
+	if (pid == 0) {
+		setpgid(0, 0); /* its own group, shared with its fork children: wkill ends them all */
+		dup2(to[0], 0);
+		dup2(from[1], 1);
+		for (int fd = 3; fd < 1024; fd++)
+			close(fd);
+		const char *bin = "/sbin/ksmh-worker";
+#ifdef KSMH_AGENT_STDIO
+		if (getenv("KSMH_WORKER_BIN")) /* tests run the worker built next to the agent */
+			bin = getenv("KSMH_WORKER_BIN");
+#endif
+		char *const args[] = {(char *)bin, NULL};
+		execv(bin, args);
+		_exit(127);
+	}
+	close(to[0]);
+	close(from[1]);
+	if (pid < 0) {
+		reply(id, "err fork: %s", strerror(errno));
+		close(to[1]);
+		close(from[0]);
+		drop_worker(w);
+		return;
+	}
+	setpgid(pid, pid);
+	w->pid = w->group = pid;
+	w->cmd = to[1];
+	w->rep = from[0];
+	reply(id, "ok pid=%d", (int)pid);
+}
+
+static void cmd_w(const char *id, int argc, char **argv, int push)
+{
+	struct worker *w = argc >= 2 ? find_worker(argv[1]) : NULL;
+	if (!w) {
+		reply(id, "err no worker '%.40s'", argc >= 2 ? argv[1] : "");
+		return;
+	}
+	if (append_words(w, argc, argv, 2)) {
+		reply(id, "err out of memory");
+		return;
+	}
+	if (push) {
+		reply(id, "ok pending=%zu", w->plen);
+		return;
+	}
+	char *line = w->pending;
+	size_t len = w->plen;
+	w->pending = NULL;
+	w->plen = 0;
+	if (!line) {
+		reply(id, "err nothing to send to worker %s", w->name);
+		return;
+	}
+	line[len] = '\n';
+	worker_request(id, w, line, len + 1);
+	free(line);
+}
+
+/* 1 while /proc/PID exists and is not a zombie (its mm not yet torn down). */
+static int alive(pid_t pid)
+{
+	char path[64], buf[512];
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	if (read_small(path, buf, sizeof(buf)) < 0)
+		return 0;
+	char *rp = strrchr(buf, ')');
+	return !(rp && rp[1] == ' ' && strchr("ZXx", rp[2]));
+}
+
+static void cmd_wfork(const char *id, int argc, char **argv)
+{
+	char cmdf[64], repf[64], line[200], answer[256];
+	const char *why = "";
+	struct worker *parent = argc == 3 ? find_worker(argv[1]) : NULL;
+	if (!parent) {
+		reply(id, "err usage: wfork PARENT CHILD (PARENT a worker)");
+		return;
+	}
+	struct worker *w = new_worker(id, argv[2]);
+	if (!w)
+		return;
+	fifo_seq++;
+	snprintf(cmdf, sizeof(cmdf), "/tmp/ksmh-fork%u.cmd", fifo_seq);
+	snprintf(repf, sizeof(repf), "/tmp/ksmh-fork%u.reply", fifo_seq);
+	unlink(cmdf);
+	unlink(repf);
+	if (mkfifo(cmdf, 0600) || mkfifo(repf, 0600)) {
+		reply(id, "err mkfifo: %s", strerror(errno));
+		drop_worker(w);
+		return;
+	}
+	/* O_RDWR never blocks on a FIFO, so neither side waits for the other to open. */
+	w->cmd = open(cmdf, O_RDWR);
+	w->rep = open(repf, O_RDWR);
+	int n = snprintf(line, sizeof(line), "fork %s %s\n", cmdf, repf);
+	int ok = w->cmd >= 0 && w->rep >= 0 && !worker_send(parent, line, (size_t)n) &&
+		 !worker_line(parent, answer, sizeof(answer), WORKER_TIMEOUT_MS, &why);
+	if (ok && strncmp(answer, "ok ", 3)) {
+		why = answer;
+		ok = 0;
+	}
+	if (ok) {
+		w->pid = (pid_t)atol(answer + 3);
+		w->group = parent->group;
+		ok = !worker_line(w, answer, sizeof(answer), WORKER_TIMEOUT_MS, &why);
+		if (ok && atol(answer + 3) != (long)w->pid) {
+			why = "unexpected greeting";
+			ok = 0;
+		}
+	}
+	unlink(cmdf);
+	unlink(repf);
+	if (!ok) {
+		reply(id, "err fork of %s failed: %s", parent->name, why);
+		drop_worker(w);
+		return;
+	}
+	reply(id, "ok pid=%d", (int)w->pid);
+}
+
+static void cmd_wexit(const char *id, int argc, char **argv)
+{
+	char answer[256];
+	const char *why = "";
+	struct worker *w = argc == 2 ? find_worker(argv[1]) : NULL;
+	if (!w) {
+		reply(id, "err usage: wexit NAME (a worker)");
+		return;
+	}
+	if (worker_send(w, "exit\n", 5) ||
+	    worker_line(w, answer, sizeof(answer), WORKER_TIMEOUT_MS, &why)) {
+		reply(id, "err worker %s: exit: %s", w->name, why);
+		return;
+	}
+	pid_t pid = w->pid;
+	drop_worker(w);
+	double deadline = now_ms() + WORKER_TIMEOUT_MS;
+	while (alive(pid)) {
+		reap_children();
+		if (now_ms() > deadline) {
+			reply(id, "err worker pid %d did not exit", (int)pid);
+			return;
+		}
+		struct timespec ts = {0, 1000000};
+		nanosleep(&ts, NULL);
+	}
+	reap_children();
+	reply(id, "ok pid=%d", (int)pid);
+}
+
+static void cmd_wkill(const char *id)
+{
+	pid_t pids[MAXWORKERS];
+	int n = 0;
+	for (int i = 0; i < MAXWORKERS; i++) {
+		if (!workers[i].used)
+			continue;
+		if (workers[i].group > 0)
+			kill(-workers[i].group, SIGKILL);
+		kill(workers[i].pid, SIGKILL);
+		pids[n++] = workers[i].pid;
+		drop_worker(&workers[i]);
+	}
+	double deadline = now_ms() + 10000;
+	for (int i = 0; i < n; i++)
+		while (alive(pids[i]) && now_ms() < deadline) {
+			reap_children();
+			struct timespec ts = {0, 1000000};
+			nanosleep(&ts, NULL);
+		}
+	reap_children();
+	reply(id, "ok killed=%d", n);
+}
+
 static int valid_id(const char *s)
 {
 	size_t n = strlen(s);
@@ -510,10 +1177,10 @@ static int valid_id(const char *s)
 
 static void handle(char *line)
 {
-	char *argv[8];
+	static char *argv[MAXARGS];
 	int argc = 0;
 	for (char *tok = strtok(line, " \t\r"); tok; tok = strtok(NULL, " \t\r")) {
-		if (argc == 8) {
+		if (argc == MAXARGS) {
 			reply("-", "err too many arguments");
 			return;
 		}
@@ -549,6 +1216,30 @@ static void handle(char *line)
 		cmd_digest(id, argc, args);
 	else if (!strcmp(cmd, "poke"))
 		cmd_poke(id, argc, args);
+	else if (!strcmp(cmd, "ksmsnap"))
+		cmd_ksmsnap(id, argc, args);
+	else if (!strcmp(cmd, "ksmset"))
+		cmd_ksmset(id, argc, args);
+	else if (!strcmp(cmd, "ksmwait"))
+		cmd_ksmwait(id, argc, args);
+	else if (!strcmp(cmd, "ksmusers"))
+		cmd_ksmusers(id, argc, args);
+	else if (!strcmp(cmd, "readfile"))
+		cmd_readfile(id, argc, args);
+	else if (!strcmp(cmd, "writefile"))
+		cmd_writefile(id, argc, args);
+	else if (!strcmp(cmd, "wspawn"))
+		cmd_wspawn(id, argc, args);
+	else if (!strcmp(cmd, "w") || !strcmp(cmd, "wpush"))
+		cmd_w(id, argc, args, cmd[1] == 'p');
+	else if (!strcmp(cmd, "wsend"))
+		cmd_w(id, argc, args, 0);
+	else if (!strcmp(cmd, "wfork"))
+		cmd_wfork(id, argc, args);
+	else if (!strcmp(cmd, "wexit"))
+		cmd_wexit(id, argc, args);
+	else if (!strcmp(cmd, "wkill"))
+		cmd_wkill(id);
 	else if (!strcmp(cmd, "free")) {
 		struct region *r = region_arg(id, argc, args, 2, "free NAME");
 		if (r)
@@ -563,7 +1254,8 @@ static void handle(char *line)
 #endif
 	} else
 		reply(id, "err unknown command '%.40s' (ping info fill verify rewrite hold digest "
-		      "poke free poweroff)", cmd);
+		      "poke free poweroff ksmsnap ksmset ksmwait ksmusers readfile writefile wspawn w "
+		      "wpush wsend wfork wexit wkill)", cmd);
 }
 
 static void read_cmdline(void)
@@ -640,6 +1332,7 @@ int main(void)
 	for (;;) {
 		struct pollfd pfd = {.fd = port, .events = POLLIN};
 		int rc = poll(&pfd, 1, 1000);
+		reap_children(); /* PID 1 adopts orphaned fork children of scenario workers */
 		if (rc <= 0)
 			continue;
 		ssize_t n = (pfd.revents & POLLIN) ? read(port, buf + len, LINEMAX - len) : 0;
