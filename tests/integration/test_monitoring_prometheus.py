@@ -209,7 +209,7 @@ def prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
         write_config(inventory, cfg, SETTINGS, SCRAPE)
         # Rewritten in place: its rule and target paths are relative to cfg.
         with prometheus((cfg / "prometheus.yml").read_text(), cfg) as p:
-            yield Prom(p.url)
+            yield Prom(p.url, p.proc)
     finally:
         for stop in stoppers:
             stop()
