@@ -125,7 +125,11 @@ class IncrementalCapture:
             if flags >= 0:
                 os.close(flags)
         self.seen[(pid, start)] = now
-        return ProcessCapture(pid, name or str(pid), start, out, nbytes, time.perf_counter() - t0)
+        # A process with THP disabled (QEMU under `--no-thp`) never faults in huge pages: the
+        # model must know, or a host in THP madvise mode makes its MADV_HUGEPAGE RAM huge.
+        thp_off = procfs.thp_enabled(pid, self.proc) is False
+        seconds = time.perf_counter() - t0
+        return ProcessCapture(pid, name or str(pid), start, out, nbytes, seconds, thp_off)
 
     def _vma(
         self, vma: Vma, pagemap: int, mem: int, flags: int, old: _Seen | None

@@ -15,7 +15,8 @@ from harness.guests.fleet import Fleet
 from harness.guests.spec import FleetSpec
 from harness.kinds import AccelKind, ImageKind
 
-pytestmark = pytest.mark.qemu
+# long: a systemd guest boots in ~80 s under TCG: `make test-long` (nightly), not the CI.
+pytestmark = [pytest.mark.qemu, pytest.mark.long]
 
 
 def test_debian_guest_boots_systemd_and_runs_the_agent() -> None:

@@ -6,8 +6,10 @@ series, so the kernel side is itself verified, and then requires the model's ser
 identical at every sample: every sysfs counter (pages_scanned and pages_skipped as deltas from
 the start) and every live process's ksm_stat, plus the state right after each scan's actions.
 
-KSM_DIFF_SEEDS (default 500) sets how many random scenarios run; KSM_DIFF_SEED_START (default
-0) the first seed. A failure prints the seed, the scenario and the first differing counter.
+KSM_DIFF_SEEDS (default 500) sets how many random scenarios there are; KSM_DIFF_SEED_START
+(default 0) the first seed. The first CI_SEEDS (200) run in `make test`; the rest are marked
+`long` (`make test-long`, nightly). A failure prints the seed, the scenario and the first
+differing counter.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.ksm_kernel
 
 SEEDS = int(os.environ.get("KSM_DIFF_SEEDS", "500"))
 SEED_START = int(os.environ.get("KSM_DIFF_SEED_START", "0"))
+CI_SEEDS = 200  # ~0.3 s each here; the long tail runs nightly
 PAGE = 4096
 RMAP = 64  # sizeof(struct ksm_rmap_item) on 64-bit
 
@@ -658,7 +661,14 @@ def test_foreign_ksm_user_is_detected(kernel: SysfsBackend) -> None:
 # -- random scenarios ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", range(SEED_START, SEED_START + SEEDS), ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize(
+    "seed",
+    [
+        pytest.param(s, marks=[pytest.mark.long] if s - SEED_START >= CI_SEEDS else [])
+        for s in range(SEED_START, SEED_START + SEEDS)
+    ],
+    ids=lambda s: f"seed{s}",
+)
 def test_random_scenario(differential: Differential, seed: int) -> None:
     ks = differential(generate(seed))
     # The kernel side must be self-consistent at every end of scan.
