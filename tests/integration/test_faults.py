@@ -326,7 +326,7 @@ def test_a_foreign_ksm_user_is_refused_by_name(
     child = mergeable_child(2048, 0x33)  # type: ignore[operator]
     done = ksmh("run", str(tiny), "--out", str(tmp_path), "--export", "off", timeout=900)
     assert done.returncode == 2, done.stderr
-    assert "process(es) outside this run use KSM: pid " in done.stderr
+    assert "1 process outside this run uses KSM: pid " in done.stderr
     assert f"pid {child.pid} ({sys.executable} -c " in done.stderr
     assert "set `foreign: capture`" in done.stderr
     assert "booting" not in done.stderr
