@@ -242,7 +242,7 @@ class _ZeroPfns:
             os.close(self.fd)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+def true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) index runs where mask is True."""
     if not mask.any():
         return []
@@ -327,7 +327,7 @@ def _key_pages(
     """Read the pages where `scan` is set through /proc/PID/mem and key them into `keys`."""
     nbytes = 0
     zero_key = _ZERO_KEY
-    for lo, hi in _runs(scan):
+    for lo, hi in true_runs(scan):
         for off in range(lo, hi, READ_CHUNK // PAGE):
             end = min(hi, off + READ_CHUNK // PAGE)
             try:
@@ -442,7 +442,7 @@ class Shadow:
                 gone &= ~((old == _ZERO_KEY_NP) & done_by_ksm)
                 self._small_blocks(twin.proc, addr, vc, changed)
                 stats.pages_written += _write_pages(twin.proc, addr, vc.keys, changed)
-                for lo, hi in _runs(gone):
+                for lo, hi in true_runs(gone):
                     twin.proc.madvise(addr + lo * PAGE, (hi - lo) * PAGE, MADV_DONTNEED)
                     stats.pages_vanished += hi - lo
                 keep = (vc.keys == ABSENT) & (old == _ZERO_KEY_NP) & done_by_ksm

@@ -37,6 +37,7 @@ from harness.shadow import (
     mergeable_vmas,
     page_key,
     start_time,
+    true_runs,
 )
 
 SKIP_ZERO = procfs.KPF_ZERO_PAGE | procfs.KPF_THP  # see harness.shadow._ZeroPfns
@@ -149,7 +150,7 @@ class IncrementalCapture:
             self.pages_kept += int(np.count_nonzero(keep))
             scan &= ~keep
         nbytes = 0
-        for lo, hi in _runs(scan):
+        for lo, hi in true_runs(scan):
             for off in range(lo, hi, READ_CHUNK // PAGE):
                 end = min(hi, off + READ_CHUNK // PAGE)
                 try:
@@ -183,15 +184,6 @@ def _skip_zero(flags: int | None, entry: int) -> bool:
     if flags is None:
         return not entry & PM_EXCLUSIVE
     return bool(flags & SKIP_ZERO)
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) index runs where mask is True."""
-    if not mask.any():
-        return []
-    m = np.concatenate(([False], mask, [False])).astype(np.int8)
-    edges = np.flatnonzero(np.diff(m))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def capture_stats(caps: list[ProcessCapture]) -> tuple[int, int]:
