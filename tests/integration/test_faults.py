@@ -45,6 +45,8 @@ scrape_configs:
 """
 
 # One small guest, so each fault costs seconds: 16 MiB of identical pages merge inside it.
+# 2%: pages_shared is ~68 here, and with THP guests the kernel was one stable node ahead of
+# the model in one run of ten (68/67); a foreign user left out would be 26% off.
 TINY = """
 name: tiny
 fleet: {count: 1, memory_mib: 128}
@@ -58,7 +60,7 @@ phases:
       - verify: {region: a}
       - expect:
           - "verify: clean"
-          - "kernel ~= model within 1%: pages_shared, pages_sharing"
+          - "kernel ~= model within 2%: pages_shared, pages_sharing"
   - name: hold
     steps:
       - wait: {seconds: 2}
