@@ -226,7 +226,9 @@ def test_trend_over_three_real_quickstart_runs(
     assert "Nothing flagged" in (out / "trend.md").read_text()
 
 
+# long (nightly): ~70 s of CI for a path test_non_root's model-only runs also take with guests.
 @pytest.mark.qemu
+@pytest.mark.long
 def test_quickstart_forced_onto_the_model(tmp_path: Path) -> None:
     opts = RunOptions(backend="model", out=tmp_path, export=None, echo=lambda s: None)
     outcome = Runner(load_playbook(QUICKSTART), opts).run()
