@@ -21,7 +21,10 @@ def night(
     sweep: dict[int, tuple[float, float]] | None = None,  # pages_to_scan -> (seconds, cpu)
     boot: float = 5.0,
     shared_delta: int = -2,
+    sharing_delta: int = 0,
+    unmerged_delta: int = 9,
     unshared: int = 5680,
+    thp: bool = False,
     expectations: tuple[str, ...] = ("passed", "passed", "passed", "passed"),
     status: str | None = None,
     revision: str = "a" * 40,
@@ -45,9 +48,10 @@ def night(
         "sharing_ratio": pages_sharing / 6645,
     }
     # The model's unshared is 0 at every sync; its unmerged pages (unshared + volatile) are 9
-    # fewer than the kernel's, however the kernel splits them (as measured here).
+    # fewer than the kernel's by default, however the kernel splits them (as measured here).
     model_end = {**kernel_end, "pages_shared": 6645 - shared_delta, "pages_unshared": 0,
-                 "pages_volatile": 33236 - 9}  # fmt: skip
+                 "pages_sharing": pages_sharing - sharing_delta,
+                 "pages_volatile": 33236 - unmerged_delta}  # fmt: skip
     counters: dict[str, Any] = {}
     if backend == "kernel":
         counters["kernel"] = {"start": {}, "end": kernel_end, "delta": {}}
@@ -82,6 +86,10 @@ def night(
             "playbook_digest": "sha256:" + "0" * 64,
         },
         "accelerator": "tcg",
+        "guests": [
+            {"name": g, "index": j, "pid": 100 + j, "thp": thp}
+            for j, g in enumerate(("g00", "g01"))
+        ],
         "boot": {
             "seconds": {"g00": boot, "g01": boot + 1},
             "median": boot + 0.5,

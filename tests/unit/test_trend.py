@@ -12,7 +12,7 @@ import pytest
 from harness.cli import main
 from harness.report.nightly import summarize
 from harness.report.regression import Floors, Rule, baseline, excursions, flag
-from harness.report.trend import FAMILY, build_trend, floors_of, metrics_of
+from harness.report.trend import FAMILY, THP_UNJUDGED, build_trend, floors_of, metrics_of
 from harness.units import human_bytes
 from tests.unit.synthetic_runs import night, write
 
@@ -310,14 +310,42 @@ def test_floor_option_replaces_a_family_floor(
         assert err[1].startswith("  hint: families: saved_bytes, converge_seconds")
 
 
-def test_the_unmerged_sum_has_its_own_floor() -> None:
-    """With THP guests the kernel's unshared+volatile at a sync point is timing: two
-    back-to-back quickstart runs gave -972 and +14 pages. Not a flag; pages_sharing moving as
-    much still is one."""
+def test_kernel_minus_model_floors_grow_with_the_counter() -> None:
+    """A kernel - model difference moving by less than 1% of the counter is noise (three
+    back-to-back quickstart runs: pages_sharing +122, +122, -9 of ~90,900); more is a flag.
+    Without THP the unmerged sum has its own floor (rel 0.5, at least 4096 pages)."""
     fam = FAMILY["kernel_minus_model"]
-    unmerged = floors_of(fam, "fill: pages_unshared+pages_volatile")
-    assert (unmerged.rel, unmerged.abs) == (0.5, 4096)
-    assert floors_of(fam, "fill: pages_sharing") == fam.floors
+    nights = [summarize(night(i, saved=90_900 * 4096)) for i in range(3)]
+    sharing = floors_of(fam, "fill: pages_sharing", nights)
+    assert isinstance(sharing, Floors)
+    assert (sharing.rel, sharing.abs) == (0.5, 909.0)  # 1% of the kernel's 90,900
+    assert floors_of(fam, "fill: pages_sharing") == fam.floors  # no nights: the family's
     rule = Rule(window=2, min_nights=2)
+    assert flag([122.0, 122.0, -9.0], rule, sharing) is None
+    assert flag([122.0, 122.0, -1000.0], rule, sharing) is not None
+    unmerged = floors_of(fam, "fill: pages_unshared+pages_volatile", nights)
+    assert unmerged == Floors(rel=0.5, abs=4096)  # 1% of 33,236 is below 4096
     assert flag([-950.0, -972.0, 14.0], rule, unmerged) is None
     assert flag([-950.0, -972.0, 14.0], rule, fam.floors) is not None
+
+
+def test_with_thp_guests_the_unmerged_sum_is_shown_but_not_judged(tmp_path: Path) -> None:
+    """Measured here: -22,079, -20,020, -461 pages in three back-to-back THP quickstart runs
+    (which huge pages ksmd split). Shown, never flagged; pages_sharing still judged."""
+    root = tmp_path / "r"
+    for i, (un, sh) in enumerate([(-22_079, 122), (-20_020, 122), (-461, -9), (-460, 5000)]):
+        write(root, night(i, thp=True, unmerged_delta=un, sharing_delta=sh))
+    trend = build_trend([root], rule=Rule(window=2, min_nights=2))
+    (group,) = trend.groups
+    by_name = {m.name: m for m in group.metrics}
+    unmerged = by_name["kernel_minus_model[fill: pages_unshared+pages_volatile]"]
+    assert unmerged.values == [-22_079.0, -20_020.0, -461.0, -460.0]
+    assert unmerged.not_judged == THP_UNJUDGED and unmerged.flagged is None
+    assert unmerged.excursions == []
+    assert [m.name for m in group.flags] == ["kernel_minus_model[fill: pages_sharing]"]
+    out = tmp_path / "out"
+    assert main(["trend", str(root), "--out", str(out), "--window", "2", "--min-nights", "2"]) == 1
+    doc = json.loads((out / "trend.json").read_text())
+    (m,) = [m for m in doc["groups"][0]["metrics"] if m["name"] == unmerged.name]
+    assert (m["not_judged"], m["baseline"]) == (THP_UNJUDGED, None)
+    assert f"| {THP_UNJUDGED} |" in (out / "trend.md").read_text()
