@@ -9,10 +9,17 @@ mean powers of 1000 elsewhere, and guessing would be wrong half of the time. A b
 means the unit its field documents (bytes for playbook sizes and expectations, MiB for
 `--memory`); the error message says which. The guest agent (harness/guests/data/ksmh-agent.c)
 reads the same grammar for its `fill` size (bytes when bare).
+
+Shares and durations of the twin, forecast and playbook options, too:
+
+    SHARE     95%  or 0.95                        (above 0, at most 100%)
+    DURATION  90s, 10m, 1h30m, or a number of seconds
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 
 from harness.errors import HarnessError
@@ -124,3 +131,36 @@ def human_bytes(n: float | None) -> str:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"^(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,9}(?:\.\d{1,6})?)s)?$")
+
+
+def share(text: str, what: str = "--target") -> float:
+    """'95%' or '0.95' -> 0.95 (0 < share <= 1)."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        v = math.nan
+    if not (0 < v <= 1):
+        raise HarnessError(
+            f"{what} {text!r}: expected a share like 95% or 0.95 (above 0, at most 100%)"
+        )
+    return v
+
+
+def duration(text: str, what: str = "--within") -> float:
+    """'10m', '90s', '1h30m' or a bare number of seconds -> seconds (> 0)."""
+    t = text.strip()
+    m = _DURATION.match(t)
+    seconds = math.nan
+    if t and m and any(m.groups()):
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + s
+    else:
+        with contextlib.suppress(ValueError):
+            seconds = float(t)
+    if not (0 < seconds < 10 * 365 * 86400):
+        raise HarnessError(f"{what} {text!r}: expected a duration like 90s, 10m or 1h30m")
+    return seconds

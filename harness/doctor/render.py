@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.console import plural
 from harness.doctor.analysis import Analysis, ProcessSummary
 from harness.doctor.catalog import Finding, Severity
 from harness.doctor.exposure import format_matrix
@@ -15,12 +16,6 @@ PAGE = 4096
 def exit_status(findings: list[Finding]) -> int:
     """0 when nothing needs action, 1 when a warning or critical finding does."""
     return 1 if any(f.needs_action for f in findings) else 0
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count} {word}{'es' if count != 1 and word.endswith('s') else ''}" + (
-        "s" if count != 1 and not word.endswith("s") else ""
-    )
 
 
 def _size(pages: int | None) -> str:
@@ -44,7 +39,7 @@ def render_text(a: Analysis, findings: list[Finding]) -> str:
     if f.bytes_keyed:
         rate = f", {format_size(f.bytes_keyed)} keyed"
     out = [
-        f"ksmh doctor: {_n(len(f.processes), 'process')} ({f.selection}){rate}, "
+        f"ksmh doctor: {plural(len(f.processes), 'process')} ({f.selection}){rate}, "
         f"{f.seconds:.1f} s (window {f.watch.seconds if f.watch else 0:.1f} s)"
     ]
     if h.present:
@@ -60,7 +55,7 @@ def render_text(a: Analysis, findings: list[Finding]) -> str:
     out.append(
         f"THP: enabled {h.thp.get('enabled', '-')}; MemAvailable {format_size(avail)}; "
         f"NUMA nodes {','.join(map(str, h.nodes)) or '-'}; "
-        f"{_n(len(f.users), 'process')} registered with KSM"
+        f"{plural(len(f.users), 'process')} registered with KSM"
     )
     out += ["", f"{'PROCESS':<35}{'SCANNED':>11}{'COULD MERGE':>13}{'MERGED':>11}"
                 f"{'IN THP':>11}{'PROFIT':>11}"]  # fmt: skip

@@ -351,7 +351,7 @@ def _knob_sets(value: Any) -> tuple[dict[str, int | str], ...]:
 
 
 def _share(value: Any) -> float:
-    from harness.twin.knobs import share
+    from harness.units import share
 
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = str(value)
@@ -364,7 +364,7 @@ def _share(value: Any) -> float:
 
 
 def _duration(value: Any) -> float:
-    from harness.twin.knobs import duration
+    from harness.units import duration
 
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = str(value)

@@ -250,7 +250,7 @@ def _what_ifs(value: Any) -> tuple[str, ...]:
 
 
 def _share(value: Any) -> str:
-    from harness.twin.knobs import share
+    from harness.units import share
 
     text = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
     if not isinstance(text, str):

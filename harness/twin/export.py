@@ -60,6 +60,7 @@ def export_twin(
 ) -> int:
     """Serve the kernel (with the --pid processes `watch` names and the --sharing matrix),
     the twin and the what-ifs until interrupted (Ctrl-C: the CLI's exit 130)."""
+    from harness import units
     from harness.exporter import ExportTarget, KsmCollector, parse_listen, serve_registry
     from harness.ksm.select import open_backend
     from harness.ksm.sysfs import SysfsBackend
@@ -72,7 +73,7 @@ def export_twin(
     names = [n for n, _ in what_ifs]
     if len(set(names)) != len(names):
         raise HarnessError("--what-if: each NAME once", hint=f"names given: {', '.join(names)}")
-    budget = knobs.share(args.twin_cpu, "--twin-cpu")
+    budget = units.share(args.twin_cpu, "--twin-cpu")
     parse_listen(args.listen)
     backend = open_backend("kernel", root=args.sysfs_root, proc=args.proc_root)
     assert isinstance(backend, SysfsBackend)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness import units
 from harness.console import plural
 from harness.ksm.sysfs import KSM_ROOT, PROC_ROOT
 from harness.units import human_bytes
@@ -92,9 +93,9 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     from harness.twin import calibration, knobs
     from harness.twin.forecast import MODEL_DEFAULTS, capture, default_knob_sets, forecast, targets
 
-    target = knobs.share(args.target)
-    within = knobs.duration(args.within) if args.within else None
-    cpu = knobs.share(args.cpu, "--cpu") if args.cpu else None
+    target = units.share(args.target)
+    within = units.duration(args.within) if args.within else None
+    cpu = units.share(args.cpu, "--cpu") if args.cpu else None
     sets = [knobs.knob_set(k) for k in args.knobs]
     present = (args.sysfs_root / "run").exists()
     if present:

@@ -1,17 +1,14 @@
-"""The small grammars of the twin and forecast options: knob sets, what-ifs, shares, durations.
+"""The small grammars of the twin and forecast options: knob sets and what-ifs (shares and
+durations are harness.units').
 
     knob set     pages_to_scan=1000,sleep_millisecs=20     (any tunable but run)
     what-if      mps16:max_page_sharing=16,smart_scan=0    (NAME:KNOBS)
-    share        95%  or 0.95
-    duration     90s, 10m, 1h30m, or a number of seconds
 
 Values are checked as `ksmh set` checks them (harness.ksm.tunables), before anything runs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import re
 
 from harness.errors import HarnessError, KsmWriteRefused
@@ -31,7 +28,6 @@ WHAT_IF_KNOBS = (
 # own clock (harness.twin.timeline) instead of scan for scan with the kernel.
 RATE_KNOBS = ("pages_to_scan", "sleep_millisecs", "smart_scan")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
-_DURATION = re.compile(r"^(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,9}(?:\.\d{1,6})?)s)?$")
 
 
 def knob_set(text: str, allowed: tuple[str, ...] | None = None) -> dict[str, int | str]:
@@ -70,36 +66,6 @@ def what_if(text: str) -> tuple[str, dict[str, int | str]]:
             hint="NAME is 1-32 letters, digits, '_', '.', '-'; e.g. mps16:max_page_sharing=16",
         )
     return name, knob_set(rest, WHAT_IF_KNOBS)
-
-
-def share(text: str, what: str = "--target") -> float:
-    """'95%' or '0.95' -> 0.95 (0 < share <= 1)."""
-    t = text.strip()
-    try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        v = math.nan
-    if not (0 < v <= 1):
-        raise HarnessError(
-            f"{what} {text!r}: expected a share like 95% or 0.95 (above 0, at most 100%)"
-        )
-    return v
-
-
-def duration(text: str, what: str = "--within") -> float:
-    """'10m', '90s', '1h30m' or a bare number of seconds -> seconds (> 0)."""
-    t = text.strip()
-    m = _DURATION.match(t)
-    seconds = math.nan
-    if t and m and any(m.groups()):
-        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-        seconds = h * 3600 + mi * 60 + s
-    else:
-        with contextlib.suppress(ValueError):
-            seconds = float(t)
-    if not (0 < seconds < 10 * 365 * 86400):
-        raise HarnessError(f"{what} {text!r}: expected a duration like 90s, 10m or 1h30m")
-    return seconds
 
 
 def show(knobs: dict[str, int | str]) -> str:

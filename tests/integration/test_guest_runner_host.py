@@ -10,7 +10,6 @@ reference without booting a guest (the guest matrix test does the rest: test_ker
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ import pytest
 from harness.guests.agent import AgentClient
 from harness.kernels.guest import GuestKsm, GuestRunner
 from harness.ksm.sysfs import SysfsBackend
-from harness.paths import data_path
 from harness.scenario.compare import compare
 from harness.scenario.examples import worked_examples
 from harness.scenario.generate import generate
@@ -30,45 +28,18 @@ from harness.scenario.kernel_runner import KernelRunner
 from harness.scenario.model_runner import run_on_model
 from harness.scenario.spec import Scenario
 from harness.scenario.workers import process_alive
+from tests.stdio_agent import WORKER_SOURCE, PipeChannel, build, build_stdio_agent
 
 pytestmark = [
     pytest.mark.ksm_kernel,
     pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the agent and worker"),
 ]
-DATA = "harness.guests"
-
-
-class PipeChannel:
-    """The AgentClient's Channel over the stdio agent's pipes."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        self.out, self.inp = proc.stdout.fileno(), proc.stdin
-
-    def send(self, data: bytes) -> None:
-        self.inp.write(data)
-        self.inp.flush()
-
-    def recv(self, timeout: float) -> bytes:
-        ready, _, _ = select.select([self.out], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        return os.read(self.out, 65536)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
 def binaries(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("agent")
-    agent, worker = out / "ksmh-agent-stdio", out / "ksmh-worker"
-    src = data_path(DATA, "data/ksmh-agent.c")
-    subprocess.run(["gcc", "-O2", "-Wall", "-DKSMH_AGENT_STDIO", "-o", agent, src], check=True)
-    subprocess.run(
-        ["gcc", "-O2", "-Wall", "-o", worker, data_path(DATA, "data/ksmh-worker.c")], check=True
-    )
-    return agent, worker
+    return build_stdio_agent(out), build(WORKER_SOURCE, out / "ksmh-worker")
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ HarnessError."""
 
 from __future__ import annotations
 
-import os
 import re
-import select
 import shutil
 import subprocess
 import time
@@ -23,9 +21,8 @@ from hypothesis import strategies as st
 
 from harness.errors import HarnessError
 from harness.guests.agent import AgentClient, AgentReply
-from harness.paths import data_path
+from tests.stdio_agent import PipeChannel, build_stdio_agent
 
-SOURCE = data_path("harness.guests", "data/ksmh-agent.c")
 FUZZ = settings(
     max_examples=200,
     deadline=None,
@@ -38,34 +35,9 @@ COMMANDS = ["ping", "info", "fill", "verify", "rewrite", "hold", "digest", "poke
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the agent")
 
 
-class PipeChannel:
-    """The AgentClient's Channel over the stdio agent's pipes."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        self.proc, self.out, self.inp = proc, proc.stdout.fileno(), proc.stdin
-
-    def send(self, data: bytes) -> None:
-        self.inp.write(data)
-        self.inp.flush()
-
-    def recv(self, timeout: float) -> bytes:
-        ready, _, _ = select.select([self.out], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        return os.read(self.out, 65536)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("agent") / "ksmh-agent-stdio"
-    subprocess.run(
-        ["gcc", "-O2", "-Wall", "-DKSMH_AGENT_STDIO", "-o", str(out), str(SOURCE)], check=True
-    )
-    return out
+    return build_stdio_agent(tmp_path_factory.mktemp("agent"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import HarnessError
-from harness.twin.knobs import duration, knob_set, share, show, what_if
+from harness.twin.knobs import knob_set, show, what_if
+from harness.units import duration, share
 
 
 def test_knob_sets_are_checked_like_ksmh_set_and_come_in_write_order() -> None:
