@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -42,6 +43,63 @@ def test_another_process_holding_it_makes_us_wait_then_fail(tmp_path: Path) -> N
         holder.wait(5)
     with ksm_lock(lock, timeout=5):  # released by the holder's death
         pass
+
+
+WAITER = """
+import sys
+from pathlib import Path
+from harness.ksm.lock import ksm_lock
+with ksm_lock(Path(sys.argv[1]), timeout=30):
+    print("got it", flush=True)
+"""
+
+
+def blocked_waiters(pid: int) -> int:
+    """Lines of /proc/locks where `pid` waits, queued in the kernel (marked '->')."""
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "->" in line and line.split()[5] == str(pid))
+
+
+def test_a_waiting_run_is_queued_in_the_kernel_not_polling(tmp_path: Path) -> None:
+    """Blocked flock() waiters wake the moment the holder lets go; a poller loses every race
+    to them (a run polling every 0.1 s once waited 15 minutes behind `flock` commands)."""
+    lock = tmp_path / "ksm.lock"
+    holder = spawn([sys.executable, "-c", HOLDER, str(lock)], stdin=PIPE, stdout=PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    waiter = spawn([sys.executable, "-c", WAITER, str(lock)], stdout=PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while blocked_waiters(waiter.pid) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert blocked_waiters(waiter.pid) == 1
+        assert holder.stdin is not None
+        holder.stdin.close()  # the holder lets go
+        assert waiter.stdout is not None and waiter.stdout.readline() == b"got it\n"
+        assert waiter.wait(10) == 0
+    finally:
+        for p in (holder, waiter):
+            p.kill()
+            p.wait(5)
+
+
+def test_a_timed_out_wait_leaves_other_alarms_alone(tmp_path: Path) -> None:
+    lock = tmp_path / "ksm.lock"
+    fired: list[int] = []
+    previous = signal.signal(signal.SIGALRM, lambda n, f: fired.append(n))
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    holder = spawn([sys.executable, "-c", HOLDER, str(lock)], stdin=PIPE, stdout=PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with pytest.raises(HarnessError, match="waited 0 s"), ksm_lock(lock, timeout=0.2):
+            pass
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25 < remaining <= 30  # our alarm is still set, to the same second
+        assert fired == [] and signal.getsignal(signal.SIGALRM) is not previous
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        holder.kill()
+        holder.wait(5)
 
 
 def test_reentrant_in_one_thread_exclusive_across_threads(tmp_path: Path) -> None:
