@@ -115,18 +115,30 @@ class Target:
     runner: KernelRunner
     facts: KernelFacts
     boot_seconds: float | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)  # hz, thp, ... (ksm_model.Kernel)
 
     def profile(self) -> Profile:
         return self.facts.profile()
 
 
 def scenario_set(seeds: int, seed_start: int = 0) -> list[Scenario]:
-    """The worked examples, then random scenarios seed_start .. seed_start+seeds-1 (without
-    their THP processes: the model is not told a guest's THP mode and HZ yet)."""
-    return [
-        *worked_examples(),
-        *(generate(s, thp=False) for s in range(seed_start, seed_start + seeds)),
-    ]
+    """The worked examples, then random scenarios seed_start .. seed_start+seeds-1 (THP
+    processes included, as in the host's differential tests)."""
+    return [*worked_examples(), *(generate(s) for s in range(seed_start, seed_start + seeds))]
+
+
+def guest_model_options(release: str, thp: str, thp_use_zero_page: bool) -> dict[str, Any]:
+    """The model settings of a guest kernel: its THP mode as the guest shows it, and CONFIG_HZ
+    / CONFIG_PT_RECLAIM from the host's /boot/config-RELEASE (the guest boots that package)."""
+    from ksm_model.hostprobe import DEFAULT_HZ, config_hz, read_config
+
+    text, _where = read_config(Path("/nonexistent"), Path("/boot"), release)
+    return {
+        "hz": config_hz(text) or DEFAULT_HZ,
+        "pt_reclaim": "CONFIG_PT_RECLAIM=y" in text.splitlines(),
+        "thp": thp,
+        "thp_use_zero_page": thp_use_zero_page,
+    }
 
 
 def check(target: Target, scenarios: Sequence[Scenario], say: Say) -> KernelRow:
@@ -136,7 +148,7 @@ def check(target: Target, scenarios: Sequence[Scenario], say: Say) -> KernelRow:
         target.release, target.where, profile.name, boot_seconds=target.boot_seconds,
         features=profile.features(), probed=dict(target.facts.probed),
     )  # fmt: skip
-    model = ModelRunner(profile=profile)
+    model = ModelRunner(profile=profile, **target.model_options)
     say(f"{target.release}: profile {profile.name}, {len(scenarios)} scenarios")
     t0 = time.monotonic()
     for i, sc in enumerate(scenarios, 1):
@@ -184,6 +196,8 @@ def run_waiting(runner: KernelRunner, scenario: Scenario, say: Say) -> Series:
 @contextmanager
 def host_target(say: Say) -> Iterator[Target]:
     """The host's own kernel, under the KSM lock with every knob saved and restored."""
+    from ksm_model.hostprobe import probe
+
     from harness.ksm.lock import DEFAULT_LOCK
     from harness.ksm.sysfs import SysfsBackend
     from harness.recovery import run_session
@@ -198,13 +212,14 @@ def host_target(say: Say) -> Iterator[Target]:
         stat = Path("/proc/self/ksm_stat")
         fields = stat_line_names(stat.read_text()) if stat.exists() else None
         files = [p.name for p in backend.root.iterdir()]
-        yield Target(release, HOST, runner, detect(runner, release, files, fields))
+        facts = detect(runner, release, files, fields)
+        yield Target(release, HOST, runner, facts, model_options=probe().kernel_args())
 
 
 @contextmanager
 def guest_target(release: str, say: Say) -> Iterator[Target]:
     """A guest of the installed kernel `release`, running its own KSM."""
-    from harness.kernels.machine import matrix_guest
+    from harness.kernels.machine import THP_ROOT, matrix_guest
 
     say(f"{release}: booting a guest")
     with matrix_guest(release, say=say) as g:
@@ -213,7 +228,10 @@ def guest_target(release: str, say: Say) -> Iterator[Target]:
         text = g.read("/proc/1/ksm_stat")
         fields = stat_line_names(text) if text is not None else None
         facts = detect(runner, release, g.files, fields)
-        yield Target(release, "guest", runner, facts, g.boot_seconds)
+        zero = (g.read(f"{THP_ROOT}/use_zero_page") or "").strip() == "1"
+        options = guest_model_options(release, g.thp, zero)
+        say(f"{release}: model settings {options}")
+        yield Target(release, "guest", runner, facts, g.boot_seconds, options)
 
 
 def resolve_kernels(wanted: Sequence[str] | None) -> list[str]:
@@ -230,7 +248,9 @@ def resolve_kernels(wanted: Sequence[str] | None) -> list[str]:
         if name == HOST or name in installed:
             match = [name]
         else:
-            match = [r for r in installed if r.startswith(name)]
+            # A prefix ends at a dot, dash or plus: 6.1 is 6.1.0-57-amd64, never 6.12.x.
+            match = [r for r in installed if r.startswith(name) and r[len(name) : len(name) + 1]
+                     in (".", "-", "+")]  # fmt: skip
             if len(match) > 1:
                 match = match[-1:]  # the newest of a series, e.g. 6.12 -> 6.12.117+deb12-amd64
         if not match:

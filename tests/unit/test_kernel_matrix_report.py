@@ -9,9 +9,18 @@ import pytest
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.kernels.matrix import KernelRow, Mismatch, resolve_kernels, scenario_set
+from harness.guests.image import installed_kernels
+from harness.kernels.matrix import (
+    KernelRow,
+    Mismatch,
+    guest_model_options,
+    resolve_kernels,
+    scenario_set,
+)
 from harness.kernels.report import read_matrix, write_matrix
+from harness.pytest_plugin import require
 from harness.scenario.examples import worked_examples
+from harness.scenario.generate import generate
 
 
 def rows(exact_61: int = 40, mismatch: bool = False) -> list[KernelRow]:
@@ -77,6 +86,24 @@ def test_scenario_set_is_the_examples_then_the_seeds() -> None:
     assert len(s) == len(worked_examples()) + 3
     assert [x.seed for x in s[-3:]] == [10, 11, 12]
     assert s[0].name == "example-1"
+    # THP processes included, as in the host differential tests (a third of the seeds).
+    assert [x.name for x in s[-3:]] == [generate(seed).name for seed in (10, 11, 12)]
+    assert any(p.thp for x in scenario_set(12) for p in x.processes)
+
+
+def test_a_guest_model_takes_the_guest_thp_and_the_config_of_its_release(tmp_path: Path) -> None:
+    """CONFIG_HZ / CONFIG_PT_RECLAIM from /boot/config-RELEASE on the host (the package the
+    guest boots), THP as the guest shows it."""
+    releases = [r for r in installed_kernels() if (Path("/boot") / f"config-{r}").exists()]
+    if not releases:
+        require("qemu", "no /boot/config-RELEASE of an installed Debian guest kernel "
+                "(scripts/bootstrap.sh installs linux-image-amd64)")  # fmt: skip
+    text = (Path("/boot") / f"config-{releases[0]}").read_text()
+    hz = int(next(x for x in text.splitlines() if x.startswith("CONFIG_HZ=")).split("=")[1])
+    got = guest_model_options(releases[0], "always", False)
+    assert got == {"hz": hz, "pt_reclaim": "CONFIG_PT_RECLAIM=y" in text.splitlines(),
+                   "thp": "always", "thp_use_zero_page": False}  # fmt: skip
+    assert guest_model_options("0.0.0-none", "never", True)["hz"] == 250  # no config: default
 
 
 def test_unknown_kernel_and_bad_seeds_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,3 +117,17 @@ def test_unknown_kernel_and_bad_seeds_are_one_line(capsys: pytest.CaptureFixture
     assert stop.value.code == 2
     assert "expected an integer >= 0" in capsys.readouterr().err
     assert resolve_kernels(["host", "host"]) == ["host"]
+
+
+def test_a_release_prefix_ends_at_a_separator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--kernel 6.1` is the 6.1 kernel, never 6.12 (it once checked 6.12 instead)."""
+    import harness.guests.image as image
+
+    both = ["6.1.0-57-amd64", "6.12.117+deb12-amd64"]
+    monkeypatch.setattr(image, "installed_kernels", lambda: both)
+    assert resolve_kernels(["6.1"]) == ["6.1.0-57-amd64"]
+    assert resolve_kernels(["6.12"]) == ["6.12.117+deb12-amd64"]
+    assert resolve_kernels(["6.1.0"]) == ["6.1.0-57-amd64"]
+    assert resolve_kernels(["6"]) == ["6.12.117+deb12-amd64"]  # the newest of the series
+    with pytest.raises(HarnessError, match="--kernel 6.1.0-5: no such installed kernel"):
+        resolve_kernels(["6.1.0-5"])
