@@ -129,5 +129,5 @@ def test_a_release_prefix_ends_at_a_separator(monkeypatch: pytest.MonkeyPatch) -
     assert resolve_kernels(["6.12"]) == ["6.12.117+deb12-amd64"]
     assert resolve_kernels(["6.1.0"]) == ["6.1.0-57-amd64"]
     assert resolve_kernels(["6"]) == ["6.12.117+deb12-amd64"]  # the newest of the series
-    with pytest.raises(HarnessError, match="--kernel 6.1.0-5: no such installed kernel"):
+    with pytest.raises(HarnessError, match=r"--kernel 6\.1\.0-5: no such installed kernel"):
         resolve_kernels(["6.1.0-5"])
