@@ -19,7 +19,7 @@ import pytest
 from harness.errors import GuestBootTimeout, GuestError, HarnessError
 from harness.guests.accel import AccelChoice
 from harness.guests.backend import Leftover
-from harness.guests.fleet import Fleet, guest_name, list_runs
+from harness.guests.fleet import Fleet, guest_name, list_runs, wait_ksm_registered
 from harness.guests.qemu_backend import QemuBackend, guest_name_of
 from harness.guests.spec import FleetSpec, GuestImage, GuestSpec
 from harness.guests.thp import set_thp_disable, thp_disabled, thp_off_for_children
@@ -152,6 +152,74 @@ def test_boot_all_ready_records_pids_accel_and_run_file(root: Path) -> None:
         assert [g["state"] for g in run["guests"]] == ["ready"] * 3
     assert sorted(backend.stopped) == [guest_name("rtest", i) for i in range(3)]
     assert not (root / "rtest").exists()
+
+
+class SlowStartBackend(FakeBackend):
+    """Guest 0 takes a while to start (as a QEMU setting up), guest 1 a little less; records
+    when each start() began and returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[int, tuple[float, float]] = {}
+
+    def start(self, spec: GuestSpec) -> int:
+        t0 = time.monotonic()
+        time.sleep({0: 0.3, 1: 0.1}.get(spec.index, 0.0))
+        pid = super().start(spec)
+        self.calls[spec.index] = (t0, time.monotonic())
+        return pid
+
+
+def test_guests_start_one_after_another_in_index_order(root: Path) -> None:
+    # ksmd walks mms in registration order and the model's shadow in start order (issue 12):
+    # each guest starts only once the one before it has (and has registered with KSM).
+    backend = SlowStartBackend()
+    with make_fleet(root, backend, count=4):
+        calls = backend.calls
+        assert sorted(calls) == [0, 1, 2, 3]
+        for i in range(3):
+            assert calls[i + 1][0] >= calls[i][1], (i, calls)
+
+
+def fake_proc(tmp: Path, pid: int, cmdline: str, ksm_stat: str, maps: str) -> Path:
+    d = tmp / str(pid)
+    d.mkdir(parents=True)
+    (d / "stat").write_text(f"{pid} (qemu) S 1 " + " ".join(["0"] * 20) + "\n")
+    (d / "cmdline").write_bytes(cmdline.replace(" ", "\0").encode())
+    (d / "comm").write_text(cmdline.split()[0][:15] + "\n")
+    (d / "ksm_stat").write_text(ksm_stat)
+    (d / "maps").write_text(maps)
+    return tmp
+
+
+NOT_YET = "ksm_rmap_items 0\nksm_zero_pages 0\nksm_merge_any: no\nksm_mergeable: no\n"
+RAM_128M = "7f0000000000-7f0008000000 rw-p 00000000 00:00 0 \n"
+
+
+def test_wait_ksm_registered(tmp_path: Path) -> None:
+    ksm = tmp_path / "run"
+    ksm.write_text("0\n")
+    spec = GuestSpec(name="ksmh-rtest-g00", memory_mib=128, image=IMAGE, runtime_dir=tmp_path)
+    qemu = "qemu-system-x86_64 -name guest=ksmh-rtest-g00"
+    yes = NOT_YET.replace("mergeable: no", "mergeable: yes")
+    proc = fake_proc(tmp_path / "a", 7, qemu, yes, RAM_128M)
+    assert wait_ksm_registered(7, spec, 5.0, proc, ksm) is True
+    # Not our guest (a fake or remote pid), or no KSM on this host: no wait at all.
+    t0 = time.monotonic()
+    other = fake_proc(tmp_path / "b", 7, "sleep 100", NOT_YET, RAM_128M)
+    assert wait_ksm_registered(7, spec, 5.0, other, ksm) is False
+    assert wait_ksm_registered(7, spec, 5.0, proc, tmp_path / "none") is False
+    assert time.monotonic() - t0 < 0.5
+    # RAM mapped but never registered (mem-merge=off, shared memory): a short grace only.
+    t0 = time.monotonic()
+    unmerged = fake_proc(tmp_path / "c", 7, qemu, NOT_YET, RAM_128M)
+    assert wait_ksm_registered(7, spec, 5.0, unmerged, ksm) is False
+    assert 0.15 < time.monotonic() - t0 < 1.5
+    # Still setting up (no RAM yet): up to the timeout.
+    t0 = time.monotonic()
+    early = fake_proc(tmp_path / "d", 7, qemu, NOT_YET, "")
+    assert wait_ksm_registered(7, spec, 0.3, early, ksm) is False
+    assert 0.3 <= time.monotonic() - t0 < 1.5
 
 
 def test_guest_that_never_says_ready_fails_alone(root: Path) -> None:
