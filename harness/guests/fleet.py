@@ -55,7 +55,7 @@ from harness.signals import raise_interrupt, signals_as_interrupt
 
 RUN_FILE = "run.json"
 REGISTER_TIMEOUT = 10.0  # seconds for a started QEMU to register its RAM with KSM
-RAM_GRACE = 0.2  # seconds from QEMU mapping its RAM to madvising it
+EXEC_GRACE = 1.0  # seconds a started process may show an empty command line (mid-execve)
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, the NUL included
 # The result of one agent command (or boot) on one guest.
 GuestResult = MemberResult[AgentReply]
@@ -608,37 +608,50 @@ def wait_ksm_registered(
     ksm_run: Path = Path("/sys/kernel/mm/ksm/run"),
 ) -> bool:
     """Wait until guest `spec`'s QEMU (local process `pid`) is registered with KSM
-    (harness.procfs.ksm_user). False, without waiting, when this host has no KSM or `pid` is
-    not a local process whose command line names the guest (a remote or fake one); False
-    too when its RAM got mapped without registering (mem-merge off, shared or hugetlb memory:
-    KSM ignores those), when it died, or after `timeout`."""
-    if not ksm_run.exists() or spec.name not in procfs.cmdline(pid, proc, limit=4096):
+    (harness.procfs.ksm_user). False, without waiting, when this host has no KSM, or once the
+    command line of `pid` shows it is not the guest's QEMU (a fake or remote pid) or says
+    mem-merge=off; False as soon as its RAM turns out to be memory KSM never takes (shared,
+    memfd or hugetlbfs: QEMU's madvise does not register it); False when it died or after
+    `timeout` (a QEMU that maps private anonymous RAM madvises it at once, but a loaded host
+    can deschedule it in between: no shorter grace than that)."""
+    if not ksm_run.exists():
         return False
-    deadline = time.monotonic() + timeout
-    mapped_at: float | None = None
+    t0 = time.monotonic()
     while procfs.pid_alive(pid, proc):
         if procfs.ksm_user(pid, proc) is not None:
             return True
-        now = time.monotonic()
-        if mapped_at is None and _maps_ram(pid, spec.memory_mib << 20, proc):
-            mapped_at = now  # QEMU madvises right after mapping: allow it a moment
-        if now >= deadline or (mapped_at is not None and now - mapped_at > RAM_GRACE):
+        # Popen returns while execve is still setting up the new image: its command line
+        # reads empty for a moment (measured: guests then started 10 ms apart, out of order).
+        line = procfs.cmdline(pid, proc, limit=1 << 16)
+        waited = time.monotonic() - t0
+        if line and (spec.name not in line or "mem-merge=off" in line):
+            return False
+        if not line and waited > EXEC_GRACE:
+            return False
+        if _ram_mapping(pid, spec.memory_mib << 20, proc) == "other" or waited >= timeout:
             return False
         time.sleep(0.005)
     return False
 
 
-def _maps_ram(pid: int, size: int, proc: Path) -> bool:
-    """Does `pid` map a range of at least `size` bytes (its guest RAM)?"""
+def _ram_mapping(pid: int, size: int, proc: Path) -> str | None:
+    """How `pid` maps a range of at least `size` bytes (its guest RAM): "anon" (private
+    anonymous, what KSM merges), "other" (shared or file-backed only), None (none yet)."""
     try:
         text = (proc / str(pid) / "maps").read_text()
     except OSError:
-        return False
+        return None
+    found = None
     for line in text.splitlines():
-        lo, _, hi = line.partition(" ")[0].partition("-")
+        fields = line.split(None, 5)
+        lo, _, hi = fields[0].partition("-")
         try:
-            if int(hi, 16) - int(lo, 16) >= size:
-                return True
+            big = int(hi, 16) - int(lo, 16) >= size
         except ValueError:
             continue
-    return False
+        if big:
+            private_anon = fields[1].endswith("p") and (len(fields) < 6 or not fields[5].strip())
+            if private_anon:
+                return "anon"
+            found = "other"
+    return found
