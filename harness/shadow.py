@@ -12,7 +12,8 @@ For each target process (a guest's QEMU, or any PID):
 3. their contents, read through /proc/PID/mem and reduced at once to a 16-byte BLAKE2b content
    key: the bytes are never kept;
 4. replay into the model: one model process per real process, registered in the kernel's order
-   (process start time, then PID: the order in which QEMU processes madvised their RAM), each
+   (process start time, then PID: the order in which QEMU processes madvised their RAM, as long
+   as each started after the one before registered; the fleet starts its guests so), each
    mergeable VMA mapped in ascending address order, each present page written with a content
    that is equal exactly when the real contents are equal (uniform pages keep their byte, so
    use_zero_pages behaves as in the kernel). Each twin VMA has the real one's offset inside a

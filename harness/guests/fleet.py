@@ -54,6 +54,8 @@ from harness.kinds import AccelKind, GuestBackendKind, ImageKind
 from harness.signals import raise_interrupt, signals_as_interrupt
 
 RUN_FILE = "run.json"
+REGISTER_TIMEOUT = 10.0  # seconds for a started QEMU to register its RAM with KSM
+EXEC_GRACE = 1.0  # seconds a started process may show an empty command line (mid-execve)
 SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, the NUL included
 # The result of one agent command (or boot) on one guest.
 GuestResult = MemberResult[AgentReply]
@@ -153,6 +155,10 @@ class Fleet:
         self._atexit_registered = False
         self._signals: ExitStack | None = None
         self._cancel = threading.Event()
+        # Guests start one after another, each once KSM has registered the one before (see
+        # _start_in_turn): the index order is then ksmd's mm_slot order.
+        self._turn = threading.Condition()
+        self._next_start = 0
 
     # -- boot -------------------------------------------------------------------------------
 
@@ -217,7 +223,7 @@ class Fleet:
             return GuestResult(spec.name, None, guest.error, 0.0)
         guest.state = "booting"
         try:
-            guest.pid = self.backend.start(spec)
+            guest.pid = self._start_in_turn(spec)
         except HarnessError as exc:
             guest.state, guest.error = "failed", exc
             self._stop_quietly(guest)
@@ -244,6 +250,27 @@ class Fleet:
             # A guest that did not come up would only burn CPU; stop it now.
             self._stop_quietly(guest)
             return GuestResult(spec.name, None, error, time.monotonic() - t0)
+
+    def _start_in_turn(self, spec: GuestSpec) -> int | None:
+        """Start guest `spec.index` once the guests before it are started and registered with
+        KSM, and wait for its own registration (QEMU madvises its RAM MADV_MERGEABLE early in
+        machine init). ksmd walks mms in the order they registered, which decides which
+        guest's pages meet first in the unstable tree (and, with THP, which huge pages KSM
+        splits): started in parallel, QEMUs registered in a racy order (measured: g01, g00,
+        g02, g03) that no /proc file shows, while the model's shadow orders its twins by
+        start time. In turn, both orders are the index order. Costs well under a second per
+        guest; the agents still come up in parallel."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._next_start >= spec.index or self._cancel.is_set())
+        try:
+            pid = self.backend.start(spec)
+            if spec.mem_merge and pid is not None:
+                wait_ksm_registered(pid, spec)
+            return pid
+        finally:
+            with self._turn:
+                self._next_start = max(self._next_start, spec.index + 1)
+                self._turn.notify_all()
 
     def _explain(self, guest: Guest, exc: HarnessError) -> HarnessError:
         """Prefer 'the guest died (why)' over the symptom seen on the agent channel."""
@@ -571,3 +598,60 @@ def make_backend(kind: str, uri: str | None = None) -> GuestBackend:
     from harness.guests.libvirt_backend import DEFAULT_URI, LibvirtBackend
 
     return LibvirtBackend(uri or DEFAULT_URI)
+
+
+def wait_ksm_registered(
+    pid: int,
+    spec: GuestSpec,
+    timeout: float = REGISTER_TIMEOUT,
+    proc: Path = procfs.PROC,
+    ksm_run: Path = Path("/sys/kernel/mm/ksm/run"),
+) -> bool:
+    """Wait until guest `spec`'s QEMU (local process `pid`) is registered with KSM
+    (harness.procfs.ksm_user). False, without waiting, when this host has no KSM, or once the
+    command line of `pid` shows it is not the guest's QEMU (a fake or remote pid) or says
+    mem-merge=off; False as soon as its RAM turns out to be memory KSM never takes (shared,
+    memfd or hugetlbfs: QEMU's madvise does not register it); False when it died or after
+    `timeout` (a QEMU that maps private anonymous RAM madvises it at once, but a loaded host
+    can deschedule it in between: no shorter grace than that)."""
+    if not ksm_run.exists():
+        return False
+    t0 = time.monotonic()
+    while procfs.pid_alive(pid, proc):
+        if procfs.ksm_user(pid, proc) is not None:
+            return True
+        # Popen returns while execve is still setting up the new image: its command line
+        # reads empty for a moment (measured: guests then started 10 ms apart, out of order).
+        line = procfs.cmdline(pid, proc, limit=1 << 16)
+        waited = time.monotonic() - t0
+        if line and (spec.name not in line or "mem-merge=off" in line):
+            return False
+        if not line and waited > EXEC_GRACE:
+            return False
+        if _ram_mapping(pid, spec.memory_mib << 20, proc) == "other" or waited >= timeout:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+def _ram_mapping(pid: int, size: int, proc: Path) -> str | None:
+    """How `pid` maps a range of at least `size` bytes (its guest RAM): "anon" (private
+    anonymous, what KSM merges), "other" (shared or file-backed only), None (none yet)."""
+    try:
+        text = (proc / str(pid) / "maps").read_text()
+    except OSError:
+        return None
+    found = None
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        lo, _, hi = fields[0].partition("-")
+        try:
+            big = int(hi, 16) - int(lo, 16) >= size
+        except ValueError:
+            continue
+        if big:
+            private_anon = fields[1].endswith("p") and (len(fields) < 6 or not fields[5].strip())
+            if private_anon:
+                return "anon"
+            found = "other"
+    return found

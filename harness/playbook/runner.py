@@ -455,8 +455,13 @@ class Runner:
 
     def write_knobs(self, values: Mapping[str, int | str]) -> None:
         """Knobs on every side: followers catch up first, since a knob changes what the scans
-        after it do; the leader checks the values (and may refuse) before anyone follows."""
-        if len(self.sides) > 1 and self.leader.scanning():
+        after it do; the leader checks the values (and may refuse) before anyone follows.
+
+        Starting ksmd (run=1) syncs too: the followers must capture the memory its first scan
+        will see (a fill just before), not what is left of it after the leader's first scans
+        (THP splits, smart-scan ages: issue 12)."""
+        starting = values.get("run") == 1 and bool(self.guest_pids)
+        if len(self.sides) > 1 and (self.leader.scanning() or starting):
             self.sync("before ksm write")
         for side in self.sides:
             side.apply(values)

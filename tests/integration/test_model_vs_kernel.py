@@ -524,6 +524,40 @@ def test_thp_zero_filled_tails_and_heads(differential: Differential, zero: int) 
     differential.check(ks)
 
 
+def zero_bearing(huge: int, first: int) -> list[str]:
+    """`huge` huge pages of 256 unique pages then 256 zero-filled ones, then 8 small zero
+    pages (a partial block: no huge page there), as the guests' RAM then ROM blocks."""
+    out: list[str] = []
+    for j in range(huge):
+        out += [f"u:{first + 256 * j + i}" for i in range(256)] + ["zero*256"]
+    return [*out, "zero*8"]
+
+
+def test_thp_zero_bearing_huge_pages_split_one_per_scan_until_a_zero_ksm_page(
+    differential: Differential,
+) -> None:
+    # Issue 12 (the bimodal unmerged pages of THP guests), with processes. In each scan that
+    # visits them (2, 3, 4, 6, 9, ... with smart_scan), the first two zero-filled subpages of
+    # one huge page meet in the unstable tree: the split fails, then splits it afterwards and
+    # maps its zero-filled subpages to the zero page, the one in the tree too, which stops
+    # every later zero-filled search of that scan. So p1 (walked first) loses one huge page
+    # per such scan and p2 none, until p1 has none left: then p1's small zero pages merge
+    # into a zero-filled KSM page, and every later zero-filled subpage finds it in the stable
+    # tree and has its huge page split. Which mode a run ends in depends on the number of
+    # scans it made and on the huge pages of the process walked first.
+    procs = [thp("p1", zero_bearing(3, 0)), thp("p2", zero_bearing(1, 10_000))]
+    ks = differential(scenario("thp-zero-bearing", 7, procs))
+    huge_pages_given(ks, p1=3 * HUGE_KB, p2=HUGE_KB)
+    for f, p1_huge in ((2, 2), (3, 1), (4, 0), (5, 0)):
+        stat(ks.at(f).end, "p1", anon_huge_kb=p1_huge * HUGE_KB)
+        stat(ks.at(f).end, "p2", rmap_items=520, anon_huge_kb=HUGE_KB)
+    counters(ks.at(6).end, pages_shared=1, pages_sharing=15)
+    stat(ks.at(6).end, "p1", rmap_items=776)
+    stat(ks.at(6).end, "p2", anon_huge_kb=0)
+    stat(ks.at(7).end, "p2", rmap_items=264)
+    differential.check(ks)
+
+
 def test_thp_writes_into_split_and_unsplit_huge_pages(differential: Differential) -> None:
     # p1's unique pages never merge, so its huge page stays: a write changes it in place.
     # p2's pages merged (split): writes copy KSM pages, one of them back to the same bytes.

@@ -19,7 +19,7 @@ import pytest
 from harness.errors import GuestBootTimeout, GuestError, HarnessError
 from harness.guests.accel import AccelChoice
 from harness.guests.backend import Leftover
-from harness.guests.fleet import Fleet, guest_name, list_runs
+from harness.guests.fleet import Fleet, guest_name, list_runs, wait_ksm_registered
 from harness.guests.qemu_backend import QemuBackend, guest_name_of
 from harness.guests.spec import FleetSpec, GuestImage, GuestSpec
 from harness.guests.thp import set_thp_disable, thp_disabled, thp_off_for_children
@@ -152,6 +152,90 @@ def test_boot_all_ready_records_pids_accel_and_run_file(root: Path) -> None:
         assert [g["state"] for g in run["guests"]] == ["ready"] * 3
     assert sorted(backend.stopped) == [guest_name("rtest", i) for i in range(3)]
     assert not (root / "rtest").exists()
+
+
+class SlowStartBackend(FakeBackend):
+    """Guest 0 takes a while to start (as a QEMU setting up), guest 1 a little less; records
+    when each start() began and returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[int, tuple[float, float]] = {}
+
+    def start(self, spec: GuestSpec) -> int:
+        t0 = time.monotonic()
+        time.sleep({0: 0.3, 1: 0.1}.get(spec.index, 0.0))
+        pid = super().start(spec)
+        self.calls[spec.index] = (t0, time.monotonic())
+        return pid
+
+
+def test_guests_start_one_after_another_in_index_order(root: Path) -> None:
+    # ksmd walks mms in registration order and the model's shadow in start order (issue 12):
+    # each guest starts only once the one before it has (and has registered with KSM).
+    backend = SlowStartBackend()
+    with make_fleet(root, backend, count=4):
+        calls = backend.calls
+        assert sorted(calls) == [0, 1, 2, 3]
+        for i in range(3):
+            assert calls[i + 1][0] >= calls[i][1], (i, calls)
+
+
+def fake_proc(tmp: Path, pid: int, cmdline: str, ksm_stat: str, maps: str) -> Path:
+    d = tmp / str(pid)
+    d.mkdir(parents=True)
+    (d / "stat").write_text(f"{pid} (qemu) S 1 " + " ".join(["0"] * 20) + "\n")
+    (d / "cmdline").write_bytes(cmdline.replace(" ", "\0").encode())
+    (d / "comm").write_text("qemu-ksmh\n")
+    (d / "ksm_stat").write_text(ksm_stat)
+    (d / "maps").write_text(maps)
+    return tmp
+
+
+NOT_YET = "ksm_rmap_items 0\nksm_zero_pages 0\nksm_merge_any: no\nksm_mergeable: no\n"
+RAM_128M = "7f0000000000-7f0008000000 rw-p 00000000 00:00 0 \n"
+
+
+def test_wait_ksm_registered(tmp_path: Path) -> None:
+    ksm = tmp_path / "run"
+    ksm.write_text("0\n")
+    spec = GuestSpec(name="ksmh-rtest-g00", memory_mib=128, image=IMAGE, runtime_dir=tmp_path)
+    qemu = "qemu-system-x86_64 -name guest=ksmh-rtest-g00 -machine pc,mem-merge=on"
+    yes = NOT_YET.replace("mergeable: no", "mergeable: yes")
+    proc = fake_proc(tmp_path / "a", 7, qemu, yes, RAM_128M)
+    assert wait_ksm_registered(7, spec, 5.0, proc, ksm) is True
+    # No wait at all: not our guest (a fake or remote pid), no KSM on this host, mem-merge
+    # off, or RAM KSM never registers (shared memfd, hugetlbfs).
+    t0 = time.monotonic()
+    other = fake_proc(tmp_path / "b", 7, "sleep 100", NOT_YET, RAM_128M)
+    assert wait_ksm_registered(7, spec, 5.0, other, ksm) is False
+    assert wait_ksm_registered(7, spec, 5.0, proc, tmp_path / "none") is False
+    off = qemu.replace("mem-merge=on", "mem-merge=off")
+    memfd = RAM_128M.replace("rw-p", "rw-s").rstrip() + " /memfd:ram0 (deleted)\n"
+    for i, (line, maps) in enumerate(((off, ""), (qemu, memfd))):
+        never = fake_proc(tmp_path / f"c{i}", 7, line, NOT_YET, maps)
+        assert wait_ksm_registered(7, spec, 5.0, never, ksm) is False
+    assert time.monotonic() - t0 < 0.5
+    # Right after Popen returns, the new image's command line can still read empty (about
+    # one start in five here): that is not "someone else's process", keep waiting.
+    mid_exec = fake_proc(tmp_path / "x", 7, "", NOT_YET, "")
+
+    def exec_then_register() -> None:
+        time.sleep(0.1)
+        (mid_exec / "7" / "cmdline").write_bytes(qemu.replace(" ", "\0").encode())
+        time.sleep(0.1)
+        (mid_exec / "7" / "ksm_stat").write_text(yes)
+
+    t0 = time.monotonic()
+    threading.Thread(target=exec_then_register).start()
+    assert wait_ksm_registered(7, spec, 5.0, mid_exec, ksm) is True
+    assert 0.2 <= time.monotonic() - t0 < 1.0
+    # Private anonymous RAM not madvised yet (a descheduled QEMU), or no RAM yet: the timeout.
+    for i, maps in enumerate((RAM_128M, "")):
+        t0 = time.monotonic()
+        early = fake_proc(tmp_path / f"e{i}", 7, qemu, NOT_YET, maps)
+        assert wait_ksm_registered(7, spec, 0.3, early, ksm) is False
+        assert 0.3 <= time.monotonic() - t0 < 1.5
 
 
 def test_guest_that_never_says_ready_fails_alone(root: Path) -> None:

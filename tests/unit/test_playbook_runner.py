@@ -15,7 +15,8 @@ import socket
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from subprocess import Popen
 
@@ -27,6 +28,7 @@ from harness.guests.fleet import FleetResult, GuestResult
 from harness.playbook.live import RunState, serve_run
 from harness.playbook.runner import Runner, RunOptions
 from harness.playbook.schema import FleetSpec, loads_playbook
+from harness.record import ScanPoint, Snapshot
 from harness.report.provenance import playbook_digest
 from harness.report.results import read_results
 from harness.run import PIPE, spawn
@@ -391,3 +393,54 @@ def test_forecast_step_needs_ksm_off(tmp_path: Path, fleets: list[FakeFleet]) ->
     text = FORECAST.replace("smart_scan: 0}", "smart_scan: 0, run: 1}")
     with pytest.raises(HarnessError, match=r"^line 11: forecast needs KSM off \(run=1\)"):
         Runner(loads_playbook(text, "fc.yaml"), options(tmp_path, fleets)).run()
+
+
+class RecordingSide:
+    """A side that records what the runner asks of it (the order is what is tested)."""
+
+    page_size = 4096
+
+    def __init__(self, source: str, log: list[tuple[str, ...]], running: bool = False) -> None:
+        self.source = source
+        self.log = log
+        self.running = running
+
+    @contextmanager
+    def hold(self) -> Iterator[int]:
+        self.log.append((self.source, "hold"))
+        yield 0
+
+    def follow(self, scans: int) -> None:
+        self.log.append((self.source, "capture and follow"))
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot({"full_scans": 0}, {})
+
+    def drain_scans(self) -> list[ScanPoint]:
+        return []
+
+    def scanning(self) -> bool:
+        return self.running
+
+    def apply(self, values: Mapping[str, int | str]) -> None:
+        self.log.append((self.source, "apply " + " ".join(f"{k}={v}" for k, v in values.items())))
+
+
+def test_starting_ksmd_lets_the_model_capture_first(tmp_path: Path) -> None:
+    # Issue 12: the model's first capture of a fill came only at the sync after `wait`, when
+    # ksmd had already scanned (and split huge pages): its scans started from another state.
+    pb = loads_playbook(PLAYBOOK.replace("name: tiny", "name: tiny\nforeign: capture"), "t.yaml")
+    runner = Runner(pb, options(tmp_path, []))
+    log: list[tuple[str, ...]] = []
+    runner.sides = [RecordingSide("kernel", log), RecordingSide("model", log)]  # type: ignore[list-item]
+    runner.write_knobs({"pages_to_scan": 100})  # ksmd stopped, not starting: nothing to catch up
+    runner.guest_pids = {"ksmh-rfake-g00": os.getpid()}
+    runner.write_knobs({"run": 1})
+    assert log == [
+        ("kernel", "apply pages_to_scan=100"),
+        ("model", "apply pages_to_scan=100"),
+        ("kernel", "hold"),
+        ("model", "capture and follow"),
+        ("kernel", "apply run=1"),
+        ("model", "apply run=1"),
+    ]
