@@ -81,6 +81,11 @@ def parse_smaps(text: str) -> list[Vma]:
     vmas: list[Vma] = []
     cur: tuple[int, int, str] | None = None
     for line in text.splitlines():
+        if line[:1].isupper():  # a field ("Rss:", "VmFlags:"): a VMA's header is lowercase hex
+            if cur is not None and line.startswith("VmFlags:"):
+                vmas.append(Vma(cur[0], cur[1], tuple(line.split()[1:]), cur[2]))
+                cur = None
+            continue
         head = line.split(None, 5)
         if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
             lo, _, hi = head[0].partition("-")
@@ -88,10 +93,6 @@ def parse_smaps(text: str) -> list[Vma]:
                 cur = (int(lo, 16), int(hi, 16), head[5].strip() if len(head) > 5 else "")
             except ValueError:
                 cur = None
-            continue
-        if line.startswith("VmFlags:") and cur is not None:
-            vmas.append(Vma(cur[0], cur[1], tuple(line.split()[1:]), cur[2]))
-            cur = None
     return vmas
 
 
