@@ -9,8 +9,8 @@ For each target process (a guest's QEMU, or any PID):
    subpages of a transparent huge page are present anonymous pages and are kept; so is the
    THP layout: every aligned 2 MiB block whose 512 PFNs are one huge page (harness.pagemap),
    and whether the process has THP disabled (THP_enabled in /proc/PID/status);
-3. their contents, read through /proc/PID/mem and reduced at once to a 16-byte BLAKE2b content
-   key: the bytes are never kept;
+3. their contents, read through /proc/PID/mem and reduced at once to a 16-byte content key
+   (harness.pagekey: XXH3-128, read in cache-sized chunks): the bytes are never kept;
 4. replay into the model: one model process per real process, registered in the kernel's order
    (process start time, then PID: the order in which QEMU processes madvised their RAM, as long
    as each started after the one before registered; the fleet starts its guests so), each
@@ -37,7 +37,6 @@ Root is needed (pagemap PFNs and other users' /proc/PID/mem).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -49,12 +48,12 @@ import numpy as np
 
 from harness import procfs
 from harness.errors import HarnessError
+from harness.pagekey import KEY_DTYPE, KEY_SIZE, UNIFORM_KEYS, ZERO_KEY_NP, PageReader
+from harness.pagekey import PAGE as PAGE  # re-exported: the doctor keys pages with it
+from harness.pagekey import page_key as page_key  # re-exported (doctor, tests)
 from harness.pagemap import HPAGE, huge_blocks, in_blocks, is_huge_page
-from harness.pagemap import PAGE as PAGE  # re-exported: the doctor keys pages with it
 from harness.procfs import KPF_THP, KPF_ZERO_PAGE, PFN_MASK, PM_EXCLUSIVE, PM_FILE, PM_PRESENT
 
-KEY_SIZE = 16
-READ_CHUNK = 8 << 20  # bytes per pread of /proc/PID/mem
 ABSENT = b""  # the key of a page KSM would not look at (numpy S16 reads it back as b"")
 MADV_MERGEABLE = 12
 MADV_DONTNEED = 4
@@ -64,15 +63,6 @@ MADV_NOHUGEPAGE = 15
 
 class ShadowError(HarnessError):
     """A process could not be captured (gone, no permission, no pagemap)."""
-
-
-def page_key(page: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(page, digest_size=KEY_SIZE).digest()
-
-
-# Keys of the 256 uniform pages: a captured key found here is written into the model as a
-# uniform page (so the zero page and use_zero_pages behave exactly as in the kernel).
-UNIFORM_KEYS: dict[bytes, int] = {page_key(bytes([b]) * PAGE): b for b in range(256)}
 
 
 @dataclass(frozen=True)
@@ -92,6 +82,11 @@ def parse_smaps(text: str) -> list[Vma]:
     vmas: list[Vma] = []
     cur: tuple[int, int, str] | None = None
     for line in text.splitlines():
+        if line[:1].isupper():  # a field ("Rss:", "VmFlags:"): a VMA's header is lowercase hex
+            if cur is not None and line.startswith("VmFlags:"):
+                vmas.append(Vma(cur[0], cur[1], tuple(line.split()[1:]), cur[2]))
+                cur = None
+            continue
         head = line.split(None, 5)
         if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
             lo, _, hi = head[0].partition("-")
@@ -99,10 +94,6 @@ def parse_smaps(text: str) -> list[Vma]:
                 cur = (int(lo, 16), int(hi, 16), head[5].strip() if len(head) > 5 else "")
             except ValueError:
                 cur = None
-            continue
-        if line.startswith("VmFlags:") and cur is not None:
-            vmas.append(Vma(cur[0], cur[1], tuple(line.split()[1:]), cur[2]))
-            cur = None
     return vmas
 
 
@@ -163,9 +154,9 @@ class VmaCapture:
 
     `entries` keeps the raw pagemap words (u64, one per page) the capture read, for callers
     that need page frame numbers too (the doctor's sharing matrix); `thp_zero` counts the
-    zero-filled THP subpages (left out unless the capture keeps the THP layout, see
-    _ZeroPfns); `huge` holds the blocks (address // 2 MiB) one transparent huge page maps
-    (only when the capture keeps the THP layout).
+    zero-filled THP subpages left out (a capture that keeps the THP layout keeps them and
+    counts none, see ZeroPfns); `huge` holds the blocks (address // 2 MiB) one transparent
+    huge page maps (only when the capture keeps the THP layout).
     """
 
     vma: Vma
@@ -203,7 +194,7 @@ class ProcessCapture:
         return counts
 
 
-class _ZeroPfns:
+class ZeroPfns:
     """kpageflags lookups for one capture. For a page holding zeros: should KSM's view skip
     it? Always when its PFN is a zero page (KPF_ZERO_PAGE: the zero page, the huge zero page
     or a KSM zero page), which ksmd skips. A zero-filled subpage of a THP (KPF_THP) is an
@@ -214,7 +205,7 @@ class _ZeroPfns:
     def __init__(self, proc: Path, keep_thp: bool = False) -> None:
         self.cache: dict[int, bool] = {}
         self.keep_thp = keep_thp
-        self.thp_zero = 0  # zero-filled THP subpages seen (not the zero page itself)
+        self.thp_zero = 0  # zero-filled THP subpages left out (none with keep_thp)
         try:
             self.fd: int | None = os.open(proc / "kpageflags", os.O_RDONLY)
         except OSError:
@@ -230,7 +221,7 @@ class _ZeroPfns:
         flags = int.from_bytes(data, "little") if len(data) == 8 else 0
         thp_sub = bool(flags & KPF_THP) and not flags & KPF_ZERO_PAGE
         zero = bool(flags & KPF_ZERO_PAGE) or (thp_sub and not self.keep_thp)
-        self.thp_zero += thp_sub
+        self.thp_zero += thp_sub and not self.keep_thp
         self.cache[pfn] = zero
         return zero
 
@@ -295,10 +286,10 @@ def capture_vmas(
         raise ShadowError(f"process {pid} exited during capture") from None
     except PermissionError:
         raise ShadowError(f"cannot read /proc/{pid}/mem", hint="run as root") from None
-    zero = _ZeroPfns(proc, keep_thp=thp_layout)
+    zero = ZeroPfns(proc, keep_thp=thp_layout)
     want = np.uint64(PM_PRESENT | PM_FILE) if not file_pages else np.uint64(PM_PRESENT)
     out: list[VmaCapture] = []
-    nbytes = 0
+    reader = PageReader(mem)
     try:
         for vma in vmas:
             try:
@@ -309,9 +300,9 @@ def capture_vmas(
             if len(entries) < vma.pages:  # the VMA shrank under us: pad as absent
                 entries = np.concatenate((entries, np.zeros(vma.pages - len(entries), "<u8")))
             scan = (entries & want) == np.uint64(PM_PRESENT)
-            keys = np.zeros(vma.pages, dtype=f"S{KEY_SIZE}")
+            keys = np.zeros(vma.pages, dtype=KEY_DTYPE)
             thp_before = zero.thp_zero
-            nbytes += _key_pages(mem, vma, entries, scan, keys, zero)
+            key_pages(reader, vma.start, entries, scan, keys, zero)
             kept = entries if keep_entries else None
             huge = huge_blocks(vma.start, vma.end, entries, zero.is_huge) if thp_layout else None
             out.append(VmaCapture(vma, keys, kept, zero.thp_zero - thp_before, huge or frozenset()))
@@ -319,36 +310,35 @@ def capture_vmas(
         os.close(pagemap)
         os.close(mem)
         zero.close()
-    return out, nbytes
+    return out, reader.bytes_read
 
 
-def _key_pages(
-    mem: int, vma: Vma, entries: np.ndarray, scan: np.ndarray, keys: np.ndarray, zero: _ZeroPfns
-) -> int:
-    """Read the pages where `scan` is set through /proc/PID/mem and key them into `keys`."""
-    nbytes = 0
-    zero_key = _ZERO_KEY
+def key_pages(
+    reader: PageReader,
+    start: int,
+    entries: np.ndarray,
+    scan: np.ndarray,
+    keys: np.ndarray,
+    zero: ZeroPfns,
+) -> None:
+    """Key the pages where `scan` is set (of a mapping at `start`, pagemap `entries`) into
+    `keys`, reading them through `reader`; zero-filled ones that `zero` says ksmd skips are
+    left absent."""
     for lo, hi in true_runs(scan):
-        for off in range(lo, hi, READ_CHUNK // PAGE):
-            end = min(hi, off + READ_CHUNK // PAGE)
-            try:
-                data = os.pread(mem, (end - off) * PAGE, vma.start + off * PAGE)
-            except OSError:
-                continue  # unmapped under us: those pages stay absent
-            nbytes += len(data)
-            view = memoryview(data)
-            for i in range(len(data) // PAGE):
-                k = page_key(view[i * PAGE : (i + 1) * PAGE])
-                if k == zero_key:
-                    e = int(entries[off + i])
-                    if zero.is_zero(e & PFN_MASK, e):
-                        continue
-                keys[off + i] = k
-    return nbytes
-
-
-_ZERO_KEY = page_key(bytes(PAGE))
-_ZERO_KEY_NP = np.array(_ZERO_KEY, dtype=f"S{KEY_SIZE}")
+        reader.key_run(start + lo * PAGE, keys[lo:hi])
+    zeros = np.flatnonzero(scan & (keys == ZERO_KEY_NP))
+    if zero.keep_thp:
+        # Then only a zero page is left out, and pagemap never marks one exclusive (it maps no
+        # normal page): the exclusive ones (zeroed by their owner) need no look-up.
+        zeros = zeros[(entries[zeros] & np.uint64(PM_EXCLUSIVE)) == 0]
+    if not len(zeros):
+        return
+    # One kpageflags look-up per distinct frame (most zero-filled pages map the zero page).
+    frames, where = np.unique(
+        entries[zeros] & np.uint64(PFN_MASK | PM_EXCLUSIVE), return_inverse=True
+    )
+    skip = np.array([zero.is_zero(e & PFN_MASK, e) for e in frames.tolist()], dtype=bool)
+    keys[zeros[skip[where]]] = ABSENT
 
 
 @dataclass
@@ -430,7 +420,7 @@ class Shadow:
             for vc in sorted(cap.vmas, key=lambda c: -c.vma.start):
                 if vc.vma.start not in twin.keys:
                     twin.maps[vc.vma.start] = self._map(twin.proc, vc.vma)
-                    twin.keys[vc.vma.start] = np.zeros(vc.vma.pages, dtype=f"S{KEY_SIZE}")
+                    twin.keys[vc.vma.start] = np.zeros(vc.vma.pages, dtype=KEY_DTYPE)
             for vc in cap.vmas:
                 addr = twin.maps[vc.vma.start]
                 old = twin.keys[vc.vma.start]
@@ -440,13 +430,13 @@ class Shadow:
                 # Zeros gone to the zero page: KSM did it (use_zero_pages, or 6.12+ a THP
                 # split), and so does the model's ksmd.
                 done_by_ksm = in_blocks(vc.vma.start, vc.vma.end, twin.huge) | zero_merge
-                gone &= ~((old == _ZERO_KEY_NP) & done_by_ksm)
+                gone &= ~((old == ZERO_KEY_NP) & done_by_ksm)
                 self._small_blocks(twin.proc, addr, vc, changed)
                 stats.pages_written += _write_pages(twin.proc, addr, vc.keys, changed)
                 for lo, hi in true_runs(gone):
                     twin.proc.madvise(addr + lo * PAGE, (hi - lo) * PAGE, MADV_DONTNEED)
                     stats.pages_vanished += hi - lo
-                keep = (vc.keys == ABSENT) & (old == _ZERO_KEY_NP) & done_by_ksm
+                keep = (vc.keys == ABSENT) & (old == ZERO_KEY_NP) & done_by_ksm
                 twin.keys[vc.vma.start] = np.where(keep, old, vc.keys)
         stats.seconds = time.perf_counter() - t0
         return stats
@@ -499,9 +489,21 @@ class Shadow:
         return self.twins[pid].proc
 
 
+_PAD = bytes(PAGE - KEY_SIZE - 2)
+
+
+def model_page(key: bytes) -> bytes:
+    """The page written into the model for a content key that is not a uniform page's: the
+    key between two 0x01 bytes, then zeros. Pages are equal exactly when their keys are. Every
+    such page has one shape (18 bytes, then zeros), so the model's own keys for them all have
+    one length and offset and compare without building pages (ksm_model.content.compare's
+    fast path); a plain key + zeros did not when the key began or ended with NUL bytes, and a
+    stable tree node holding such a page cost every search through it two 4 KiB pages."""
+    return b"\x01" + key + b"\x01" + _PAD
+
+
 def _write_pages(proc: Any, addr: int, keys: np.ndarray, changed: np.ndarray) -> int:
     """Write the changed pages; a run of pages of one uniform byte becomes one fill()."""
-    pad = bytes(PAGE - KEY_SIZE)
     idx = np.flatnonzero(changed).tolist()
     i = 0
     while i < len(idx):
@@ -509,8 +511,7 @@ def _write_pages(proc: Any, addr: int, keys: np.ndarray, changed: np.ndarray) ->
         key = _full(keys[first])
         byte = UNIFORM_KEYS.get(key)
         if byte is None:
-            # Any other content: its key followed by zeros, equal exactly when keys are equal.
-            proc.write(addr + first * PAGE, key + pad)
+            proc.write(addr + first * PAGE, model_page(key))
             i += 1
             continue
         j = i + 1

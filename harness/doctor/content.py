@@ -1,7 +1,7 @@
 """Content of the examined processes: what KSM scans, what could merge, what would if allowed.
 
 Content keys come from the shadow capture (harness.shadow.capture_vmas: the same pagemap
-rules and the same 16-byte BLAKE2b page key), over two sets of VMAs per process:
+rules and the same 16-byte page key, harness.pagekey), over two sets of VMAs per process:
 
 - mergeable VMAs (VmFlags `mg`): the pages ksmd visits. "Could merge" = a page whose key
   occurs at least twice among all mergeable pages examined, or that is already a KSM page;
@@ -25,7 +25,8 @@ import numpy as np
 
 from harness import procfs
 from harness.doctor.exposure import KpageFlags, candidate_pfns
-from harness.shadow import ABSENT, KEY_SIZE, PAGE, VmaCapture, capture_vmas, page_key
+from harness.pagekey import KEY_SIZE, PAGE, page_key
+from harness.shadow import ABSENT, VmaCapture, capture_vmas
 from harness.shadow import Vma as ShadowVma
 
 ZERO_KEY = page_key(bytes(PAGE))

@@ -26,13 +26,15 @@ from pathlib import Path
 import harness
 
 # Runtime dependencies a fleet host needs (exporter, KSM backends, playbooks, libvirt, and
-# numpy for the runner's shadow capture). matplotlib (plots) and fabric/paramiko (SSH) stay on
-# the controller: `ksmh run --inventory` renders the plots there after fetching the results.
+# numpy and xxhash for the runner's shadow capture). matplotlib (plots) and fabric/paramiko
+# (SSH) stay on the controller: `ksmh run --inventory` renders the plots there after fetching
+# the results.
 SHIPPED_DISTRIBUTIONS = (
     "prometheus-client",
     "PyYAML",
     "libvirt-python",
     "numpy",
+    "xxhash",  # page keys (harness.pagekey)
     # The playbook/inventory validation (harness.validation) and its dependencies.
     "pydantic",
     "pydantic-core",
@@ -51,6 +53,7 @@ SYSTEM_FALLBACK = {
     "PyYAML": "python3-yaml",
     "libvirt-python": "python3-libvirt",
     "numpy": "python3-numpy",
+    "xxhash": "python3-xxhash",
     # pydantic-core is the compiled one; Debian 13's python3-pydantic is v2 (Debian 12's is v1,
     # too old: such a host needs the controller's Python ABI).
     "pydantic": "python3-pydantic",

@@ -3,18 +3,15 @@
 A KSM page never changes in place: a write breaks COW into a new page, at another PFN. So a
 page that was shared (mapped by several PTEs: pagemap's exclusive bit 56 clear, which is what
 a KSM page is) at the last capture, and still is, at the same PFN, holds the same content:
-its key is kept and the page is not read. Everything else is read and hashed as
-harness.shadow.capture_process does (present, not file or shared-anon; the zero page and
-zero-filled THP subpages left out), so a capture of a converged host costs about its
-unmerged pages. The keys are SHA-256 (hardware-assisted here: 4 us a page against 6 us for
-BLAKE2b), cut to 16 bytes; uniform pages get harness.shadow's keys, so the replay still writes
-them as uniform pages (use_zero_pages). The result is the ProcessCapture that
+its key is kept and the page is not read. Everything else is read and keyed as
+harness.shadow.capture_process does (harness.shadow.key_pages, the same page keys; present,
+not file or shared-anon; the zero page and zero-filled THP subpages left out), so a capture of
+a converged host costs about its unmerged pages. The result is the ProcessCapture that
 harness.shadow.Shadow replays.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Mapping
@@ -24,33 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from harness import procfs
+from harness.pagekey import KEY_DTYPE, PageReader
 from harness.procfs import PFN_MASK, PM_EXCLUSIVE, PM_FILE, PM_PRESENT
 from harness.shadow import (
-    ABSENT,
-    KEY_SIZE,
     PAGE,
-    READ_CHUNK,
     ProcessCapture,
     ShadowError,
     Vma,
     VmaCapture,
+    ZeroPfns,
+    key_pages,
     mergeable_vmas,
-    page_key,
     start_time,
-    true_runs,
 )
-
-SKIP_ZERO = procfs.KPF_ZERO_PAGE | procfs.KPF_THP  # see harness.shadow._ZeroPfns
-ZERO_KEY = page_key(bytes(PAGE))
-
-
-def fast_key(page: bytes | memoryview) -> bytes:
-    return hashlib.sha256(page).digest()[:KEY_SIZE]
-
-
-# A uniform page's fast key -> harness.shadow's key for it (the replay knows those).
-UNIFORM: dict[bytes, bytes] = {fast_key(bytes([b]) * PAGE): page_key(bytes([b]) * PAGE)
-                               for b in range(256)}  # fmt: skip
 
 
 @dataclass
@@ -106,35 +89,33 @@ class IncrementalCapture:
             raise ShadowError(f"process {pid} exited during capture") from None
         except PermissionError:
             raise ShadowError(f"cannot read /proc/{pid}/mem", hint="run as root") from None
-        try:
-            flags = os.open(self.proc / "kpageflags", os.O_RDONLY)
-        except OSError:
-            flags = -1
+        # Zero-filled THP subpages are left out (keep_thp=False): they never merge.
+        zero = ZeroPfns(self.proc, keep_thp=False)
+        reader = PageReader(mem)
         before = self.seen.get((pid, start), {})
         now: dict[int, _Seen] = {}
         out: list[VmaCapture] = []
-        nbytes = 0
         try:
             for vma in vmas:
-                seen, read = self._vma(vma, pagemap, mem, flags, before.get(vma.start))
+                seen = self._vma(vma, pagemap, reader, zero, before.get(vma.start))
                 now[vma.start] = seen
-                nbytes += read
                 out.append(VmaCapture(vma, seen.keys))
         finally:
             os.close(pagemap)
             os.close(mem)
-            if flags >= 0:
-                os.close(flags)
+            zero.close()
         self.seen[(pid, start)] = now
+        self.pages_read += reader.bytes_read // PAGE
         # A process with THP disabled (QEMU under `--no-thp`) never faults in huge pages: the
         # model must know, or a host in THP madvise mode makes its MADV_HUGEPAGE RAM huge.
         thp_off = procfs.thp_enabled(pid, self.proc) is False
         seconds = time.perf_counter() - t0
+        nbytes = reader.bytes_read
         return ProcessCapture(pid, name or str(pid), start, out, nbytes, seconds, thp_off)
 
     def _vma(
-        self, vma: Vma, pagemap: int, mem: int, flags: int, old: _Seen | None
-    ) -> tuple[_Seen, int]:
+        self, vma: Vma, pagemap: int, reader: PageReader, zero: ZeroPfns, old: _Seen | None
+    ) -> _Seen:
         start, pages = vma.start, vma.pages
         raw = os.pread(pagemap, pages * 8, (start // PAGE) * 8)
         entries = np.frombuffer(raw, dtype="<u8")
@@ -143,47 +124,14 @@ class IncrementalCapture:
         scan = (entries & np.uint64(PM_PRESENT | PM_FILE)) == np.uint64(PM_PRESENT)
         pfns = entries & np.uint64(PFN_MASK)
         shared = scan & ((entries & np.uint64(PM_EXCLUSIVE)) == 0)
-        keys = np.zeros(pages, dtype=f"S{KEY_SIZE}")
+        keys = np.zeros(pages, dtype=KEY_DTYPE)
         if old is not None and len(old.pfns) == pages:
             keep = shared & old.shared & (old.pfns == pfns) & (pfns != 0)
             keys[keep] = old.keys[keep]
             self.pages_kept += int(np.count_nonzero(keep))
             scan &= ~keep
-        nbytes = 0
-        for lo, hi in true_runs(scan):
-            for off in range(lo, hi, READ_CHUNK // PAGE):
-                end = min(hi, off + READ_CHUNK // PAGE)
-                try:
-                    data = os.pread(mem, (end - off) * PAGE, start + off * PAGE)
-                except OSError:
-                    continue  # unmapped under us: those pages stay absent
-                nbytes += len(data)
-                view = memoryview(data)
-                n = len(data) // PAGE
-                got = [fast_key(view[i * PAGE : (i + 1) * PAGE]) for i in range(n)]
-                got = [UNIFORM.get(k, k) for k in got]
-                for i, k in enumerate(got):
-                    if k == ZERO_KEY and _skip_zero(_flags(flags, int(pfns[off + i])),
-                                                    int(entries[off + i])):  # fmt: skip
-                        got[i] = ABSENT
-                keys[off : off + n] = got
-        self.pages_read += nbytes // PAGE
-        return _Seen(pfns, keys, shared), nbytes
-
-
-def _flags(fd: int, pfn: int) -> int | None:
-    """The page's /proc/kpageflags word, or None (no kpageflags, no PFN without root)."""
-    if fd < 0 or pfn == 0:
-        return None
-    data = procfs.read_kpageflags(fd, pfn)
-    return int.from_bytes(data, "little") if len(data) == 8 else None
-
-
-def _skip_zero(flags: int | None, entry: int) -> bool:
-    """A zero-filled page KSM would not scan: the zero page, or a THP subpage (shadow.py)."""
-    if flags is None:
-        return not entry & PM_EXCLUSIVE
-    return bool(flags & SKIP_ZERO)
+        key_pages(reader, start, entries, scan, keys, zero)
+        return _Seen(pfns, keys, shared)
 
 
 def capture_stats(caps: list[ProcessCapture]) -> tuple[int, int]:
@@ -191,4 +139,4 @@ def capture_stats(caps: list[ProcessCapture]) -> tuple[int, int]:
     return sum(c.present for c in caps), sum(c.bytes_read for c in caps)
 
 
-__all__ = ["ABSENT", "IncrementalCapture", "capture_stats"]
+__all__ = ["IncrementalCapture", "capture_stats"]

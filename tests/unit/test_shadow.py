@@ -19,6 +19,7 @@ from harness.shadow import (
     Vma,
     VmaCapture,
     capture_process,
+    model_page,
     page_key,
     parse_smaps,
     sharing_matrix,
@@ -108,7 +109,8 @@ class FakeProcess:
         return self.top
 
     def write(self, addr: int, data: bytes) -> None:
-        self.calls.append(("write", addr, len(data), data[:16]))
+        assert data == model_page(data[1:17])  # a content key is written framed (model_page)
+        self.calls.append(("write", addr, len(data), data[1:17]))
 
     def fill(self, addr: int, length: int, byte: int) -> None:
         self.calls.append(("fill", addr, length, byte))
@@ -173,7 +175,7 @@ def test_replay_writes_changes_only() -> None:
     ]
     assert p.calls[4:] == [
         ("fill", lo, 3 * PAGE, 0x5A),  # a run of uniform pages is one fill
-        ("write", lo + 3 * PAGE, PAGE, A),  # other content: its key, then zeros
+        ("write", lo + 3 * PAGE, PAGE, A),  # other content: its key (model_page)
         ("fill", lo + 5 * PAGE, PAGE, 0),
         ("write", hi, PAGE, B),
     ]
