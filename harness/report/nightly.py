@@ -99,7 +99,6 @@ class Night:
     boot_max: float | None = None
     expectations: dict[str, int] = field(default_factory=dict)  # status -> count
     directory: str | None = None
-    thp: bool = False  # a guest ran with transparent huge pages
 
     @property
     def pass_rate(self) -> float | None:
@@ -146,7 +145,6 @@ def summarize(run: Mapping[str, Any], directory: str | None = None) -> Night:
             night.saved_bytes[source] = saved
     for phase in run.get("phases") or []:
         _phase(night, phase)
-    night.thp = any(isinstance(g, Mapping) and g.get("thp") for g in run.get("guests") or [])
     boot = run.get("boot") or {}
     night.boot_median, night.boot_max = _num(boot.get("median")), _num(boot.get("max"))
     return night

@@ -80,8 +80,6 @@ def _nights_table(g: Group) -> list[str]:
 def _state(g: Group, m: Metric, trend: Trend) -> str:
     if m.flagged is not None:
         return f"**flagged** since {g.nights[m.flagged.start].run_id}"
-    if m.not_judged is not None:
-        return m.not_judged
     if m.values[-1] is None:
         return "not in the latest night"
     have = sum(1 for v in m.values[:-1] if v is not None)

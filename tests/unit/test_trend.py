@@ -12,7 +12,7 @@ import pytest
 from harness.cli import main
 from harness.report.nightly import summarize
 from harness.report.regression import Floors, Rule, baseline, excursions, flag
-from harness.report.trend import FAMILY, THP_UNJUDGED, build_trend, floors_of, metrics_of
+from harness.report.trend import FAMILY, build_trend, floors_of, metrics_of
 from harness.units import human_bytes
 from tests.unit.synthetic_runs import night, write
 
@@ -329,23 +329,21 @@ def test_kernel_minus_model_floors_grow_with_the_counter() -> None:
     assert flag([-950.0, -972.0, 14.0], rule, fam.floors) is not None
 
 
-def test_with_thp_guests_the_unmerged_sum_is_shown_but_not_judged(tmp_path: Path) -> None:
-    """Measured here: -22,079, -20,020, -461 pages in three back-to-back THP quickstart runs
-    (which huge pages ksmd split). Shown, never flagged; pages_sharing still judged."""
+def test_with_thp_guests_the_unmerged_sum_is_judged_with_its_floors(tmp_path: Path) -> None:
+    """THP quickstart runs once guests registered in index order (issue 12): +15, -464, -460
+    pages: within the unmerged floors. The bimodal runs from before that fix (-22,079, then
+    +22,146) are a flag; pages_sharing moving by 5,000 is one too."""
     root = tmp_path / "r"
-    for i, (un, sh) in enumerate([(-22_079, 122), (-20_020, 122), (-461, -9), (-460, 5000)]):
+    for i, (un, sh) in enumerate([(15, -9), (-464, -9), (-460, -9), (-22_079, 5000)]):
         write(root, night(i, thp=True, unmerged_delta=un, sharing_delta=sh))
-    trend = build_trend([root], rule=Rule(window=2, min_nights=2))
-    (group,) = trend.groups
-    by_name = {m.name: m for m in group.metrics}
+    rule = Rule(window=3, min_nights=2)
+    three = build_trend([root], rule=rule)
+    by_name = {m.name: m for m in three.groups[0].metrics}
     unmerged = by_name["kernel_minus_model[fill: pages_unshared+pages_volatile]"]
-    assert unmerged.values == [-22_079.0, -20_020.0, -461.0, -460.0]
-    assert unmerged.not_judged == THP_UNJUDGED and unmerged.flagged is None
-    assert unmerged.excursions == []
-    assert [m.name for m in group.flags] == ["kernel_minus_model[fill: pages_sharing]"]
-    out = tmp_path / "out"
-    assert main(["trend", str(root), "--out", str(out), "--window", "2", "--min-nights", "2"]) == 1
-    doc = json.loads((out / "trend.json").read_text())
-    (m,) = [m for m in doc["groups"][0]["metrics"] if m["name"] == unmerged.name]
-    assert (m["not_judged"], m["baseline"]) == (THP_UNJUDGED, None)
-    assert f"| {THP_UNJUDGED} |" in (out / "trend.md").read_text()
+    assert unmerged.values == [15.0, -464.0, -460.0, -22_079.0]
+    assert unmerged.floors == Floors(rel=0.5, abs=4096)
+    assert sorted(m.name for m in three.groups[0].flags) == [
+        "kernel_minus_model[fill: pages_sharing]",
+        "kernel_minus_model[fill: pages_unshared+pages_volatile]",
+    ]
+    assert flag(unmerged.values[:3], rule, unmerged.floors) is None
