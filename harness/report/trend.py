@@ -56,15 +56,15 @@ FAMILY = {f.name: f for f in FAMILIES}
 
 # Judged through their sum (nightly.UNMERGED): the kernel's split between them is timing.
 NOT_JUDGED = ("pages_unshared", "pages_volatile")
+# The unmerged sum with THP guests (the fleet default) once guests registered with KSM in
+# index order and the model captured before ksmd's first scan (issue 12): +15, -464, -460 pages
+# in three back-to-back quickstart runs here, the kernel being one huge page split into its
+# next scan at the sync or not. Before that fix: -22,079, -20,020, -461 and +22,146.
 UNMERGED_FLOORS = Floors(rel=0.5, abs=4096)
 # kernel - model moving by less than this share of the counter itself is run-to-run noise (a
 # playbook compares the two within 2%). Measured: pages_sharing +122, +122, -9 in three
 # back-to-back quickstart runs of ~90,900 pages (0.14%).
 COUNTER_SHARE = 0.01
-# The unmerged sum with THP guests (the fleet default) once guests registered with KSM in
-# index order and the model captured before ksmd's first scan (issue 12): +15, -464, -460 pages
-# in three back-to-back quickstart runs here, the kernel being one huge page split into its
-# next scan at the sync or not. Before that fix: -22,079, -20,020, -461 and +22,146.
 
 
 def _kernel_size(night: Night, label: str) -> float | None:
