@@ -32,6 +32,15 @@ class GuestBackendKind(StrEnum):
     LIBVIRT = "libvirt"
 
 
+class MachineKind(StrEnum):
+    """QEMU machine type: auto is microvm on the qemu backend when the image supports it
+    (virtio-mmio, no PCI/firmware probing: faster boots), else pc (libvirt, the Debian kind)."""
+
+    AUTO = "auto"
+    PC = "pc"
+    MICROVM = "microvm"
+
+
 class ImageKind(StrEnum):
     """Guest image: the busybox initramfs (fast) or a Debian root disk (mmdebstrap)."""
 
