@@ -81,7 +81,7 @@ def register(sub: Any) -> None:
         "--machine",
         choices=choices(MachineKind),
         default=MachineKind.AUTO.value,
-        help="QEMU machine: auto (microvm on the qemu backend when the image allows, else pc)",
+        help="QEMU machine: auto (= pc) or microvm (qemu backend, busybox image; idles costlier)",
     )
     p.add_argument(
         "--ready-timeout",

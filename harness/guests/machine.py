@@ -1,10 +1,15 @@
-"""Which QEMU machine a fleet's guests boot: `microvm` when it can, else `pc`.
+"""Which QEMU machine a fleet's guests boot: `pc` unless `microvm` is asked for.
 
 microvm has no PCI bus and no PC firmware tables to probe: the agent's virtio-serial port
 sits on virtio-mmio (the busybox image loads virtio_mmio, see harness.guests.image). Measured
 here under TCG with the unpacked PVH kernel (harness.guests.vmlinux), one 256 MiB guest was
-ready in 3.9 s on microvm and 5.2 s on pc (host load ~3 on 2 cores). The libvirt backend and
-the Debian image (a virtio-blk PCI disk) stay on pc; so does an image without virtio_mmio.
+ready in 3.9 s on microvm and 5.2 s on pc (host load ~3 on 2 cores). But an idle microvm
+guest keeps its 250 Hz tick (~250 local timer interrupts/s: the guest finds no timer to go
+tickless with; `-cpu qemu64,+arat`, pit=off and nohz/highres options did not change it) and
+costs ~6 % of a host CPU, against ~0.8 % on pc: 16 idle guests take a whole CPU away from the
+ones still booting, and 64 cannot all run on 2 cores. So `auto` is pc; microvm is there for
+one or a few guests (`--machine microvm`). The libvirt backend and the Debian image (a
+virtio-blk PCI disk) boot pc only; so does an image without virtio_mmio.
 
 Under TCG a microvm guest cannot calibrate its TSC: the PIT's gate (the PC speaker port) is
 absent, and without a reference the kernel marks the TSC unstable and waits for a timer that
@@ -58,11 +63,11 @@ def resolve_machine(
 ) -> tuple[MachineKind, tuple[str, ...]]:
     """The machine for auto|pc|microvm and the kernel arguments it needs.
 
-    `tsc_khz` defaults to host_tsc_khz(); auto falls back to pc when microvm cannot work, an
-    explicit microvm that cannot is a HarnessError naming why.
+    auto is pc (see the module docstring). `tsc_khz` defaults to host_tsc_khz(); microvm
+    where it cannot work is a HarnessError naming why.
     """
     want = parse_kind(MachineKind, requested)
-    if want is MachineKind.PC:
+    if want is not MachineKind.MICROVM:
         return MachineKind.PC, ()
     why = None
     if backend is not GuestBackendKind.QEMU:
@@ -71,13 +76,11 @@ def resolve_machine(
         why = f"the {image.kind} image has no virtio-mmio (or boots a PCI disk)"
     extra: tuple[str, ...] = ()
     if why is None and accel is AccelKind.TCG:
-        khz = tsc_khz if tsc_khz is not None else host_tsc_khz()
+        khz = tsc_khz if tsc_khz is not None else host_tsc_khz(CPUINFO)
         if khz is None:
             why = "the host's TSC frequency is unknown (no constant_tsc in /proc/cpuinfo)"
         else:
             extra = (f"tsc_early_khz={khz}",)
-    if why is None:
-        return MachineKind.MICROVM, extra
-    if want is MachineKind.MICROVM:
+    if why is not None:
         raise HarnessError(f"--machine microvm: {why}", hint="use --machine pc (or auto)")
-    return MachineKind.PC, ()
+    return MachineKind.MICROVM, extra
