@@ -33,6 +33,7 @@ from harness import procfs
 from harness.guests.fleet import Fleet
 from harness.guests.spec import FleetSpec, default_concurrency
 from harness.ksm.types import PAGE_SIZE
+from harness.signals import signals_as_interrupt
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -97,7 +98,7 @@ def one_pass(args: argparse.Namespace, fig: Figures, merge: bool) -> float:
         per_guest = (used - base) / n
         fig.add(f"{key}.used_after_gib", round(used / GIB, 2), f"GiB (load {load()})")
         fig.add(f"{key}.per_guest_mib", round(per_guest / MIB, 1), "MiB (used delta / guests)")
-    return per_guest
+    return float(per_guest)
 
 
 def main() -> None:
@@ -115,8 +116,9 @@ def main() -> None:
         f"{args.guests} guests x {args.memory} MiB, each filling {args.fill} MiB identical "
         f"across guests ({PATTERN}), THP off"
     )
-    off = one_pass(args, fig, merge=False)
-    on = one_pass(args, fig, merge=True)
+    with signals_as_interrupt():  # SIGTERM tears the fleet down like Ctrl-C
+        off = one_pass(args, fig, merge=False)
+        on = one_pass(args, fig, merge=True)
     total = procfs.meminfo()["MemTotal"]
     budget = total - 2 * GIB
     fig.add("ratio_no_ksm_over_ksm", round(off / on, 2), "x (per-guest memory)")

@@ -29,6 +29,7 @@ from harness.guests.fleet import Fleet
 from harness.guests.spec import FleetSpec, default_concurrency
 from harness.kinds import ImageKind
 from harness.ksm.types import PAGE_SIZE
+from harness.signals import signals_as_interrupt
 
 MIB = 1024 * 1024
 _HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
@@ -233,12 +234,13 @@ def main() -> None:
     add_json_option(parser)
     args = parser.parse_args()
     fig = Figures("guest fleets (bench/bench_guests.py)", args)
-    if not args.skip_boot:
-        bench_boot(args, fig)
-    if not args.skip_overcommit:
-        bench_overcommit(args, fig)
-    if args.debian:
-        bench_debian(args, fig)
+    with signals_as_interrupt():  # SIGTERM tears the fleets down like Ctrl-C
+        if not args.skip_boot:
+            bench_boot(args, fig)
+        if not args.skip_overcommit:
+            bench_overcommit(args, fig)
+        if args.debian:
+            bench_debian(args, fig)
     fig.finish(args.json)
 
 
