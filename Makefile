@@ -39,6 +39,7 @@ bench: bootstrap
 	$(BIN)/python bench/bench_model_vs_kernel.py --json $(BENCH_OUT)/model_vs_kernel.json
 	$(BIN)/python bench/bench_shadow.py --json $(BENCH_OUT)/shadow.json
 	$(BIN)/python bench/bench_guests.py --json $(BENCH_OUT)/guests.json
+	$(BIN)/python bench/bench_density.py --json $(BENCH_OUT)/density.json
 	$(BIN)/python bench/bench_doctor.py --json $(BENCH_OUT)/doctor.json
 	$(BIN)/python bench/bench_twin.py --json $(BENCH_OUT)/twin.json
 

@@ -1,9 +1,10 @@
 """Fleet benchmark: prints figures, asserts nothing.
 
-    sudo .venv/bin/python bench/bench_guests.py [--count 16] [--concurrency 4] [--debian] \
-        [--json FILE]
+    sudo .venv/bin/python bench/bench_guests.py [--count 16] [--big 64] [--concurrency N] \
+        [--debian] [--json FILE]
 
-1. boot-to-ready of one 256 MiB guest, and of 16 x 256 MiB guests (accel as resolved, TCG here);
+1. boot-to-ready of one 256 MiB guest, of 16 x 256 MiB guests and of 64 x 128 MiB guests
+   (accel and machine as resolved: TCG and microvm here; concurrency 2 per CPU by default);
 2. host memory overhead per guest beyond its RAM: the Rss of every QEMU mapping except the
    guest-RAM block (from /proc/PID/smaps), after boot;
 3. overcommit estimate for 256 MiB guests that each fill 192 MiB of memory identical across
@@ -16,6 +17,7 @@ Steps 1-2 use mem-merge off; step 3 holds the host KSM lock and restores every k
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import time
@@ -24,9 +26,10 @@ from pathlib import Path
 from benchlib import Figures, add_json_option
 
 from harness.guests.fleet import Fleet
-from harness.guests.spec import FleetSpec
+from harness.guests.spec import FleetSpec, default_concurrency
 from harness.kinds import ImageKind
 from harness.ksm.types import PAGE_SIZE
+from harness.signals import signals_as_interrupt
 
 MIB = 1024 * 1024
 _HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
@@ -72,6 +75,7 @@ def meminfo_kib(key: str) -> int:
 
 
 def boot_times(count: int, memory: int, concurrency: int) -> tuple[float, list[float], Fleet]:
+    """Wall seconds from Fleet.up() to every agent ready, each guest's seconds, the fleet."""
     t0 = time.monotonic()
     spec = FleetSpec(count, memory, mem_merge=False, concurrency=concurrency, ready_timeout=600)
     fleet = Fleet(spec)
@@ -85,6 +89,8 @@ def bench_boot(args: argparse.Namespace, fig: Figures) -> None:
     wall, _, fleet = boot_times(1, 256, 1)
     try:
         fig.add("accel", str(fleet.accel.accel) if fleet.accel else None)
+        fig.add("machine", str(fleet.machine))
+        fig.add("kernel", fleet.image.kernel.name if fleet.image else None)
         fig.add("boot_1x256.seconds", round(wall, 1), "s (incl. image check, accel)")
         pid = next(iter(fleet.pids().values()))
         ram, rss, pss = smaps_split(pid, 256)
@@ -98,7 +104,7 @@ def bench_boot(args: argparse.Namespace, fig: Figures) -> None:
     try:
         key = f"boot_{n}x256"
         fig.add(f"{key}.concurrency", args.concurrency)
-        fig.add(f"{key}.seconds", round(wall, 1), "s wall")
+        fig.add(f"{key}.seconds", round(wall, 1), f"s wall to all ready (load {load()})")
         fig.add(f"{key}.per_guest_median_seconds", round(statistics.median(each), 1), "s")
         fig.add(f"{key}.per_guest_max_seconds", round(max(each), 1), "s")
         splits = [smaps_split(pid, 256) for pid in fleet.pids().values()]
@@ -111,6 +117,16 @@ def bench_boot(args: argparse.Namespace, fig: Figures) -> None:
         fig.add("guest_ram_resident_after_boot_mib", round(ram), "MiB (median)")
     finally:
         fleet.down()
+    if args.big:
+        wall, each, fleet = boot_times(args.big, 128, args.concurrency)
+        fleet.down()
+        key = f"boot_{args.big}x128"
+        fig.add(f"{key}.seconds", round(wall, 1), f"s wall to all ready (load {load()})")
+        fig.add(f"{key}.per_guest_median_seconds", round(statistics.median(each), 1), "s")
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def bench_overcommit(args: argparse.Namespace, fig: Figures) -> None:
@@ -205,7 +221,8 @@ def bench_debian(args: argparse.Namespace, fig: Figures) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--big", type=int, default=64, help="guests of 128 MiB (0: skip)")
+    parser.add_argument("--concurrency", type=int, default=default_concurrency())
     parser.add_argument("--guests", type=int, default=4, help="guests of the overcommit run")
     parser.add_argument(
         "--fill", type=int, default=160, help="MiB each fills (192 does not fit in 256 MiB here)"
@@ -217,12 +234,13 @@ def main() -> None:
     add_json_option(parser)
     args = parser.parse_args()
     fig = Figures("guest fleets (bench/bench_guests.py)", args)
-    if not args.skip_boot:
-        bench_boot(args, fig)
-    if not args.skip_overcommit:
-        bench_overcommit(args, fig)
-    if args.debian:
-        bench_debian(args, fig)
+    with signals_as_interrupt():  # SIGTERM tears the fleets down like Ctrl-C
+        if not args.skip_boot:
+            bench_boot(args, fig)
+        if not args.skip_overcommit:
+            bench_overcommit(args, fig)
+        if args.debian:
+            bench_debian(args, fig)
     fig.finish(args.json)
 
 

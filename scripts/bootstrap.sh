@@ -24,9 +24,11 @@ quietly() {
 # Debian packages the harness drives for real (see DESIGN.md "Facts about the machines").
 # linux-image-amd64 is the guests' default kernel (6.1 on bookworm); linux-image-6.12-amd64
 # is the second kernel of the kernel matrix (`ksmh kernels check`, tests/integration/
-# test_kernel_matrix.py). Installing it does not change the default guest kernel.
+# test_kernel_matrix.py). Installing it does not change the default guest kernel. zstd unpacks
+# 6.12's kernel into the vmlinux guests boot faster (harness/guests/vmlinux.py).
 PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static linux-image-amd64 linux-image-6.12-amd64 kmod cpio
+  zstd
   libvirt-daemon-system libvirt-dev pkg-config gcc libc6-dev
   python3 python3-dev python3-venv openssh-server prometheus prometheus-pushgateway
   mmdebstrap e2fsprogs

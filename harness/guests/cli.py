@@ -24,8 +24,8 @@ from harness.fleet_result import FleetResult
 from harness.guests.agent import AgentReply
 from harness.guests.backend import RUNTIME_ROOT, Leftover
 from harness.guests.fleet import Fleet, list_runs
-from harness.guests.spec import NAME_PREFIX, FleetSpec
-from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
+from harness.guests.spec import NAME_PREFIX, FleetSpec, default_concurrency
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind, MachineKind, choices
 from harness.signals import signals_as_interrupt
 
 
@@ -71,7 +71,18 @@ def register(sub: Any) -> None:
         action="store_true",
         help="start QEMU with transparent huge pages off (as playbooks do by default)",
     )
-    p.add_argument("--concurrency", type=int, default=4, help="guests booting at once")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help=f"guests booting at once (default: 2 per CPU, 2-16: {default_concurrency()} here)",
+    )
+    p.add_argument(
+        "--machine",
+        choices=choices(MachineKind),
+        default=MachineKind.AUTO.value,
+        help="QEMU machine: auto (= pc) or microvm (qemu backend, busybox image; idles costlier)",
+    )
     p.add_argument(
         "--ready-timeout",
         type=float,
@@ -142,8 +153,9 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
         vcpus=args.vcpus,
         mem_merge=not args.no_mem_merge,
         thp=not args.no_thp,
-        concurrency=args.concurrency,
+        concurrency=args.concurrency if args.concurrency is not None else default_concurrency(),
         ready_timeout=args.ready_timeout,
+        machine=MachineKind(args.machine),
     )
 
 

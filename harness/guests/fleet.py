@@ -48,9 +48,10 @@ from harness.guests.backend import (
     prepare_runtime_root,
     remove_quietly,
 )
+from harness.guests.machine import resolve_machine
 from harness.guests.spec import NAME_PREFIX, FleetSpec, GuestImage, GuestSpec, parse_kind
 from harness.guests.thp import thp_off_for_children
-from harness.kinds import AccelKind, GuestBackendKind, ImageKind
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind, MachineKind
 from harness.signals import raise_interrupt, signals_as_interrupt
 
 RUN_FILE = "run.json"
@@ -144,6 +145,7 @@ class Fleet:
             lambda req, img: resolve_accel(req, img)
         )
         self.accel: AccelChoice | None = None
+        self.machine = MachineKind.PC  # resolved in up() (harness.guests.machine)
         # Who booted it: `fleet down --all` leaves a fleet alone while this process lives (a
         # run's fleet), and stops it once it is gone (a detached `fleet up`, a crashed run).
         # Set once at creation; attaching from another process keeps it.
@@ -168,6 +170,9 @@ class Fleet:
         if self.image is None:
             self.image = build_image(spec.image)
         self.accel = self.accel_resolver(spec.accel, self.image)
+        self.machine, machine_args = resolve_machine(
+            spec.machine, spec.backend, self.image, self.accel.accel
+        )
         prepare_runtime_root(self.run_dir.parent)
         self.run_dir.mkdir(exist_ok=True)
         self.guests = [
@@ -181,6 +186,8 @@ class Fleet:
                     vcpus=spec.vcpus,
                     accel=self.accel.accel,
                     mem_merge=spec.mem_merge,
+                    extra_cmdline=machine_args,
+                    machine=self.machine,
                 )
             )
             for i in range(spec.count)
@@ -407,6 +414,7 @@ class Fleet:
             "backend": self.backend.name,
             "accel": str(self.accel.accel) if self.accel else None,
             "accel_reason": self.accel.reason if self.accel else None,
+            "machine": str(self.machine),
             "memory_mib": self.spec.memory_mib,
             "image": None
             if self.image is None
@@ -418,6 +426,7 @@ class Fleet:
                 "digest": self.image.digest,
                 "disk": str(self.image.disk) if self.image.disk else None,
                 "cmdline": list(self.image.cmdline),
+                "microvm": self.image.microvm,
             },
             "created": time.time(),
             "owner": self.owner,
@@ -462,7 +471,7 @@ class Fleet:
         image = GuestImage(
             Path(img["kernel"]), Path(img["initrd"]), img["kind"], img["kernel_release"],
             img["digest"], Path(img["disk"]) if img.get("disk") else None,
-            tuple(img.get("cmdline") or ()),
+            tuple(img.get("cmdline") or ()), bool(img.get("microvm")),
         )  # fmt: skip
         backend: GuestBackend | None = kw.pop("backend", None)
         spec = FleetSpec.from_json(
@@ -474,11 +483,13 @@ class Fleet:
         fleet.accel = AccelChoice(accel, data.get("accel_reason") or "", True)
         if isinstance(data.get("owner"), dict):
             fleet.owner = data["owner"]
+        machine = MachineKind.MICROVM if data.get("machine") == "microvm" else MachineKind.PC
+        fleet.machine = machine
         for g in data["guests"]:
             gspec = GuestSpec(
                 name=g["name"], memory_mib=spec.memory_mib, image=image,
                 runtime_dir=fleet.run_dir, index=g["index"], vcpus=spec.vcpus,
-                accel=accel, mem_merge=spec.mem_merge,
+                accel=accel, mem_merge=spec.mem_merge, machine=machine,
             )  # fmt: skip
             guest = Guest(gspec, pid=g.get("pid"), boot_seconds=g.get("boot_seconds"))
             alive = g.get("state") == "ready" and fleet.backend.alive(gspec)

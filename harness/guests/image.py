@@ -7,11 +7,12 @@ shipped inside this package (harness/guests/data/, read through importlib.resour
 installed wheel builds the same image as a checkout). Output in the cache directory
 (harness.paths: guest-images/ under /var/cache/ksm-harness for root, ~/.cache/ksm-harness
 otherwise; KSM_HARNESS_IMAGE_DIR moves it; another release than the default goes to
-kernels/RELEASE/ under it): vmlinuz, initramfs.cpio.gz, ksmh-agent, ksmh-worker and
-manifest.json (kernel release, sha256 of every input and artifact). The initramfs is written
-by our own cpio (newc) writer with fixed owners, modes and mtimes, and gzip with mtime 0, so
-the same inputs give the same bytes. A build is skipped when the manifest's input digest
-matches and every artifact still has its recorded hash.
+kernels/RELEASE/ under it): vmlinuz, its unpacked vmlinux when that boots by PVH (see
+harness.guests.vmlinux: several times faster under TCG), initramfs.cpio.gz, ksmh-agent,
+ksmh-worker and manifest.json (kernel release, sha256 of every input and artifact). The
+initramfs is written by our own cpio (newc) writer with fixed owners, modes and mtimes, and
+gzip with mtime 0, so the same inputs give the same bytes. A build is skipped when the
+manifest's input digest matches and every artifact still has its recorded hash.
 
 `python -m harness.guests.image [--out DIR] [--force] [--kernel RELEASE]` is what
 `make -C guest-images` runs.
@@ -38,11 +39,12 @@ from pathlib import Path
 
 from harness.errors import CommandFailed, HarnessError
 from harness.guests.spec import GuestImage
+from harness.guests.vmlinux import pvh_vmlinux
 from harness.kinds import ImageKind
 from harness.paths import cache_dir, data_path
 from harness.run import run
 
-FORMAT = 2
+FORMAT = 3
 AGENT_SOURCE = data_path("harness.guests", "data/ksmh-agent.c")
 # The differential scenario worker in C (harness/scenario/worker.py's protocol), which the
 # agent starts for the kernel matrix (harness.kernels).
@@ -59,6 +61,9 @@ DPKG_STATUS = Path("/var/lib/dpkg/status")
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
 # The guest needs these (and their dependencies, read from modules.dep) for the agent port.
 WANTED_MODULES = ("virtio_pci", "virtio_console")
+# virtio-mmio: the transport of QEMU's `microvm` machine (harness.guests.qemu_argv), which
+# the qemu backend boots when the image has it; kernels without it keep the pc machine.
+MMIO_MODULE = "virtio_mmio"
 
 # The initramfs's /init (busybox sh), shipped with the package like the agent's source.
 INIT_SCRIPT = data_path("harness.guests", "data/init").read_text()
@@ -246,12 +251,11 @@ def describe_inputs(
     """Everything the image depends on, with hashes; its digest decides whether to rebuild."""
     vmlinuz, release = find_kernel(inputs.boot, inputs.modules_root, release, inputs.dpkg_status)
     mod_dir = inputs.modules_root / release
-    builtin = mod_dir / "modules.builtin"
-    order = module_load_order(
-        (mod_dir / "modules.dep").read_text(),
-        modules,
-        builtin.read_text() if builtin.exists() else "",
-    )
+    builtin_path = mod_dir / "modules.builtin"
+    modules_dep = (mod_dir / "modules.dep").read_text()
+    builtin = builtin_path.read_text() if builtin_path.exists() else ""
+    mmio = f"/{MMIO_MODULE}.ko" in modules_dep + builtin
+    order = module_load_order(modules_dep, (*modules, *([MMIO_MODULE] * mmio)), builtin)
     for path in (inputs.busybox, inputs.agent_source, inputs.worker_source):
         if not path.exists():
             raise HarnessError(
@@ -262,6 +266,7 @@ def describe_inputs(
         "format": FORMAT,
         "kind": ImageKind.BUSYBOX.value,
         "kernel_release": release,
+        "microvm": mmio,
         "kernel": {"path": str(vmlinuz), "sha256": sha256_file(vmlinuz)},
         "busybox": {"path": str(inputs.busybox), "sha256": sha256_file(inputs.busybox)},
         "agent_source": {
@@ -359,8 +364,12 @@ def _build_lock(out: Path) -> Iterator[None]:
 
 
 def _image_from_manifest(out: Path, manifest: dict[str, object]) -> GuestImage:
+    artifacts = manifest.get("artifacts")
+    pvh = isinstance(artifacts, dict) and "vmlinux" in artifacts
+    inputs = manifest.get("inputs")
     return GuestImage(
-        kernel=out / "vmlinuz",
+        kernel=out / ("vmlinux" if pvh else "vmlinuz"),
+        microvm=isinstance(inputs, dict) and inputs.get("microvm") is True,
         initrd=out / "initramfs.cpio.gz",
         kind=ImageKind.BUSYBOX,
         kernel_release=str(manifest["kernel_release"]),
@@ -420,7 +429,11 @@ def ensure_image(
                 build_initramfs(desc, tmp / "ksmh-agent", inputs.modules_root, tmp / "ksmh-worker")
             )
             shutil.copyfile(str(desc["kernel"]["path"]), tmp / "vmlinuz")  # type: ignore[index]
-            names = ("vmlinuz", "initramfs.cpio.gz", "ksmh-agent", "ksmh-worker")
+            names: tuple[str, ...] = ("vmlinuz", "initramfs.cpio.gz", "ksmh-agent", "ksmh-worker")
+            vmlinux = pvh_vmlinux((tmp / "vmlinuz").read_bytes())
+            if vmlinux is not None:  # boots several times faster under TCG (guests.vmlinux)
+                (tmp / "vmlinux").write_bytes(vmlinux)
+                names += ("vmlinux",)
             artifacts = {n: sha256_file(tmp / n) for n in names}
             for name in artifacts:
                 os.replace(tmp / name, out / name)

@@ -7,7 +7,7 @@ which KSM could not merge); `mem-merge` decides whether QEMU marks it MADV_MERGE
 from __future__ import annotations
 
 from harness.guests.spec import AGENT_PORT_NAME, GuestSpec
-from harness.kinds import AccelKind
+from harness.kinds import AccelKind, MachineKind
 
 QEMU_BINARY = "qemu-system-x86_64"
 # TCG's translation cache defaults to 1 GiB per guest in QEMU >= 5; a busybox guest needs far
@@ -33,10 +33,15 @@ def qemu_argv(spec: GuestSpec, binary: str = QEMU_BINARY) -> list[str]:
         if spec.image.disk is not None
         else []
     )
+    # microvm (harness.guests.machine): virtio-mmio instead of PCI for the agent's port.
+    micro = spec.machine is MachineKind.MICROVM
+    if micro and disk:
+        raise ValueError(f"{spec.name}: a microvm guest has no PCI disk (use the pc machine)")
+    vser = "virtio-serial-device" if micro else "virtio-serial-pci"
     return [
         binary,
         "-name", f"guest={spec.name},process=qemu-{spec.name}",
-        "-machine", f"pc,mem-merge={merge}",
+        "-machine", f"{spec.machine},mem-merge={merge}",
         "-accel", accel_option(spec),
         *cpu,
         "-m", f"{spec.memory_mib}M",
@@ -54,7 +59,7 @@ def qemu_argv(spec: GuestSpec, binary: str = QEMU_BINARY) -> list[str]:
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={spec.qmp_socket},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-device", "virtio-serial-pci,id=vser0",
+        "-device", f"{vser},id=vser0",
         "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
         "-pidfile", str(spec.pid_file),

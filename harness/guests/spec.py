@@ -9,6 +9,7 @@ guest's sockets and logs, so they stay pure functions and can be golden-tested.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.errors import HarnessError
-from harness.kinds import AccelKind, GuestBackendKind, ImageKind, choices
+from harness.kinds import AccelKind, GuestBackendKind, ImageKind, MachineKind, choices
 
 # The virtio-serial port the in-guest agent looks for (harness/guests/data/ksmh-agent.c).
 AGENT_PORT_NAME = "org.ksmh.agent"
@@ -24,7 +25,12 @@ AGENT_PORT_NAME = "org.ksmh.agent"
 NAME_PREFIX = "ksmh-"
 MIN_MEMORY_MIB = 64
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_WHAT = {AccelKind: "accelerator", GuestBackendKind: "guest backend", ImageKind: "image kind"}
+_WHAT = {
+    AccelKind: "accelerator",
+    GuestBackendKind: "guest backend",
+    ImageKind: "image kind",
+    MachineKind: "machine type",
+}
 _E = TypeVar("_E", bound=StrEnum)
 
 
@@ -38,6 +44,14 @@ def parse_kind(kind: type[_E], value: str) -> _E:
             f"unknown {_WHAT.get(kind, kind.__name__)} {value!r}",
             hint=f"use {', '.join(names[:-1])} or {names[-1]}",
         ) from None
+
+
+def default_concurrency(cpus: int | None = None) -> int:
+    """Guests booting at once when not asked: twice the host's CPUs, 2 to 16. A TCG boot keeps
+    one CPU busy (measured: QEMU's CPU seconds ~= its wall seconds to ready), so more at once
+    only share the same CPUs, and fewer leave one idle while a QEMU starts or loads files."""
+    n = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(2, min(2 * n, 16))
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,8 @@ class FleetSpec:
     # by the qemu backend's processes; libvirtd starts its own). True leaves THP as the host
     # has it: QEMU advises guest RAM MADV_HUGEPAGE, and zero-filled THP subpages never merge.
     thp: bool = True
-    concurrency: int = 4  # guests booting at once
+    concurrency: int = field(default_factory=lambda: default_concurrency())  # booting at once
+    machine: MachineKind = MachineKind.AUTO  # QEMU machine type (harness.guests.machine)
     ready_timeout: float = 180.0  # seconds from start to the agent's `ready`
     command_timeout: float = 600.0  # default seconds per agent command
 
@@ -68,6 +83,7 @@ class FleetSpec:
         object.__setattr__(self, "image", parse_kind(ImageKind, self.image))
         object.__setattr__(self, "backend", parse_kind(GuestBackendKind, self.backend))
         object.__setattr__(self, "accel", parse_kind(AccelKind, self.accel))
+        object.__setattr__(self, "machine", parse_kind(MachineKind, self.machine))
         # Checked here (GuestSpec would refuse them later, as a traceback after the build).
         if self.count < 1:
             raise HarnessError(f"--count {self.count}: a fleet needs at least one guest")
@@ -104,6 +120,8 @@ class GuestImage:
     # The Debian kind boots a read-only root disk (an overlay with a tmpfs makes it writable).
     disk: Path | None = None
     cmdline: tuple[str, ...] = ()
+    # The initramfs loads virtio_mmio: the image boots on QEMU's `microvm` machine too.
+    microvm: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,7 @@ class GuestSpec:
     accel: AccelKind = AccelKind.TCG
     mem_merge: bool = True
     extra_cmdline: tuple[str, ...] = field(default_factory=tuple)
+    machine: MachineKind = MachineKind.PC  # resolved: pc or microvm
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -133,6 +152,9 @@ class GuestSpec:
         if self.accel not in (AccelKind.KVM, AccelKind.TCG):
             raise ValueError(f"accel={self.accel!r}: one of kvm, tcg")
         object.__setattr__(self, "accel", AccelKind(self.accel))
+        if self.machine not in (MachineKind.PC, MachineKind.MICROVM):
+            raise ValueError(f"machine={self.machine!r}: one of pc, microvm")
+        object.__setattr__(self, "machine", MachineKind(self.machine))
         if self.index < 0:
             raise ValueError(f"index={self.index}: must be >= 0")
 

@@ -75,7 +75,7 @@ def test_installed_wheel_builds_boots_runs_and_writes_monitoring(venv: Path) -> 
             src = manifest["inputs"]["agent_source"]["path"]
             assert src.startswith(str(venv)) and src.endswith("harness/guests/data/ksmh-agent.c")
             assert sorted(manifest["artifacts"]) == [
-                "initramfs.cpio.gz", "ksmh-agent", "ksmh-worker", "vmlinuz"
+                "initramfs.cpio.gz", "ksmh-agent", "ksmh-worker", "vmlinux", "vmlinuz"
             ]  # fmt: skip
             ping = sh(ksmh, "fleet", "exec", "--run", run_id, "--", "ping")
             [line] = ping.splitlines()

@@ -40,7 +40,7 @@ def test_every_option_with_a_default_shows_it() -> None:
     [
         (["watch"], "seconds between refreshes (default 1)"),
         (["export"], "HOST:PORT (default loopback)"),  # said by the help text itself
-        (["fleet", "up"], "guests booting at once (default: 4)"),
+        (["fleet", "up"], "guests booting at once (default: 2 per CPU, 2-16:"),
         (["fleet", "up"], "virtual CPUs per guest (default: 1)"),
         (["fleet", "exec"], "seconds per agent command (default: 600.0)"),
         (["monitoring", "config"], "window of rate() rules (default: 5m)"),

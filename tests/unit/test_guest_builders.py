@@ -139,3 +139,19 @@ def test_debian_disk_is_read_only_and_root_is_on_the_command_line() -> None:
     assert "<readonly />" in libvirt_xml(s)
     assert "-drive" not in qemu_argv(spec())
     assert "<disk" not in libvirt_xml(spec())
+
+
+def test_microvm_argv_golden_puts_the_agent_port_on_virtio_mmio() -> None:
+    s = spec(machine="microvm", extra_cmdline=("tsc_early_khz=2445402",))
+    argv = qemu_argv(s)
+    check_golden("qemu-argv-microvm.txt", "\n".join(argv) + "\n")
+    assert argv[argv.index("-machine") + 1] == "microvm,mem-merge=on"
+    assert "virtio-serial-device,id=vser0" in argv
+    assert not any("pci" in a for a in argv)
+
+
+def test_microvm_refuses_a_pci_disk_and_the_spec_an_unresolved_machine() -> None:
+    with pytest.raises(ValueError, match="no PCI disk"):
+        qemu_argv(spec(image=DEBIAN, machine="microvm"))
+    with pytest.raises(ValueError, match="one of pc, microvm"):
+        spec(machine="auto")

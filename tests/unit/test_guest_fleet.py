@@ -21,7 +21,7 @@ from harness.guests.accel import AccelChoice
 from harness.guests.backend import Leftover
 from harness.guests.fleet import Fleet, guest_name, list_runs, wait_ksm_registered
 from harness.guests.qemu_backend import QemuBackend, guest_name_of
-from harness.guests.spec import FleetSpec, GuestImage, GuestSpec
+from harness.guests.spec import FleetSpec, GuestImage, GuestSpec, default_concurrency
 from harness.guests.thp import set_thp_disable, thp_disabled, thp_off_for_children
 from harness.kinds import AccelKind, GuestBackendKind, ImageKind
 
@@ -432,7 +432,8 @@ def test_spec_turns_strings_into_kinds_and_round_trips_through_json() -> None:
     assert data == {
         "count": 2, "memory_mib": 128, "image": "debian", "backend": "libvirt",
         "uri": "qemu:///x", "accel": "tcg", "vcpus": 1, "mem_merge": True, "thp": True,
-        "concurrency": 4, "ready_timeout": 180.0, "command_timeout": 600.0,
+        "concurrency": default_concurrency(), "ready_timeout": 180.0, "command_timeout": 600.0,
+        "machine": "auto",
     }  # fmt: skip
     assert type(data["image"]) is str
     assert FleetSpec.from_json(data) == spec

@@ -30,6 +30,8 @@ kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko \
 kernel/drivers/virtio/virtio_ring.ko
 kernel/fs/fuse/virtiofs.ko: kernel/drivers/virtio/virtio.ko
+kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko \
+kernel/drivers/virtio/virtio_ring.ko
 """
 
 
@@ -161,6 +163,11 @@ def test_build_is_reproducible_and_skipped_when_inputs_unchanged(tmp_path: Path)
     names = [n for n, *_ in parse_newc(gzip.decompress(a.initrd.read_bytes()))]
     assert names[-1] == "etc/ksmh-modules"
     assert {"init", "bin/busybox", "sbin/ksmh-agent", "lib/modules/virtio_pci.ko"} <= set(names)
+    # virtio_mmio is in modules.dep: loaded last, and the image boots on microvm too.
+    modules = dict((n, d) for n, _, _, d in parse_newc(gzip.decompress(a.initrd.read_bytes())))
+    assert modules["etc/ksmh-modules"].decode().split()[-1] == "virtio_mmio.ko"
+    assert a.microvm and ma["inputs"]["microvm"] is True
+    assert a.kernel.name == "vmlinuz"  # "new kernel" is no bzImage: nothing to unpack
     # Unchanged inputs: nothing is rewritten.
     stamp = a.initrd.stat().st_mtime_ns
     assert ensure_image(tmp_path / "a", inputs).digest == a.digest
@@ -263,7 +270,10 @@ def test_xz_modules_are_decompressed_and_the_worker_is_in(tmp_path: Path) -> Non
     assert image.kernel_release == "6.1.0-9-amd64"
     files = {n: d for n, _, _, d in parse_newc(gzip.decompress(image.initrd.read_bytes()))}
     assert files["lib/modules/virtio_console.ko"] == b"\x7fELF console module"
-    assert files["etc/ksmh-modules"].decode().split()[-1] == "virtio_console.ko"
+    assert files["etc/ksmh-modules"].decode().split()[-2:] == [
+        "virtio_console.ko",
+        "virtio_mmio.ko",
+    ]
     assert files["sbin/ksmh-worker"][:4] == b"\x7fELF"
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert set(manifest["artifacts"]) == {
