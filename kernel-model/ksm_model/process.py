@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ksm_model import content, thp
-from ksm_model.pages import KZERO, Page, RmapItem
+from ksm_model.pages import KZERO, Page
+from ksm_model.rmap import Rmap
 
 if TYPE_CHECKING:
     from ksm_model.kernel import Kernel
@@ -80,12 +81,7 @@ class Process:
         # What fork copied into the three counts above on a kernel without the fork reset
         # (profile fork_resets_counters False): they never go back to the real figures.
         self.inherited = (0, 0, 0)
-        # rmap_items sorted by address; while ksmd walks this mm, `new` holds the items
-        # already passed and `items[r:]` the rest (see scanner.py).
-        self.items: list[RmapItem] = []
-        self.new: list[RmapItem] | None = None
-        self.r = 0
-        self.utag: Any = None  # scanner.utag(): this mm's UNSTABLE tag for the current scan
+        self.rmap = Rmap()  # this mm's rmap_items, by address (rmap.py)
 
     def __repr__(self) -> str:
         return f"<Process pid={self.pid} name={self.name!r}>"

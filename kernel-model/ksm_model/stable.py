@@ -16,6 +16,7 @@ from ksm_model.content import compare
 from ksm_model.jiffies import NSEC_PER_SEC
 from ksm_model.pages import Page
 from ksm_model.rbtree import RBTree
+from ksm_model.rmap import Chunk, StableRef
 
 if TYPE_CHECKING:
     from ksm_model.kernel import Kernel
@@ -67,7 +68,8 @@ def remove_node(k: Kernel, node: StableNode) -> None:
     """remove_node_from_stable_tree: drop every rmap_item on it, unlink and free it.
 
     The rmap_items keep pointing at the dead node; the model treats an item whose node is
-    dead as being in no tree (the kernel clears their STABLE flag here).
+    dead as being in no tree (the kernel clears their STABLE flag here), with the node's
+    content as its oldchecksum.
     """
     if node.length:
         k.pages_shared -= 1
@@ -299,10 +301,14 @@ def insert(k: Kernel, page: Page) -> StableNode:
     return new
 
 
-def append(k: Kernel, item: Any, node: StableNode, mm: Any) -> None:
-    """stable_tree_append: hang `item` (of `mm`) on `node`."""
+def append(k: Kernel, c: Chunk, j: int, node: StableNode, mm: Any) -> None:
+    """stable_tree_append: hang the item at index j of chunk c (of `mm`) on `node`.
+
+    The item is in no tree: its slot holds its oldchecksum, which it keeps (rmap.py).
+    """
     node.length += 1
-    item.ref = node
+    old = c.ock[j]
+    c.ock[j] = node if old == node.key else StableRef(node, old)
     if node.length > 1:
         k.pages_sharing += 1
     else:
