@@ -58,6 +58,20 @@ def patch(key: bytes, offset: int, data: bytes, page_size: int) -> bytes:
     return canon(bytes(full))
 
 
+def _prefix(key: bytes, n: int) -> bytes:
+    """The first n bytes of the page of `key`, for n at least the end of its middle."""
+    if len(key) == 1:
+        return key * n
+    b = key[:1]
+    off = int.from_bytes(key[1:3], "big")
+    return b * off + key[3:] + b * (n - off - len(key) + 3)
+
+
+def _end(key: bytes) -> int:
+    """Where the fill byte repeats to the end of the page (0 for a uniform page)."""
+    return 0 if len(key) == 1 else int.from_bytes(key[1:3], "big") + len(key) - 3
+
+
 def compare(a: bytes, b: bytes, page_size: int) -> int:
     """memcmp(page_a, page_b) sign: -1, 0 or 1."""
     if a == b:
@@ -68,6 +82,10 @@ def compare(a: bytes, b: bytes, page_size: int) -> int:
         # Same fill byte, same offset, middles of one length: the pages differ only inside
         # the middles, whose byte order is the keys' (a fast path: no page is built).
         return -1 if a < b else 1
-    fa = materialize(a, page_size)
-    fb = materialize(b, page_size)
-    return -1 if fa < fb else 1
+    # Both pages are their fill byte from max(ends) on, so they differ within the first
+    # max(ends) + 1 bytes unless they are equal (only that prefix is built).
+    n = min(max(_end(a), _end(b)) + 1, page_size)
+    pa, pb = _prefix(a, n), _prefix(b, n)
+    if pa == pb:
+        pa, pb = materialize(a, page_size), materialize(b, page_size)
+    return (pa > pb) - (pa < pb)

@@ -194,6 +194,8 @@ class Process:
                 k.unmap_zero_page(self)
             else:
                 s.mapcount -= 1
+                if s.node is not None:
+                    k.stable_gen += 1  # a KSM page may have gone stale
             pages[i] = None
 
     # -- data -----------------------------------------------------------------------------------
@@ -284,6 +286,7 @@ class Process:
             elif self.nlarge:
                 thp.unmap_subpage(k, self, v.start + i)  # COW of a shared huge page's subpage
             s.mapcount -= 1
+            k.stable_gen += 1
         else:
             v.pages[i] = key  # an anonymous page mapped only here is reused in place
             return
@@ -350,6 +353,7 @@ class Process:
                     k.new_page(self, v.start + i)
             elif s.node is not None:
                 s.mapcount -= 1
+                k.stable_gen += 1
                 pages[i] = s.key  # FAULT_FLAG_UNSHARE: a private copy
                 k.new_page(self, v.start + i)
 

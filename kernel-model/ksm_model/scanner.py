@@ -67,6 +67,7 @@ def remove_from_tree(k: Kernel, mm: Process, c: Chunk, j: int) -> None:
             node, old = slot.node, slot.oldck
         if not node.dead and stable.get_folio(k, node):
             node.length -= 1
+            k.stable_gen += 1
             if node.length:
                 k.pages_sharing -= 1
             else:
@@ -393,10 +394,12 @@ def _account_scanned(k: Kernel, budget: int, done: int, ended_scan: bool) -> Non
         k.pages_scanned += (budget + 1) & 0xFFFFFFFF
 
 
-def _release(s: Any) -> None:
+def _release(k: Kernel, s: Any) -> None:
     """Drop this PTE's reference to the page it mapped before a merge."""
     if s.__class__ is Page:
         s.mapcount -= 1
+        if s.node is not None:
+            k.stable_gen += 1  # a KSM page may have gone stale
 
 
 def _one_page(
@@ -426,7 +429,7 @@ def _merge_zero(k: Kernel, mm: Process, v: Vma, i: int, s: Any) -> bool:
     if (mm.nlarge or v.pages[i] is not s or k.lru.pending) and not _one_page(k, mm, v, i, s):
         return False
     v.pages[i] = KZERO
-    _release(s)
+    _release(k, s)
     k.map_zero_page(mm)
     return True
 
@@ -441,7 +444,7 @@ def _merge_into(
         return  # try_to_merge_one_page failed: the item stays out of every tree (volatile)
     v.pages[i] = kp
     kp.mapcount += 1
-    _release(s)
+    _release(k, s)
     stable.append(k, c, j, dup, mm)
 
 
@@ -483,7 +486,7 @@ def _merge_two(
         kp = s  # a page shared with a fork becomes KSM for every mapper
     tv.pages[ti] = kp
     kp.mapcount += 1
-    _release(ts)
+    _release(k, ts)
     remove_from_tree(k, tmm, tc, tj)
     node = stable.insert(k, kp)
     stable.append(k, tc, tj, node, tmm)

@@ -33,6 +33,7 @@ class StableNode:
         "key",
         "l",
         "length",
+        "memo",
         "mms",
         "nid",
         "p",
@@ -57,6 +58,9 @@ class StableNode:
         self.length = 0  # rmap_hlist_len
         self.mms: dict[Any, int] = {}  # mm -> number of its rmap_items on this node
         self.dead = False
+        # chain only: Kernel.stable_gen when a walk last found every dup live and none a
+        # sharing candidate (then, until anything changes, every walk finds the same).
+        self.memo = -1
 
 
 def is_candidate(k: Kernel, node: StableNode, offset: int = 0) -> bool:
@@ -71,6 +75,7 @@ def remove_node(k: Kernel, node: StableNode) -> None:
     dead as being in no tree (the kernel clears their STABLE flag here), with the node's
     content as its oldchecksum.
     """
+    k.stable_gen += 1
     if node.length:
         k.pages_shared -= 1
         k.pages_sharing -= node.length - 1
@@ -159,6 +164,7 @@ def _node_dup_old(
 
 def _collapse(k: Kernel, chain: StableNode, found: StableNode, tree: RBTree) -> None:
     """The chain's only dup takes its place in the tree (chains -1, dups -1)."""
+    k.stable_gen += 1
     tree.replace(chain, found)
     found.in_chain = None
     chain.dups = []
@@ -185,9 +191,14 @@ def _node_dup_best(
             prune = False
         else:
             chain.prune_time = now
+    dups = chain.dups
+    if chain.memo == k.stable_gen:
+        # Nothing changed since a walk found every dup live and none a candidate: this one
+        # would walk them all again and pick the first (the kernel's cost, not the model's).
+        k.dups_walked += len(dups)
+        return dups[0], chain
     found: StableNode | None = None
     found_len = 0
-    dups = chain.dups
     i = 0
     while i < len(dups):
         dup = dups[i]
@@ -211,7 +222,9 @@ def _node_dup_best(
         # Only one dup left: the chain collapses into it (chains -1, dups -1).
         _collapse(k, chain, found, tree)
         return found, found
-    if dups[0] is not found and is_candidate(k, found, 1):
+    if not is_candidate(k, found):
+        chain.memo = k.stable_gen  # the walk went through every dup: all live, all full
+    elif dups[0] is not found and is_candidate(k, found, 1):
         dups.remove(found)
         dups.insert(0, found)
     return found, chain
@@ -279,6 +292,7 @@ def insert(k: Kernel, page: Page) -> StableNode:
                 break
         if not restart:
             break
+    k.stable_gen += 1
     new = StableNode(page.key, nid, page)
     if not equal:
         tree.link(new, parent, left)
@@ -307,6 +321,7 @@ def append(k: Kernel, c: Chunk, j: int, node: StableNode, mm: Any) -> None:
     The item is in no tree: its slot holds its oldchecksum, which it keeps (rmap.py).
     """
     node.length += 1
+    k.stable_gen += 1
     old = c.ock[j]
     c.ock[j] = node if old == node.key else StableRef(node, old)
     if node.length > 1:
