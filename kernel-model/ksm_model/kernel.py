@@ -85,8 +85,8 @@ class Kernel:
         # Dups of stable_node_chains examined by stable tree walks (stable_node_dup): with
         # every dup full, each search through a chain examines all of them. Bookkeeping too.
         self.dups_walked = 0
-        # Bumped by every change that can alter a walk through a chain's dups (a dup's
-        # rmap_hlist_len, a KSM page unmapped, the tree): see stable.py, StableNode.memo.
+        # Bumped when max_page_sharing changes, which can alter every walk through a chain's
+        # dups (a change of one dup only resets its chain's memo): stable.py, StableNode.memo.
         self.stable_gen = 0
         self.pages_skipped = 0
         self.stable_node_chains = 0

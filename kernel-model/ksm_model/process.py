@@ -12,7 +12,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ksm_model import content, thp
+from ksm_model import content, stable, thp
 from ksm_model.pages import KZERO, Page
 from ksm_model.rmap import Rmap
 
@@ -195,7 +195,7 @@ class Process:
             else:
                 s.mapcount -= 1
                 if s.node is not None:
-                    k.stable_gen += 1  # a KSM page may have gone stale
+                    stable.touched(s.node)  # a KSM page may have gone stale
             pages[i] = None
 
     # -- data -----------------------------------------------------------------------------------
@@ -286,7 +286,8 @@ class Process:
             elif self.nlarge:
                 thp.unmap_subpage(k, self, v.start + i)  # COW of a shared huge page's subpage
             s.mapcount -= 1
-            k.stable_gen += 1
+            if s.node is not None:
+                stable.touched(s.node)
         else:
             v.pages[i] = key  # an anonymous page mapped only here is reused in place
             return
@@ -353,7 +354,7 @@ class Process:
                     k.new_page(self, v.start + i)
             elif s.node is not None:
                 s.mapcount -= 1
-                k.stable_gen += 1
+                stable.touched(s.node)
                 pages[i] = s.key  # FAULT_FLAG_UNSHARE: a private copy
                 k.new_page(self, v.start + i)
 

@@ -2,10 +2,13 @@
 
 The kernel keeps one rmap_item per (mm, address) in a list sorted by address. The model keeps
 the same information per process in chunks of SIZE consecutive page numbers, so an item costs
-one list slot and one 32-bit word instead of an object and an address int:
+one list slot and one 16-bit word instead of an object and an address int:
 
-* ``st[j]``, the state word: EXISTS, the UNSTABLE flag with the low 8 bits of the seqnr it
-  was inserted in (as the kernel keeps them), ``age`` and ``remaining_skips`` (smart scan);
+* ``st[j]``, a 16-bit state word: EXISTS, the UNSTABLE flag with the low 6 bits of the
+  seqnr it was inserted in, ``age`` and ``remaining_skips`` (smart scan). The kernel keeps 8
+  bits of seqnr and lets age saturate at 255; an UNSTABLE item is never more than one scan
+  old (every visit, skip or free takes the flag off) and ages from 9 on are all treated
+  alike (skip_age 8), so 6 bits and a saturation at 15 give the same results;
 * ``ock[j]``, the slot: for an item in no tree or in the unstable tree its ``oldchecksum``
   (the content key seen at the last checksum, None for the initial 0); for a STABLE item the
   StableNode it hangs from (the kernel's ``head``; oldchecksum is then the node's content,
@@ -31,22 +34,23 @@ MASK = SIZE - 1
 # The state word (0: no rmap_item at this address).
 EXISTS = 1
 UNSTABLE = 2  # UNSTABLE_FLAG
-SEQ_SHIFT = 2  # bits 2-9: the low 8 bits of the seqnr at insertion
-TREE = UNSTABLE | 0xFF << SEQ_SHIFT
-AGE_SHIFT = 10  # bits 10-17: age (saturates at 255)
+SEQ_SHIFT = 2  # bits 2-7: the low 6 bits of the seqnr at insertion
+SEQ_MASK = 0x3F
+TREE = UNSTABLE | SEQ_MASK << SEQ_SHIFT
+AGE_SHIFT = 8  # bits 8-11: age (saturates at AGE_MAX)
 AGE_ONE = 1 << AGE_SHIFT
-AGE_MAX = 0xFF << AGE_SHIFT
-SKIP_SHIFT = 18  # bits 18-21: remaining_skips (at most 8)
+AGE_MAX = 15
+SKIP_SHIFT = 12  # bits 12-15: remaining_skips (at most 8)
 SKIP_ONE = 1 << SKIP_SHIFT
 
-_ZEROS = bytes(4 * SIZE)
+_ZEROS = bytes(2 * SIZE)
 _INDEX = range(SIZE)
-assert array("I").itemsize == 4
+assert array("H").itemsize == 2
 
 
 def unstable_bits(seqnr: int) -> int:
     """The TREE bits of an item inserted into the unstable tree in full scan `seqnr`."""
-    return UNSTABLE | (seqnr & 0xFF) << SEQ_SHIFT
+    return UNSTABLE | (seqnr & SEQ_MASK) << SEQ_SHIFT
 
 
 class StableRef:
@@ -69,7 +73,7 @@ class Chunk:
         self.base = base
         self.n = 0  # items in this chunk
         self.ock: list[Any] = [None] * SIZE
-        self.st = array("I", _ZEROS)
+        self.st = array("H", _ZEROS)
         self.tag: CTag | None = None  # unstable-tree entries of this chunk's current scan
 
 

@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from ksm_model import stable, thp
 from ksm_model.content import ZERO
-from ksm_model.pages import KZERO, SEQNR_MASK, Page
+from ksm_model.pages import KZERO, Page
 from ksm_model.rmap import (
+    AGE_MAX,
     AGE_ONE,
     AGE_SHIFT,
     EXISTS,
     MASK,
+    SEQ_MASK,
     SEQ_SHIFT,
     SHIFT,
     SIZE,
@@ -67,7 +69,7 @@ def remove_from_tree(k: Kernel, mm: Process, c: Chunk, j: int) -> None:
             node, old = slot.node, slot.oldck
         if not node.dead and stable.get_folio(k, node):
             node.length -= 1
-            k.stable_gen += 1
+            stable.touched(node)
             if node.length:
                 k.pages_sharing -= 1
             else:
@@ -83,7 +85,7 @@ def remove_from_tree(k: Kernel, mm: Process, c: Chunk, j: int) -> None:
     x = c.st[j]
     if x & UNSTABLE:
         # UNSTABLE: physically erased only if inserted in this scan (older trees were reset).
-        if not (k.seqnr - (x >> SEQ_SHIFT)) & SEQNR_MASK:
+        if not (k.seqnr - (x >> SEQ_SHIFT)) & SEQ_MASK:
             k.unstable.erase(mm, c, j, slot)  # slot: the content it was inserted under
         k.pages_unshared -= 1
         c.st[j] = x & ~TREE
@@ -140,9 +142,9 @@ def _should_skip(k: Kernel, mm: Process, c: Chunk, j: int, s: Any) -> bool:
         return False  # KSM pages are never skipped
     st = c.st
     x = st[j]
-    age = (x >> AGE_SHIFT) & 0xFF
+    age = (x >> AGE_SHIFT) & AGE_MAX
     skips = x >> SKIP_SHIFT
-    if age != 255:
+    if age != AGE_MAX:
         x += AGE_ONE
     if age < 3:
         st[j] = x
@@ -164,7 +166,7 @@ def _next_mm(k: Kernel, mm: Process) -> None:
 
 
 _NO_OCK: list[Any] = [None] * SIZE  # stand-ins for a chunk that does not exist (read only)
-_NO_ST = array("I", bytes(4 * SIZE))
+_NO_ST = array("H", bytes(2 * SIZE))
 
 
 def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
@@ -399,7 +401,7 @@ def _release(k: Kernel, s: Any) -> None:
     if s.__class__ is Page:
         s.mapcount -= 1
         if s.node is not None:
-            k.stable_gen += 1  # a KSM page may have gone stale
+            stable.touched(s.node)  # a KSM page may have gone stale
 
 
 def _one_page(

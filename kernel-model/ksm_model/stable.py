@@ -59,8 +59,17 @@ class StableNode:
         self.mms: dict[Any, int] = {}  # mm -> number of its rmap_items on this node
         self.dead = False
         # chain only: Kernel.stable_gen when a walk last found every dup live and none a
-        # sharing candidate (then, until anything changes, every walk finds the same).
+        # sharing candidate (then, until one of its dups changes, every walk finds the
+        # same); -1 once touched().
         self.memo = -1
+
+
+def touched(node: StableNode) -> None:
+    """Dup `node` changed (its rmap_hlist_len, or its KSM page was unmapped somewhere): its
+    chain's next walk must look at every dup again."""
+    chain = node.in_chain
+    if chain is not None:
+        chain.memo = -1
 
 
 def is_candidate(k: Kernel, node: StableNode, offset: int = 0) -> bool:
@@ -75,7 +84,7 @@ def remove_node(k: Kernel, node: StableNode) -> None:
     dead as being in no tree (the kernel clears their STABLE flag here), with the node's
     content as its oldchecksum.
     """
-    k.stable_gen += 1
+    touched(node)
     if node.length:
         k.pages_shared -= 1
         k.pages_sharing -= node.length - 1
@@ -164,7 +173,6 @@ def _node_dup_old(
 
 def _collapse(k: Kernel, chain: StableNode, found: StableNode, tree: RBTree) -> None:
     """The chain's only dup takes its place in the tree (chains -1, dups -1)."""
-    k.stable_gen += 1
     tree.replace(chain, found)
     found.in_chain = None
     chain.dups = []
@@ -292,7 +300,6 @@ def insert(k: Kernel, page: Page) -> StableNode:
                 break
         if not restart:
             break
-    k.stable_gen += 1
     new = StableNode(page.key, nid, page)
     if not equal:
         tree.link(new, parent, left)
@@ -308,6 +315,7 @@ def insert(k: Kernel, page: Page) -> StableNode:
             chain.dups.insert(0, node)
             node.in_chain = chain
             k.stable_node_dups += 1
+        chain.memo = -1
         chain.dups.insert(0, new)
         new.in_chain = chain
         k.stable_node_dups += 1
@@ -321,7 +329,7 @@ def append(k: Kernel, c: Chunk, j: int, node: StableNode, mm: Any) -> None:
     The item is in no tree: its slot holds its oldchecksum, which it keeps (rmap.py).
     """
     node.length += 1
-    k.stable_gen += 1
+    touched(node)
     old = c.ock[j]
     c.ock[j] = node if old == node.key else StableRef(node, old)
     if node.length > 1:
