@@ -69,10 +69,15 @@ def compare(a: bytes, b: bytes, page_size: int) -> int:
         # Same fill byte, same offset, middles of one length: the pages differ only inside
         # the middles, whose byte order is the keys' (a fast path: no page is built).
         return -1 if a < b else 1
-    # Both pages are their fill byte from the end of their middles on, so they differ within
-    # the first max(ends) + 1 bytes unless they are equal: only that prefix is built.
     oa = a[1] << 8 | a[2] if la > 1 else 0
     ob = b[1] << 8 | b[2] if lb > 1 else 0
+    # The first bytes of the pages decide most comparisons (a fill byte, or a middle's).
+    ca = a[0] if oa or la == 1 else a[3]
+    cb = b[0] if ob or lb == 1 else b[3]
+    if ca != cb:
+        return -1 if ca < cb else 1
+    # Both pages are their fill byte from the end of their middles on, so they differ within
+    # the first max(ends) + 1 bytes unless they are equal: only that prefix is built.
     ea = oa + la - 3 if la > 1 else 0
     eb = ob + lb - 3 if lb > 1 else 0
     n = (ea if ea > eb else eb) + 1

@@ -242,12 +242,13 @@ def search(k: Kernel, key: bytes, nid: int) -> StableNode | None:
     """stable_tree_search for a non-KSM page: the dup to merge into, or None."""
     tree = k.stable_trees[nid]
     ps = k.page_size
+    node_dup = _node_dup_best if k.profile.chain_best_dup else _node_dup_old
     while True:
         node = tree.root
         restart = False
         while node is not None:
             if node.chain:
-                dup, node = _node_dup(k, node, tree, True)
+                dup, node = node_dup(k, node, tree, True)
                 if dup is None:
                     restart = True
                     break
