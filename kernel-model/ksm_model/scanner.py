@@ -195,6 +195,7 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
     cur = unstable_bits(seqnr)
     rm = mm.rmap
     chunks = rm.chunks
+    kzero, page_cls, tree_bits, keep_bits, unstable_bit = KZERO, Page, TREE, ~TREE, UNSTABLE
     # The rmap_list cursor is `addr` while every address passed had a page; otherwise `hole`
     # is the first address passed without one (-1: none), whose items get freed later.
     hole = rm.fp if rm.fp != addr else -1
@@ -234,7 +235,7 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
                 segend = end
             while addr < segend:
                 s = pages[addr - base]
-                if s is None or s is KZERO:
+                if s is None or s is kzero:
                     if hole < 0:
                         hole = addr
                     addr += 1
@@ -245,7 +246,7 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
                     hole = -1
                 j = addr - cbase
                 cls = s.__class__
-                if cls is Page and (node := s.node) is not None:
+                if cls is page_cls and (node := s.node) is not None:
                     if ock[j] is node:
                         n += 1  # steady state of a merged page: nothing to do
                         addr += 1
@@ -281,7 +282,7 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
                             addr += 1
                             continue
                         x = st[j]
-                    if fast and cls is bytes and ock[j] == s and x & TREE != cur:
+                    if fast and cls is bytes and ock[j] == s and x & tree_bits != cur:
                         # Not STABLE (the slot is the content), not inserted in this scan
                         # and unchanged since the last checksum.
                         t = udict0.get(s)
@@ -294,8 +295,8 @@ def _walk(k: Kernel, mm: Process, budget: int) -> tuple[int, bool]:
                                 rm.useq = seqnr
                             udict0[s] = tag
                             unstable.count += 1
-                            st[j] = x & ~TREE | cur
-                            if not x & UNSTABLE:
+                            st[j] = x & keep_bits | cur
+                            if not x & unstable_bit:
                                 k.pages_unshared += 1
                             n += 1
                             nu += 1
