@@ -32,11 +32,13 @@ test-long: bootstrap
 	KSM_MATRIX_SEEDS=100 \
 		$(BIN)/python -m pytest tests/integration/test_kernel_matrix.py $(PYTEST_ARGS)
 
-# Every benchmark under bench/ (root: real KSM and QEMU guests; ~10 minutes here). Each prints
+# Every benchmark under bench/ (root: real KSM and QEMU guests; ~10 minutes here, plus ~15 for
+# bench_model_memory's 64 GiB host model). Each prints
 # its table and writes its figures to $(BENCH_OUT)/<name>.json; the KSM lock serialises them
 # with anything else driving KSM on this host.
 bench: bootstrap
 	$(BIN)/python bench/bench_model_vs_kernel.py --json $(BENCH_OUT)/model_vs_kernel.json
+	$(BIN)/python bench/bench_model_memory.py --json $(BENCH_OUT)/model_memory.json
 	$(BIN)/python bench/bench_shadow.py --json $(BENCH_OUT)/shadow.json
 	$(BIN)/python bench/bench_guests.py --json $(BENCH_OUT)/guests.json
 	$(BIN)/python bench/bench_density.py --json $(BENCH_OUT)/density.json

@@ -8,7 +8,6 @@ from ksm_model import scanner, stable, thp
 from ksm_model.advisor import Advisor
 from ksm_model.jiffies import jiffies_at, msecs_to_jiffies, sleep_end_ns
 from ksm_model.lru import LruBatches
-from ksm_model.pages import UTag
 from ksm_model.process import Process
 from ksm_model.profiles import Profile, resolve
 from ksm_model.rbtree import RBTree
@@ -86,6 +85,9 @@ class Kernel:
         # Dups of stable_node_chains examined by stable tree walks (stable_node_dup): with
         # every dup full, each search through a chain examines all of them. Bookkeeping too.
         self.dups_walked = 0
+        # Bumped when max_page_sharing changes, which can alter every walk through a chain's
+        # dups (a change of one dup only resets its chain's memo): stable.py, StableNode.memo.
+        self.stable_gen = 0
         self.pages_skipped = 0
         self.stable_node_chains = 0
         self.stable_node_dups = 0
@@ -161,16 +163,12 @@ class Kernel:
         if not mm.registered or self.cursor is mm:
             return
         self.mm_list.remove(mm)
-        if not mm.items:
+        if not mm.rmap.count:
             mm.registered = False
             mm.merge_any = False
             return
         pos = 0 if self.cursor is None else self.mm_list.index(self.cursor) + 1
         self.mm_list.insert(pos, mm)
-
-    def utag(self, mm: Process) -> UTag:
-        """The UNSTABLE tag for the items mm inserts in the current scan."""
-        return scanner.utag(self, mm)
 
     # -- per-CPU LRU batches -------------------------------------------------------------
     def new_page(self, mm: Process, pn: int) -> None:

@@ -1,4 +1,4 @@
-"""Physical page objects and the per-item record (struct ksm_rmap_item).
+"""Physical page objects (the rmap_items are in rmap.py).
 
 A page-table slot holds one of:
 
@@ -41,37 +41,3 @@ class _KsmZero:
 KZERO: Any = _KsmZero()
 
 SEQNR_MASK = 0xFF  # the kernel keeps the low 8 bits of seqnr in an UNSTABLE rmap_item
-
-# age | remaining_skips << 8, interned so that no rmap_item owns an int object of its own.
-ASK: tuple[int, ...] = tuple(range(256 * 16))
-
-
-class UTag:
-    """UNSTABLE_FLAG + seqnr (and the mm) of an rmap_item in the unstable tree.
-
-    One tag per (mm, full scan) is shared by every item that mm inserts in that scan, so the
-    rmap_item needs no flags field: ``ref`` is a UTag (UNSTABLE), a StableNode (STABLE, the
-    kernel's ``head``) or None (in no tree, i.e. volatile).
-    """
-
-    __slots__ = ("mm", "seq")
-
-    def __init__(self, mm: Any, seq: int) -> None:
-        self.mm = mm
-        self.seq = seq
-
-
-class RmapItem:
-    """struct ksm_rmap_item: one (mm, address) KSM tracks.
-
-    ``oldck`` is the content key seen at the last checksum (the kernel's ``oldchecksum``;
-    None stands for the initial 0); ``ask`` packs ``age | remaining_skips << 8``.
-    """
-
-    __slots__ = ("addr", "ask", "oldck", "ref")
-
-    def __init__(self, addr: int) -> None:
-        self.addr = addr
-        self.oldck: bytes | None = None
-        self.ref: Any = None
-        self.ask = 0

@@ -12,8 +12,9 @@ from bisect import bisect_right
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ksm_model import content, thp
-from ksm_model.pages import KZERO, Page, RmapItem
+from ksm_model import content, stable, thp
+from ksm_model.pages import KZERO, Page
+from ksm_model.rmap import Rmap
 
 if TYPE_CHECKING:
     from ksm_model.kernel import Kernel
@@ -80,12 +81,7 @@ class Process:
         # What fork copied into the three counts above on a kernel without the fork reset
         # (profile fork_resets_counters False): they never go back to the real figures.
         self.inherited = (0, 0, 0)
-        # rmap_items sorted by address; while ksmd walks this mm, `new` holds the items
-        # already passed and `items[r:]` the rest (see scanner.py).
-        self.items: list[RmapItem] = []
-        self.new: list[RmapItem] | None = None
-        self.r = 0
-        self.utag: Any = None  # scanner.utag(): this mm's UNSTABLE tag for the current scan
+        self.rmap = Rmap()  # this mm's rmap_items, by address (rmap.py)
 
     def __repr__(self) -> str:
         return f"<Process pid={self.pid} name={self.name!r}>"
@@ -198,6 +194,8 @@ class Process:
                 k.unmap_zero_page(self)
             else:
                 s.mapcount -= 1
+                if s.node is not None:
+                    stable.touched(s.node)  # a KSM page may have gone stale
             pages[i] = None
 
     # -- data -----------------------------------------------------------------------------------
@@ -288,6 +286,8 @@ class Process:
             elif self.nlarge:
                 thp.unmap_subpage(k, self, v.start + i)  # COW of a shared huge page's subpage
             s.mapcount -= 1
+            if s.node is not None:
+                stable.touched(s.node)
         else:
             v.pages[i] = key  # an anonymous page mapped only here is reused in place
             return
@@ -354,6 +354,7 @@ class Process:
                     k.new_page(self, v.start + i)
             elif s.node is not None:
                 s.mapcount -= 1
+                stable.touched(s.node)
                 pages[i] = s.key  # FAULT_FLAG_UNSHARE: a private copy
                 k.new_page(self, v.start + i)
 

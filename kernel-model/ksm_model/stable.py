@@ -16,6 +16,7 @@ from ksm_model.content import compare
 from ksm_model.jiffies import NSEC_PER_SEC
 from ksm_model.pages import Page
 from ksm_model.rbtree import RBTree
+from ksm_model.rmap import Chunk, StableRef
 
 if TYPE_CHECKING:
     from ksm_model.kernel import Kernel
@@ -32,6 +33,7 @@ class StableNode:
         "key",
         "l",
         "length",
+        "memo",
         "mms",
         "nid",
         "p",
@@ -56,6 +58,18 @@ class StableNode:
         self.length = 0  # rmap_hlist_len
         self.mms: dict[Any, int] = {}  # mm -> number of its rmap_items on this node
         self.dead = False
+        # chain only: Kernel.stable_gen when a walk last found every dup live and none a
+        # sharing candidate (then, until one of its dups changes, every walk finds the
+        # same); -1 once touched().
+        self.memo = -1
+
+
+def touched(node: StableNode) -> None:
+    """Dup `node` changed (its rmap_hlist_len, or its KSM page was unmapped somewhere): its
+    chain's next walk must look at every dup again."""
+    chain = node.in_chain
+    if chain is not None:
+        chain.memo = -1
 
 
 def is_candidate(k: Kernel, node: StableNode, offset: int = 0) -> bool:
@@ -67,8 +81,10 @@ def remove_node(k: Kernel, node: StableNode) -> None:
     """remove_node_from_stable_tree: drop every rmap_item on it, unlink and free it.
 
     The rmap_items keep pointing at the dead node; the model treats an item whose node is
-    dead as being in no tree (the kernel clears their STABLE flag here).
+    dead as being in no tree (the kernel clears their STABLE flag here), with the node's
+    content as its oldchecksum.
     """
+    touched(node)
     if node.length:
         k.pages_shared -= 1
         k.pages_sharing -= node.length - 1
@@ -183,9 +199,14 @@ def _node_dup_best(
             prune = False
         else:
             chain.prune_time = now
+    dups = chain.dups
+    if chain.memo == k.stable_gen:
+        # Nothing changed since a walk found every dup live and none a candidate: this one
+        # would walk them all again and pick the first (the kernel's cost, not the model's).
+        k.dups_walked += len(dups)
+        return dups[0], chain
     found: StableNode | None = None
     found_len = 0
-    dups = chain.dups
     i = 0
     while i < len(dups):
         dup = dups[i]
@@ -209,7 +230,9 @@ def _node_dup_best(
         # Only one dup left: the chain collapses into it (chains -1, dups -1).
         _collapse(k, chain, found, tree)
         return found, found
-    if dups[0] is not found and is_candidate(k, found, 1):
+    if not is_candidate(k, found):
+        chain.memo = k.stable_gen  # the walk went through every dup: all live, all full
+    elif dups[0] is not found and is_candidate(k, found, 1):
         dups.remove(found)
         dups.insert(0, found)
     return found, chain
@@ -219,12 +242,13 @@ def search(k: Kernel, key: bytes, nid: int) -> StableNode | None:
     """stable_tree_search for a non-KSM page: the dup to merge into, or None."""
     tree = k.stable_trees[nid]
     ps = k.page_size
+    node_dup = _node_dup_best if k.profile.chain_best_dup else _node_dup_old
     while True:
         node = tree.root
         restart = False
         while node is not None:
             if node.chain:
-                dup, node = _node_dup(k, node, tree, True)
+                dup, node = node_dup(k, node, tree, True)
                 if dup is None:
                     restart = True
                     break
@@ -292,6 +316,7 @@ def insert(k: Kernel, page: Page) -> StableNode:
             chain.dups.insert(0, node)
             node.in_chain = chain
             k.stable_node_dups += 1
+        chain.memo = -1
         chain.dups.insert(0, new)
         new.in_chain = chain
         k.stable_node_dups += 1
@@ -299,10 +324,15 @@ def insert(k: Kernel, page: Page) -> StableNode:
     return new
 
 
-def append(k: Kernel, item: Any, node: StableNode, mm: Any) -> None:
-    """stable_tree_append: hang `item` (of `mm`) on `node`."""
+def append(k: Kernel, c: Chunk, j: int, node: StableNode, mm: Any) -> None:
+    """stable_tree_append: hang the item at index j of chunk c (of `mm`) on `node`.
+
+    The item is in no tree: its slot holds its oldchecksum, which it keeps (rmap.py).
+    """
     node.length += 1
-    item.ref = node
+    touched(node)
+    old = c.ock[j]
+    c.ock[j] = node if old == node.key else StableRef(node, old)
     if node.length > 1:
         k.pages_sharing += 1
     else:

@@ -212,6 +212,7 @@ class Sysfs:
         if self.k.max_page_sharing != knob:
             self._busy_change()
             self.k.max_page_sharing = knob
+            self.k.stable_gen += 1
 
     def _w_use_zero_pages(self, s: str) -> None:
         self.k.use_zero_pages = kstrtobool(s)

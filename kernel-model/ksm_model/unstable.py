@@ -5,9 +5,11 @@ content of their pages (it is emptied at the start of every full scan). While no
 inserted in this scan has changed, a dict keyed by content gives exactly the kernel's result:
 the walk meets no gone or modified page, and equal content is found wherever it sits.
 
-The dicts persist across scans: an entry counts only if its item was inserted in the current
-scan under that key (its tag's seqnr is the current one and its oldchecksum is the key), so a
-steady scan overwrites last scan's entries in place instead of rebuilding a table.
+A dict maps a content key to a CTag (rmap.py): the chunk of rmap_items the inserted item is
+in and the full scan it was inserted in; rmap.locate() finds the item itself on a match. The
+dicts persist across scans: an entry counts only if its tag's seqnr is the current one (an
+entry is deleted when its item leaves the tree), so a steady scan overwrites last scan's
+entries in place instead of rebuilding a table.
 
 When a user operation may change a page inserted in this scan (write, munmap,
 MADV_DONTNEED/UNMERGEABLE, exit of an mm that inserted pages in this scan), the model switches
@@ -23,55 +25,63 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ksm_model.content import compare
-from ksm_model.pages import KZERO, Page, RmapItem, UTag
+from ksm_model.pages import KZERO, Page
 from ksm_model.rbtree import RBTree
+from ksm_model.rmap import MASK, SHIFT, TREE, Chunk, CTag, ctag, locate, unstable_bits
 
 if TYPE_CHECKING:
     from ksm_model.kernel import Kernel
     from ksm_model.process import Process, Vma
 
+ItemAt = tuple["Process", int]  # (mm, page number) of an rmap_item
+# A tree item that matched: (its chunk, its index there, and its page: vma, index, page).
+TreeItem = tuple[Chunk, int, "Vma", int, Any]
+
 
 class _Node:
-    __slots__ = ("item", "l", "p", "r", "red")
+    __slots__ = ("key", "l", "mm", "p", "pn", "r", "red")
 
-    def __init__(self, item: RmapItem) -> None:
-        self.item = item
+    def __init__(self, mm: Process, pn: int, key: bytes) -> None:
+        self.mm = mm
+        self.pn = pn
+        self.key = key  # the content it was inserted under (its oldchecksum)
         self.p: Any = None
         self.l: Any = None
         self.r: Any = None
         self.red = False
 
 
-TreePage = tuple["Process", "Vma", int, Any]
-
-
-def tree_page(t: RmapItem) -> TreePage | None:
-    """get_mergeable_page: (mm, vma, index, page) of a tree item, or None if it is gone."""
-    tmm: Process = t.ref.mm
+def tree_page(tmm: Process, pn: int) -> tuple[Vma, int, Any] | None:
+    """get_mergeable_page: (vma, index, page) of a tree item at (tmm, pn), None if gone."""
     if tmm.exiting:
         return None
-    tv = tmm.find_vma(t.addr)
+    tv = tmm.find_vma(pn)
     if tv is None or not tv.mergeable or not tv.anon:
         return None
-    ti = t.addr - tv.start
+    ti = pn - tv.start
     ts = tv.pages[ti]
     if ts is None or ts is KZERO:
         return None
-    return tmm, tv, ti, ts
+    return tv, ti, ts
+
+
+def _chunk_of(mm: Process, pn: int) -> Chunk:
+    return mm.rmap.chunks[pn >> SHIFT]
 
 
 class Unstable:
     """All unstable trees of a kernel (one per NUMA node)."""
 
     def __init__(self, nodes: int) -> None:
-        self.dicts: list[dict[bytes, RmapItem]] = [{} for _ in range(nodes)]
+        self.dicts: list[dict[bytes, CTag]] = [{} for _ in range(nodes)]
         self.seqnr = 0  # the scan the current entries belong to
         self.count = 0  # inserts in this scan
         self.walked: list[Process] = []  # mms in the order ksmd walked them this scan
-        self.erased: list[tuple[RmapItem, Process, int, int]] = []  # item, mm, nid, count
+        # Erased this scan: (mm, page number, key, nid, inserts before the erase).
+        self.erased: list[tuple[Process, int, bytes, int, int]] = []
         self.slow = False
         self.trees: list[RBTree] = []
-        self.nodes: dict[RmapItem, _Node] = {}
+        self.nodes: dict[ItemAt, _Node] = {}
 
     def reset(self, seqnr: int, hard: bool = False) -> None:
         """root_unstable_tree[nid] = RB_ROOT: a new scan (entries of older scans are void)."""
@@ -87,18 +97,16 @@ class Unstable:
         self.trees = []
         self.nodes = {}
 
-    def live(self, t: RmapItem | None, key: bytes) -> bool:
-        """Is dict entry `t` (under `key`) in the current scan's tree?"""
-        if t is None:
-            return False
-        ref = t.ref
-        return ref.__class__ is UTag and ref.seq == self.seqnr and t.oldck == key
+    def live(self, t: CTag | None) -> bool:
+        """Is dict entry `t` in the current scan's tree?"""
+        return t is not None and t.seq == self.seqnr
 
     # -- dict mode ----------------------------------------------------------------------------
-    def erase(self, it: RmapItem, key: bytes) -> None:
-        """rb_erase of an item inserted in this scan."""
+    def erase(self, mm: Process, c: Chunk, j: int, key: bytes) -> None:
+        """rb_erase of the item at index j of chunk c, inserted in this scan under `key`."""
+        pn = c.base + j
         if self.slow:
-            node = self.nodes.pop(it, None)
+            node = self.nodes.pop((mm, pn), None)
             if node is not None:
                 for tree in self.trees:
                     if _root_of(node) is tree.root:
@@ -106,17 +114,17 @@ class Unstable:
                         break
             return
         for nid, d in enumerate(self.dicts):
-            if d.get(key) is it:
+            t = d.get(key)
+            if t is not None and t.chunk is c and t.seq == self.seqnr:
                 del d[key]
-                self.erased.append((it, it.ref.mm, nid, self.count))
+                self.erased.append((mm, pn, key, nid, self.count))
                 return
 
     def touched(self, k: Kernel, mm: Process) -> None:
         """A user operation may have changed pages mm inserted in this scan: go exact."""
         if self.slow or k.cursor is None:
             return
-        tag = mm.utag
-        if tag is not None and tag.seq == k.seqnr:
+        if mm.rmap.useq == k.seqnr:
             self._go_slow(k)
 
     def go_exact(self, k: Kernel) -> None:
@@ -125,32 +133,32 @@ class Unstable:
         if not self.slow and k.cursor is not None:
             self._go_slow(k)
 
-    def _history(self) -> list[tuple[RmapItem, int]]:
-        """This scan's inserts in order, as (item, nid): the walk order."""
-        erased: dict[Process, list[tuple[RmapItem, int]]] = {}
-        for it, mm, nid, _ in self.erased:
-            erased.setdefault(mm, []).append((it, nid))
-        out: list[tuple[RmapItem, int]] = []
+    def _history(self) -> list[tuple[Process, int, bytes, int]]:
+        """This scan's inserts in order, as (mm, page number, key, nid): the walk order."""
+        erased: dict[Process, list[tuple[Process, int, bytes, int]]] = {}
+        for mm, pn, key, nid, _ in self.erased:
+            erased.setdefault(mm, []).append((mm, pn, key, nid))
+        out: list[tuple[Process, int, bytes, int]] = []
         seen: set[Process] = set()
+        want = unstable_bits(self.seqnr)
         for mm in self.walked:
             if mm in seen:
                 continue
             seen.add(mm)
             mine = list(erased.get(mm, ()))
-            tag = mm.utag
-            if tag is not None and tag.seq == self.seqnr:
-                passed = mm.new if mm.new is not None else mm.items[: mm.r]
-                for it in (*passed, *mm.items[mm.r :]):
-                    if it.ref is tag:
-                        mine.append((it, self._nid_of(it)))
-            mine.sort(key=lambda e: e[0].addr)
+            if mm.rmap.useq == self.seqnr:
+                for c, j in mm.rmap.items():
+                    if c.st[j] & TREE == want:
+                        key = c.ock[j]
+                        mine.append((mm, c.base + j, key, self._nid_of(c, key)))
+            mine.sort(key=lambda e: e[1])
             out += mine
         return out
 
-    def _nid_of(self, it: RmapItem) -> int:
-        key = it.oldck
+    def _nid_of(self, c: Chunk, key: bytes) -> int:
         for nid, d in enumerate(self.dicts):
-            if key is not None and d.get(key) is it:
+            t = d.get(key)
+            if t is not None and t.chunk is c and t.seq == self.seqnr:
                 return nid
         raise AssertionError("an UNSTABLE item of this scan is in no tree")
 
@@ -158,29 +166,30 @@ class Unstable:
         ps = k.page_size
         self.trees = [RBTree() for _ in self.dicts]
         self.nodes = {}
-        history: list[tuple[RmapItem | None, int]] = [*self._history(), (None, -1)]
-        erases = sorted(self.erased, key=lambda e: e[3])
+        history: list[tuple[Process | None, int, bytes, int]] = [
+            *self._history(),
+            (None, -1, b"", -1),
+        ]
+        erases = sorted(self.erased, key=lambda e: e[4])
         pos = 0
-        for index, (it, nid) in enumerate(history):
-            while pos < len(erases) and erases[pos][3] <= index:
-                gone = erases[pos][0]
-                self.trees[erases[pos][2]].erase(self.nodes.pop(gone))
+        for index, (mm, pn, key, nid) in enumerate(history):
+            while pos < len(erases) and erases[pos][4] <= index:
+                gone = erases[pos]
+                self.trees[gone[3]].erase(self.nodes.pop((gone[0], gone[1])))
                 pos += 1
-            if it is None:
+            if mm is None:
                 break
             # Replay with the content each item had when inserted (its oldchecksum).
-            key = it.oldck
-            assert key is not None
             tree = self.trees[nid]
             parent = None
             left = False
             node = tree.root
             while node is not None:
                 parent = node
-                left = compare(key, node.item.oldck, ps) < 0
+                left = compare(key, node.key, ps) < 0
                 node = node.l if left else node.r
-            new = _Node(it)
-            self.nodes[it] = new
+            new = _Node(mm, pn, key)
+            self.nodes[(mm, pn)] = new
             tree.link(new, parent, left)
         for d in self.dicts:
             d.clear()
@@ -188,23 +197,26 @@ class Unstable:
 
     # -- search / insert ------------------------------------------------------------------------
     def search_insert(
-        self, k: Kernel, mm: Process, s: Any, it: RmapItem, key: bytes, nid: int
-    ) -> tuple[RmapItem, TreePage] | None:
-        """unstable_tree_search_insert: the matching tree item and its page, else insert it."""
+        self, k: Kernel, mm: Process, s: Any, c: Chunk, j: int, key: bytes, nid: int
+    ) -> TreeItem | None:
+        """unstable_tree_search_insert: the matching tree item and its page, else insert the
+        item at index j of chunk c (of mm)."""
         if not self.slow:
             d = self.dicts[nid]
             t = d.get(key)
-            if t is not None and self.live(t, key):
-                tp = tree_page(t)
+            if t is not None and t.seq == self.seqnr:
+                tc = t.chunk
+                tj = locate(t, key)
+                tp = tree_page(tc.mm, tc.base + tj)
                 if tp is None:
                     return None
-                ts = tp[3]
+                ts = tp[2]
                 if ts.__class__ is Page and ts is s:
                     return None  # the very same page (shared with a fork)
                 if not k.merge_across_nodes and _nid(tp) != nid:
                     return None
-                return t, tp
-            d[key] = it
+                return tc, tj, tp[0], tp[1], ts
+            d[key] = ctag(c, k.seqnr)
         else:
             tree = self.trees[nid]
             ps = k.page_size
@@ -212,37 +224,37 @@ class Unstable:
             left = False
             node = tree.root
             while node is not None:
-                t = node.item
-                tp = tree_page(t)
+                tp = tree_page(node.mm, node.pn)
                 if tp is None:
                     return None  # a page gone from under the tree: stop, no insert
-                ts = tp[3]
+                ts = tp[2]
                 if ts.__class__ is Page and ts is s:
                     return None
-                c = compare(key, ts if ts.__class__ is bytes else ts.key, ps)
+                cmp = compare(key, ts if ts.__class__ is bytes else ts.key, ps)
                 parent = node
-                if c < 0:
+                if cmp < 0:
                     left = True
                     node = node.l
-                elif c > 0:
+                elif cmp > 0:
                     left = False
                     node = node.r
                 else:
                     if not k.merge_across_nodes and _nid(tp) != nid:
                         return None
-                    return t, tp
-            new = _Node(it)
-            self.nodes[it] = new
+                    return _chunk_of(node.mm, node.pn), node.pn & MASK, tp[0], tp[1], ts
+            new = _Node(mm, c.base + j, key)
+            self.nodes[(mm, c.base + j)] = new
             tree.link(new, parent, left)
         self.count += 1
-        it.ref = k.utag(mm)
+        c.st[j] = c.st[j] & ~TREE | unstable_bits(k.seqnr)
+        mm.rmap.useq = k.seqnr
         k.pages_unshared += 1
         return None
 
 
-def _nid(tp: TreePage) -> int:
-    ts = tp[3]
-    nid: int = ts.nid if ts.__class__ is Page else tp[1].nid
+def _nid(tp: tuple[Vma, int, Any]) -> int:
+    ts = tp[2]
+    nid: int = ts.nid if ts.__class__ is Page else tp[0].nid
     return nid
 
 

@@ -79,6 +79,30 @@ def test_munmap_counters_catch_up_at_next_pass() -> None:
     assert p.ksm_stat()["ksm_rmap_items"] == 5
 
 
+@pytest.mark.parametrize("same_place", [True, False])
+def test_rmap_item_outlives_munmap_and_is_reused_at_its_address(same_place: bool) -> None:
+    # get_next_rmap_item reuses the item at an address (with its oldchecksum) when a page is
+    # there again before ksmd passed it: the page goes into the unstable tree at once.
+    k = Kernel()
+    p = k.spawn(name="p")
+    a = p.mmap(4 * PS)
+    p.write(a + PS, b"unique")
+    p.madvise(a, 4 * PS, MADV_MERGEABLE)
+    k.sysfs.write("run", "1")
+    k.run_until(full_scans=1)  # the item at a+PS has the checksum of b"unique"
+    p.munmap(a, 4 * PS)
+    assert k.ksm_rmap_items == 1
+    b = p.mmap(4 * PS) if same_place else p.mmap(8 * PS)
+    assert (b == a) == same_place
+    p.write(b + PS, b"unique")
+    p.madvise(b, 4 * PS, MADV_MERGEABLE)
+    k.run_until(full_scans=2)
+    c = k.counters()
+    assert c["pages_unshared"] == (1 if same_place else 0)
+    assert c["pages_volatile"] == (0 if same_place else 1)
+    assert k.ksm_rmap_items == 1
+
+
 def test_dontneed_zaps_and_items_freed() -> None:
     k, p, a = merged(4)
     p.madvise(a, 4 * PS, MADV_DONTNEED)

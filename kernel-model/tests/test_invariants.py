@@ -6,11 +6,12 @@ spec section 7). Catches a counter updated on one path and forgotten on another.
 from __future__ import annotations
 
 import random
+from itertools import compress
 from typing import Any
 
 import pytest
 from ksm_model import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, Kernel, Process
-from ksm_model.pages import UTag
+from ksm_model.rmap import TREE, UNSTABLE, StableRef, locate, unstable_bits
 from ksm_model.stable import StableNode
 
 PS = 4096
@@ -30,26 +31,42 @@ def _tree_nodes(root: Any) -> list[Any]:
     return out
 
 
+def _node(slot: Any) -> StableNode | None:
+    """The stable node an item hangs from (its slot), None if it is not STABLE."""
+    if isinstance(slot, StableRef):
+        node: StableNode = slot.node
+        return node
+    return slot if isinstance(slot, StableNode) else None
+
+
 def check(k: Kernel) -> None:
     mms: list[Process] = list(k.mm_list)
     items = []
     for mm in mms:
-        passed = mm.new if mm.new is not None else mm.items[: mm.r]
-        mine = passed + mm.items[mm.r :]
-        addrs = [it.addr for it in mine]
-        assert addrs == sorted(set(addrs)), "rmap list not sorted/unique"
+        rm = mm.rmap
+        mine = list(rm.items())
+        assert rm.keys == sorted(rm.chunks), "chunk index not sorted"
+        for c in rm.chunks.values():
+            assert c.mm is mm and c.n == len(c.st) - c.st.count(0)
+            assert not any(compress(c.ock, (not x for x in c.st)))  # no item: slot None
+        assert rm.count == len(mine)
         # A child forked without the fork reset (6.1 profile) keeps what it copied.
         assert mm.ksm_rmap_items == len(mine) + mm.inherited[0]
-        items += [(mm, it) for it in mine]
+        items += [(mm, c.base + j, c.st[j], c.ock[j]) for c, j in mine]
     for p in k.processes:
         if not p.registered:
             assert (p.ksm_rmap_items, p.ksm_merging_pages) == p.inherited[:2]
+            assert p.rmap.count == 0
     assert k.ksm_rmap_items == len(items)
-    unshared = sum(1 for _, it in items if isinstance(it.ref, UTag))
+    for _, _, x, slot in items:
+        # An item is in one tree at most.
+        assert not (x & UNSTABLE and _node(slot) is not None)
+    unshared = sum(1 for _, _, x, _ in items if x & UNSTABLE)
     assert k.pages_unshared == unshared
     merging: dict[Process, int] = {}
-    for mm, it in items:
-        if isinstance(it.ref, StableNode) and not it.ref.dead:
+    for mm, _, _, slot in items:
+        node = _node(slot)
+        if node is not None and not node.dead:
             merging[mm] = merging.get(mm, 0) + 1
     for mm in mms:
         assert mm.ksm_merging_pages == merging.get(mm, 0) + mm.inherited[1], mm
@@ -72,12 +89,19 @@ def check(k: Kernel) -> None:
     lost = INHERITED_ZERO.get(id(k), 0)
     assert k.ksm_zero_pages == sum(p.ksm_zero_pages for p in k.processes) - lost
     u = k.unstable  # between scans it still holds the last scan's tree (reset at next start)
-    current = [it for _, it in items if isinstance(it.ref, UTag) and it.ref.seq == u.seqnr]
+    want = unstable_bits(u.seqnr)
+    current = {(mm, pn) for mm, pn, x, _ in items if x & TREE == want}
     if u.slow:
-        assert set(u.nodes) == set(current)
+        assert set(u.nodes) == current
     else:
-        live = [it for d in u.dicts for key, it in d.items() if u.live(it, key)]
-        assert sorted(map(id, live)) == sorted(map(id, current))
+        live = []
+        for d in u.dicts:
+            for key, t in d.items():
+                if u.live(t):
+                    j = locate(t, key)
+                    live.append((t.chunk.mm, t.chunk.base + j))
+        assert len(live) == len(set(live))
+        assert set(live) == current
     for tree in k.stable_trees:
         _check_rb(tree.root)
     assert k.pages_volatile == k.ksm_rmap_items - shared - sharing - unshared

@@ -78,7 +78,14 @@ def test_compare_fast_path_is_memcmp() -> None:
         canon(bytes(16 - n) + bytes(rng.randrange(256) for _ in range(n)) + bytes(4080))
         for n in range(1, 17)
     ]
+    # Any fill byte, uniform pages, middles anywhere (prefix compare of the slow path).
+    for _ in range(80):
+        page = bytearray([rng.choice((0, 7, 200, 255))]) * 4096
+        for _ in range(rng.randrange(3)):
+            at = rng.randrange(4096)
+            page[at : at + rng.randrange(1, 40)] = bytes(rng.randrange(256) for _ in range(39))
+        keys.append(canon(bytes(page[:4096])))
     for a in keys:
-        for b in keys[:60]:
+        for b in keys[:60] + keys[-80:]:
             fa, fb = materialize(a, 4096), materialize(b, 4096)
             assert compare(a, b, 4096) == (fa > fb) - (fa < fb)
