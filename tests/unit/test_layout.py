@@ -39,8 +39,8 @@ def test_nothing_under_kernel_model_imports_the_harness() -> None:
 
 def test_benchmarks_live_in_bench_only() -> None:
     assert [p.name for p in BENCHES] == [
-        "bench_doctor.py", "bench_guests.py", "bench_model_memory.py", "bench_model_vs_kernel.py",
-        "bench_shadow.py", "bench_twin.py",
+        "bench_density.py", "bench_doctor.py", "bench_guests.py", "bench_model_memory.py",
+        "bench_model_vs_kernel.py", "bench_shadow.py", "bench_twin.py",
     ]  # fmt: skip
     strays = [
         str(p.relative_to(ROOT))
