@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,15 @@ from harness.run import run
 # quiet host: `make test-long` (nightly), not the 25-minute CI.
 pytestmark = [pytest.mark.ksm_kernel, pytest.mark.qemu, pytest.mark.long]
 PLAYBOOK = Path(__file__).resolve().parents[2] / "playbooks" / "forecast.yaml"
+
+
+def cpu_share(result: dict[str, Any]) -> float:
+    """ksmd's CPU share a forecast judges a knob set by: the larger of the share while
+    reaching the target and the steady one (harness.twin.forecast KnobResult.cpu_share)."""
+    shares = [result["steady_cpu_share"] or 0.0]
+    if result["seconds_to_target"]:
+        shares.append(result["cpu_seconds_to_target"] / result["seconds_to_target"])
+    return max(shares)
 
 
 def test_forecast_against_measured(tmp_path: Path) -> None:
@@ -40,7 +50,16 @@ def test_forecast_against_measured(tmp_path: Path) -> None:
     forecast, applied = rec["forecast"], rec["applied"]
     print(json.dumps({k: applied[k] for k in ("forecast", "measured", "error")}, indent=1))
     assert forecast["calibration"] is not None  # calibrated, not the rough defaults
-    assert forecast["recommended"] == "pages_to_scan=400,sleep_millisecs=20"
+    # The recommendation: of the knob sets whose forecast saves 95% within 90 s with ksmd under
+    # 20% of a CPU, the one with the least steady ksmd CPU, then the fastest. With THP guests
+    # that was pages_to_scan=100 (77 s forecast, 92.6 s measured); without THP it was 400.
+    fits = sorted(
+        (c for c in forecast["results"]
+         if c["converged"] and c["seconds_to_target"] <= forecast["within_seconds"]
+         and cpu_share(c) <= forecast["cpu_share_budget"]),
+        key=lambda c: (c["steady_cpu_share"] or 0.0, c["seconds_to_target"]),
+    )  # fmt: skip
+    assert fits and forecast["recommended"] == fits[0]["name"], forecast["results"]
     err = applied["error"]
     assert abs(err["saved_bytes"]) <= 0.01
     assert abs(err["seconds_to_target"]) <= 0.20
@@ -49,5 +68,5 @@ def test_forecast_against_measured(tmp_path: Path) -> None:
     assert applied["measured"]["converged"] is True
     assert r.returncode == 0, r.stderr[-2000:]
     report = (run_dir / "report.md").read_text()
-    assert "Forecast against measured (KSM turned on with `pages_to_scan=400" in report
+    assert f"Forecast against measured (KSM turned on with `{fits[0]['name']}" in report
     assert "| saved |" in report and "within 25%" in report
