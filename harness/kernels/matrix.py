@@ -130,12 +130,12 @@ def scenario_set(seeds: int, seed_start: int = 0) -> list[Scenario]:
 def guest_model_options(release: str, thp: str, thp_use_zero_page: bool) -> dict[str, Any]:
     """The model settings of a guest kernel: its THP mode as the guest shows it, and CONFIG_HZ
     / CONFIG_PT_RECLAIM from the host's /boot/config-RELEASE (the guest boots that package)."""
-    from ksm_model.hostprobe import DEFAULT_HZ, config_hz, read_config
+    from ksm_model.hostprobe import DEFAULT_HZ, boot_config, config_hz, config_pt_reclaim
 
-    text, _where = read_config(Path("/nonexistent"), Path("/boot"), release)
+    text, _where = boot_config(Path("/boot"), release)
     return {
         "hz": config_hz(text) or DEFAULT_HZ,
-        "pt_reclaim": "CONFIG_PT_RECLAIM=y" in text.splitlines(),
+        "pt_reclaim": config_pt_reclaim(text),
         "thp": thp,
         "thp_use_zero_page": thp_use_zero_page,
     }

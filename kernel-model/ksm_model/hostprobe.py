@@ -93,14 +93,14 @@ def config_hz(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def read_config(proc: Path, boot: Path, release: str) -> tuple[str, str]:
-    """(the kernel's .config text, where it came from); ("", "default") when unreadable."""
-    try:
-        text = gzip.decompress((proc / "config.gz").read_bytes()).decode()
-        if config_hz(text):
-            return text, str(proc / "config.gz")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError):
-        pass
+def config_pt_reclaim(text: str) -> bool:
+    """CONFIG_PT_RECLAIM=y in a kernel .config text."""
+    return re.search(r"^CONFIG_PT_RECLAIM=y$", text, re.M) is not None
+
+
+def boot_config(boot: Path, release: str) -> tuple[str, str]:
+    """(/boot/config-RELEASE's text, its path); ("", "default") when unreadable. Also for a
+    kernel that is installed but not running (a guest's)."""
     cfg = boot / f"config-{release}"
     try:
         text = cfg.read_text(errors="replace")
@@ -109,6 +109,18 @@ def read_config(proc: Path, boot: Path, release: str) -> tuple[str, str]:
     except OSError:
         pass
     return "", "default"
+
+
+def read_config(proc: Path, boot: Path, release: str) -> tuple[str, str]:
+    """(the running kernel's .config text, where it came from): /proc/config.gz, else
+    /boot/config-RELEASE; ("", "default") when unreadable."""
+    try:
+        text = gzip.decompress((proc / "config.gz").read_bytes()).decode()
+        if config_hz(text):
+            return text, str(proc / "config.gz")
+    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError):
+        pass
+    return boot_config(boot, release)
 
 
 def bracketed(text: str) -> str | None:
@@ -168,7 +180,7 @@ def probe(
     return HostSettings(
         release=rel,
         hz=config_hz(config) or DEFAULT_HZ,
-        pt_reclaim=re.search(r"^CONFIG_PT_RECLAIM=y$", config, re.M) is not None,
+        pt_reclaim=config_pt_reclaim(config),
         thp=thp,
         thp_use_zero_page=zero,
         ksmd_runtime_ns=ksmd_runtime_ns(proc),
