@@ -25,7 +25,7 @@ typecheck: bootstrap
 test: bootstrap lint typecheck
 	$(BIN)/python -m pytest -m "not long" $(PYTEST_ARGS)
 
-# The nightly remainder: the `long` tests (forecast against measured, the Debian guest, random
+# The nightly remainder: the `long` tests (the Debian guest, the quickstart on the model, random
 # differential seeds 200-499) and the kernel matrix on both guest kernels with 100 seeds each.
 test-long: bootstrap
 	$(BIN)/python -m pytest -m long $(PYTEST_ARGS)

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark: what the exporter's live twin costs. Prints figures, asserts nothing.
 
-    sudo .venv/bin/python bench/bench_twin.py [--guests 4] [--seconds 180] [--json FILE]
+    sudo .venv/bin/python bench/bench_twin.py [--guests 4] [--seconds 180] [--no-thp] [--json FILE]
 
-Boots the guests (harness.guests.Fleet, THP off, as the runner does), fills each with 48 MiB of
-identical and 32 MiB of mixed memory, turns KSM on at the kernel's default knobs
+Boots the guests (harness.guests.Fleet, transparent huge pages on as in a playbook's fleet;
+`--no-thp` turns them off), fills each with 48 MiB of identical and 32 MiB of mixed memory,
+turns KSM on at the kernel's default knobs
 (pages_to_scan 100, sleep_millisecs 20: a full scan takes half a minute here), waits until
 the twin (harness.twin.live, as `ksmh export --twin` runs it: its own thread, 5% budget)
 and the kernel agree, then measures over `--seconds`:
@@ -71,9 +72,10 @@ def measure(args: argparse.Namespace, k: SysfsBackend, fig: Figures) -> None:
     k.apply({**DEFAULTS, "run": 0})
     fig.note(
         f"{args.guests} guests x {args.memory} MiB, each filling 48 MiB identical + 32 MiB "
-        "mixed; THP off; the kernel's default knobs (pages_to_scan 100, sleep_millisecs 20)"
+        f"mixed; THP {'off' if args.no_thp else 'on'}; the kernel's default knobs "
+        "(pages_to_scan 100, sleep_millisecs 20)"
     )
-    with Fleet(FleetSpec(args.guests, args.memory, thp=False), progress=False) as fleet:
+    with Fleet(FleetSpec(args.guests, args.memory, thp=not args.no_thp), progress=False) as fleet:
         fleet.run("fill", "a", "48M", "byte:0x5a").raise_if_failed()
         fleet.run("fill", "b", "32M", "mix:7:common=50,zero=10").raise_if_failed()
         twin = Twin(k, cpu_budget=args.budget)
@@ -123,6 +125,7 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=256, help="MiB per guest")
     ap.add_argument("--seconds", type=float, default=180.0, help="measurement window")
     ap.add_argument("--budget", type=float, default=0.05, help="the twin's CPU budget (0.05)")
+    ap.add_argument("--no-thp", action="store_true", help="guests without transparent huge pages")
     add_json_option(ap)
     args = ap.parse_args()
     fig = Figures("live twin cost (bench/bench_twin.py)", args)

@@ -69,7 +69,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--no-thp",
         action="store_true",
-        help="start QEMU with transparent huge pages off (as playbooks do by default)",
+        help="start QEMU with transparent huge pages off (a playbook: fleet: {thp: false})",
     )
     p.add_argument(
         "--concurrency",

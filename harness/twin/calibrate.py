@@ -157,11 +157,10 @@ class Calibrator:
 
     def _model_of(self, pids: list[int]) -> Any:
         """A fresh model holding a shadow capture of the children, with the kernel's knobs."""
-        from ksm_model import Kernel
-
+        from harness.ksm.model import ModelBackend
         from harness.shadow import Shadow
 
-        model = Kernel(profile="host")
+        model = ModelBackend(profile="host").kernel
         knobs = self.k.read_tunables().present()
         for name in ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "smart_scan",
                      "use_zero_pages", "merge_across_nodes"):  # fmt: skip
@@ -314,23 +313,13 @@ def fit(obs: list[Observation]) -> tuple[list[float], float]:
 
 
 def host_hz(proc: Path = procfs.PROC) -> int:
-    """CONFIG_HZ: from /proc/config.gz or /boot/config-RELEASE, else measured from jiffies in
-    /proc/timer_list over 0.2 s, else 250."""
-    import gzip
+    """CONFIG_HZ: from /proc/config.gz or /boot/config-RELEASE (ksm_model.hostprobe's reader),
+    else measured from jiffies in /proc/timer_list over 0.2 s, else 250."""
+    from ksm_model.hostprobe import config_hz, read_config
 
-    def config_gz() -> str:
-        return gzip.decompress((proc / "config.gz").read_bytes()).decode()
-
-    def boot_config() -> str:
-        return Path(f"/boot/config-{release()}").read_text()
-
-    for read in (config_gz, boot_config):
-        try:
-            for line in read().splitlines():
-                if line.startswith("CONFIG_HZ="):
-                    return int(line.partition("=")[2])
-        except (OSError, ValueError, EOFError):
-            continue
+    hz = config_hz(read_config(proc, Path("/boot"), release())[0])
+    if hz:
+        return hz
     try:
         j0, t0 = _jiffies(proc), time.monotonic()
         time.sleep(0.2)

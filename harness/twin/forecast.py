@@ -183,9 +183,10 @@ def run_knobs(
 ) -> RunResult:
     """A fresh model with the host's knobs overridden by `knobs`, the capture replayed into
     it, its ksmd run from run=1 to convergence on the calibration."""
-    from ksm_model import Kernel
+    from harness.ksm.model import ModelBackend
 
-    model = Kernel(profile=profile)
+    # profile "host": the running kernel as set up (THP mode, CONFIG_HZ, ...), as the twin's.
+    model = ModelBackend(profile=profile).kernel
     configure(model, base, knobs)
     Shadow(model).replay(caps)
     model.sysfs.write("run", "1")

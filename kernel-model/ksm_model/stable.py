@@ -121,6 +121,17 @@ def _node_dup(
     return _node_dup_best(k, chain, tree, prune)
 
 
+def _prune_due(k: Kernel, chain: StableNode) -> bool:
+    """!time_before(jiffies, chain_prune_time + msecs_to_jiffies(prune_ms)): the chain is due a
+    prune, which restarts its interval now."""
+    hz = k.hz
+    now = k.now_ns * hz // NSEC_PER_SEC
+    if now - chain.prune_time - (k.stable_node_chains_prune_millisecs * hz + 999) // 1000 < 0:
+        return False
+    chain.prune_time = now
+    return True
+
+
 def _node_dup_old(
     k: Kernel, chain: StableNode, tree: RBTree, prune: bool
 ) -> tuple[StableNode | None, StableNode]:
@@ -131,13 +142,7 @@ def _node_dup_old(
     has elapsed) that found exactly one live dup, and it is a candidate.
     """
     if prune:
-        # time_before(jiffies, chain_prune_time + msecs_to_jiffies(prune_ms)), as in 6.1
-        hz = k.hz
-        now = k.now_ns * hz // NSEC_PER_SEC
-        if now - chain.prune_time - (k.stable_node_chains_prune_millisecs * hz + 999) // 1000 < 0:
-            prune = False
-        else:
-            chain.prune_time = now
+        prune = _prune_due(k, chain)
     found: StableNode | None = None
     found_len = 0
     live = 0
@@ -191,14 +196,7 @@ def _node_dup_best(
     most mappings; this only matters for later collapse/prune behaviour.
     """
     if prune:
-        # time_before(jiffies, chain_prune_time + msecs_to_jiffies(prune_ms)) (inlined: this
-        # runs at every lookup through a chain)
-        hz = k.hz
-        now = k.now_ns * hz // NSEC_PER_SEC
-        if now - chain.prune_time - (k.stable_node_chains_prune_millisecs * hz + 999) // 1000 < 0:
-            prune = False
-        else:
-            chain.prune_time = now
+        prune = _prune_due(k, chain)
     dups = chain.dups
     if chain.memo == k.stable_gen:
         # Nothing changed since a walk found every dup live and none a candidate: this one

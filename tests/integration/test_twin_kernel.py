@@ -16,6 +16,7 @@ from subprocess import Popen
 
 import pytest
 
+from harness import procfs
 from harness.ksm.sysfs import SysfsBackend
 from harness.run import PIPE, spawn
 from harness.twin.live import DELTA_COUNTERS, Twin
@@ -113,3 +114,49 @@ def test_twin_equals_the_kernel_as_processes_come_and_go(
     assert stats.scans_skipped == 0
     # Monitoring does not disturb: no knob was written, ksmd was never paused.
     assert ksm.read_tunables() == type(knobs)(**{**knobs.as_dict(), "run": 1})
+
+
+def huge_bytes(procs: list[Popen[bytes]], twin: Twin | None = None) -> list[int]:
+    """Bytes of huge pages in each process's mergeable memory: the kernel's (smaps
+    AnonHugePages), or with `twin` its model's."""
+    if twin is not None:
+        return [twin.main.side.shadow.model_pid(p.pid).anon_huge_bytes() for p in procs]
+    return [sum(v.anon_huge_kib for v in procfs.smaps(p.pid) if v.mergeable) << 10 for p in procs]
+
+
+@pytest.mark.ksm_kernel
+def test_twin_equals_the_kernel_with_huge_pages(
+    ksm: SysfsBackend, children: list[Popen[bytes]]
+) -> None:
+    """Children with two transparent huge pages each (0x5a, zero-filled tails, pages identical
+    across children): the twin's capture must keep the THP layout and the zero-filled
+    subpages, or its model neither visits them nor splits the huge pages as ksmd does."""
+    from ksm_model.hostprobe import probe
+
+    from harness.thp import khugepaged_pinned
+    from tests.integration.test_shadow_kernel import CHILD_THP
+
+    if probe().thp == "never":
+        pytest.skip("transparent huge pages are disabled on this host")
+    ksm.write_tunables(run=2, force=True)
+    ksm.apply({**KNOBS, "run": 0})
+    with khugepaged_pinned():
+        for _ in range(3):
+            p = spawn([sys.executable, "-c", CHILD_THP], stdin=PIPE, stdout=PIPE)
+            children.append(p)
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        if huge_bytes(children) != [4 << 20] * 3:
+            pytest.skip("the kernel did not give the children huge pages (memory fragmented?)")
+        twin = Twin(ksm, poll=0.02, cpu_budget=1.0)
+        assert twin.step()
+        assert huge_bytes(children, twin) == [4 << 20] * 3  # the capture kept the layout
+        assert twin.snapshot()[0].captured_pages == 3 * 1200  # and the zero-filled subpages
+        ksm.write_tunables(run=1)
+        zero = dict.fromkeys(DELTA_COUNTERS, 0)
+        assert syncs(twin, 5) == [zero] * 5
+        # KSM split huge pages to merge their subpages, the kernel's and the model's alike.
+        real, model = huge_bytes(children), huge_bytes(children, twin)
+    assert model == real and sum(real) < 3 * (4 << 20), (model, real)
+    assert twin.last_kernel()["pages_sharing"] > 0
+    stats, _ = twin.snapshot()
+    assert stats.errors == 0 and stats.scans_skipped == 0

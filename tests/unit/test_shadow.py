@@ -327,6 +327,11 @@ def test_capture_finds_huge_pages_by_pfn_and_kpageflags(tmp_path: Path) -> None:
     (vc,) = cap.vmas
     assert vc.huge == frozenset({1}) and cap.thp_disabled
     assert cap.present == 1024  # zero-filled pages of a THP or not, all are scanned
+    # The twin's and the forecast's incremental capture sees the same layout.
+    from harness.twin.capture import IncrementalCapture
+
+    (inc,) = IncrementalCapture(proc).capture({9: "w"})
+    assert inc.vmas[0].huge == frozenset({1}) and inc.present == 1024 and inc.thp_disabled
 
 
 def test_a_zombie_is_skipped_not_a_crash(tmp_path: Path) -> None:

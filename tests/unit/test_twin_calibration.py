@@ -11,7 +11,7 @@ import pytest
 
 from harness.errors import HarnessError
 from harness.twin import calibration
-from harness.twin.calibrate import Observation, fit
+from harness.twin.calibrate import Observation, fit, host_hz
 from harness.twin.calibration import TERMS, Calibration, msecs_to_jiffies, wheel_granule
 
 COSTS = {"first": 1800.0, "unique": 1500.0, "unique_depth2": 40.0, "merged": 500.0,
@@ -124,3 +124,10 @@ def test_fit_never_returns_a_negative_cost() -> None:
     assert min(costs) >= 0
     assert costs[TERMS.index("batch")] == 0.0
     assert costs[0] == pytest.approx(1000.0, rel=0.05)
+
+
+def test_host_hz_reads_the_kernel_config(tmp_path: Path) -> None:
+    import gzip
+
+    (tmp_path / "config.gz").write_bytes(gzip.compress(b"CONFIG_KSM=y\nCONFIG_HZ=300\n"))
+    assert host_hz(tmp_path) == 300
