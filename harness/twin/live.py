@@ -257,6 +257,7 @@ class Twin:
             made = self._scans_on_own_clock(m, scans) if warmup and scans else 0
             made += self._advance(m, wall)
             m.side.publish()
+        m.side.drain_scans()  # the per-scan series is the runner's; kept here, it would grow
         spent = time.thread_time() - c0
         if made > 0:
             # What one scan costs this model, smoothed: the next syncs plan with it.

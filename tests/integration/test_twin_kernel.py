@@ -112,6 +112,8 @@ def test_twin_equals_the_kernel_as_processes_come_and_go(
     stats, _ = twin.snapshot()
     assert stats.errors == 0 and stats.captured_processes == 2
     assert stats.scans_skipped == 0
+    # A twin runs for months: it keeps no per-scan history (the runner's sides do, and drain it).
+    assert [m.side.drain_scans() for m in twin.models] == [[]]
     # Monitoring does not disturb: no knob was written, ksmd was never paused.
     assert ksm.read_tunables() == type(knobs)(**{**knobs.as_dict(), "run": 1})
 
