@@ -10,7 +10,8 @@ For each target process (a guest's QEMU, or any PID):
    THP layout: every aligned 2 MiB block whose 512 PFNs are one huge page (harness.pagemap),
    and whether the process has THP disabled (THP_enabled in /proc/PID/status);
 3. their contents, read through /proc/PID/mem and reduced at once to a 16-byte content key
-   (harness.pagekey: XXH3-128, read in cache-sized chunks): the bytes are never kept;
+   (harness.pagekey: the first 8 bytes and an XXH3-64 digest, read in cache-sized chunks):
+   only the key is kept;
 4. replay into the model: one model process per real process, registered in the kernel's order
    (process start time, then PID: the order in which QEMU processes madvised their RAM, as long
    as each started after the one before registered; the fleet starts its guests so), each
@@ -489,17 +490,18 @@ class Shadow:
         return self.twins[pid].proc
 
 
-_PAD = bytes(PAGE - KEY_SIZE - 2)
+_PAD = bytes(PAGE - KEY_SIZE - 1)
 
 
 def model_page(key: bytes) -> bytes:
     """The page written into the model for a content key that is not a uniform page's: the
-    key between two 0x01 bytes, then zeros. Pages are equal exactly when their keys are. Every
-    such page has one shape (18 bytes, then zeros), so the model's own keys for them all have
-    one length and offset and compare without building pages (ksm_model.content.compare's
-    fast path); a plain key + zeros did not when the key began or ended with NUL bytes, and a
-    stable tree node holding such a page cost every search through it two 4 KiB pages."""
-    return b"\x01" + key + b"\x01" + _PAD
+    key (the page's first bytes, then a digest: harness.pagekey), 0x01, then zeros. Pages are
+    equal exactly when their keys are, and ordered as memcmp orders the real pages whenever
+    their first bytes differ (the trees' order). A key that does not begin with a NUL byte
+    gives one shape (17 bytes, then zeros), so the model compares such pages without building
+    them (ksm_model.content.compare's fast path); the 0x01 keeps a key ending in NUL bytes
+    from changing that shape."""
+    return key + b"\x01" + _PAD
 
 
 def _write_pages(proc: Any, addr: int, keys: np.ndarray, changed: np.ndarray) -> int:

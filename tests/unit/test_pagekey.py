@@ -84,3 +84,36 @@ def test_shadow_and_twin_captures_give_the_same_keys(tmp_path: Path) -> None:
     assert twin.keys[0].ljust(KEY_SIZE, b"\0") == page_key(b"\x5a" * PAGE)
     assert twin.keys[5].ljust(KEY_SIZE, b"\0") == ZERO_KEY
     assert [twin.keys[i] for i in (2, 3, 4)] == [ABSENT] * 3  # zero page, absent, file
+
+
+def test_keys_and_model_pages_order_pages_as_memcmp_does() -> None:
+    """The KSM trees are ordered by memcmp: wherever two pages' first 8 bytes differ, their
+    keys compare bytewise as the pages do, and so do the pages the model is given for them
+    (by the model's own compare); the zero page stays below every model page."""
+    from ksm_model.content import canon, compare
+
+    from harness.shadow import model_page
+
+    rng = np.random.default_rng(7)
+    pages = [rng.bytes(PAGE) for _ in range(40)]
+    pages += [bytes(PAGE - 8) + rng.bytes(8) for _ in range(10)]  # mostly zeros, leading NULs
+    pages += [bytes([b]) * 8 + rng.bytes(PAGE - 8) for b in (0, 1, 0x5A, 0xFF)]
+    keys = [page_key(p) for p in pages]
+    model = [canon(model_page(k)) for k in keys]
+    checked = 0
+    for i, (a, ka, ma) in enumerate(zip(pages, keys, model, strict=True)):
+        assert compare(canon(bytes(PAGE)), ma, PAGE) < 0  # the zero page is the least
+        for b, kb, mb in zip(pages[i + 1 :], keys[i + 1 :], model[i + 1 :], strict=True):
+            if a[:8] == b[:8]:
+                continue
+            want = -1 if a < b else 1
+            assert (-1 if ka < kb else 1) == want
+            assert compare(ma, mb, PAGE) == want
+            checked += 1
+    assert checked > 1000
+    # Uniform pages are written as themselves: a model page sorts against them by its first
+    # bytes, as the real page does.
+    for p, m in zip(pages, model, strict=True):
+        for byte in (0x01, 0x5A, 0xFE):
+            if p[:8] != bytes([byte]) * 8:
+                assert compare(m, bytes([byte]), PAGE) == (-1 if p < bytes([byte]) * PAGE else 1)

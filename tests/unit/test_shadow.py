@@ -109,8 +109,8 @@ class FakeProcess:
         return self.top
 
     def write(self, addr: int, data: bytes) -> None:
-        assert data == model_page(data[1:17])  # a content key is written framed (model_page)
-        self.calls.append(("write", addr, len(data), data[1:17]))
+        assert data == model_page(data[:16])  # a content key is written as model_page() frames it
+        self.calls.append(("write", addr, len(data), data[:16]))
 
     def fill(self, addr: int, length: int, byte: int) -> None:
         self.calls.append(("fill", addr, length, byte))
