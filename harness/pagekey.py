@@ -1,13 +1,16 @@
 """Content keys of memory pages, and reading pages through /proc/PID/mem at memory speed.
 
-A page's key is 16 bytes: its first 8 bytes as they are, then its 8-byte XXH3-64 digest. Two
-pages get equal keys exactly when their contents are equal (barring a 2^-64 accident between
-pages that also begin alike; XXH3 is not a cryptographic hash, so a guest that crafts a
-collision on purpose could make the model merge two pages the kernel's memcmp keeps apart: it
-would fool only the model, never the kernel). The real prefix keeps the kernel's order: the
-KSM trees are ordered by memcmp of the contents, and keys compared bytewise order pages as
-memcmp does whenever their first 8 bytes differ. That order decides which searches pass a
-tree node: measured with 4 THP guests, a zero-filled unstable-tree entry gone stale (its huge
+A page's key is 16 bytes: 4096 minus the number of NUL bytes it begins with (2 bytes, big
+endian), the 6 bytes that follow them, then the page's 8-byte XXH3-64 digest. Two pages get
+equal keys exactly when their contents are equal (barring a 2^-64 accident between pages
+that also begin alike; XXH3 is not a cryptographic hash, so a guest that crafts a collision
+on purpose could make the model merge two pages the kernel's memcmp keeps apart: it would
+fool only the model, never the kernel). The head keeps the kernel's order: the KSM trees are
+ordered by memcmp of the contents, and keys compared bytewise order pages as memcmp does
+whenever the pages differ within their leading NULs and the 6 bytes after them (a page with
+more leading NULs is the smaller; guest memory holds many pages that begin with NULs, which a
+plain 8-byte prefix would leave to the digest to order). That order decides which searches
+pass a tree node: measured with 4 THP guests, a zero-filled unstable-tree entry gone stale (its huge
 page split, the page remapped to the zero page) stopped 69,771 of scan 2's searches in a model
 whose pages were ordered by a hash alone, and the real ksmd merged 27,000 to 39,000 pages more
 in that scan; with the prefix, model and ksmd agreed within a batch. Measured here, XXH3
@@ -36,13 +39,21 @@ KEY_SIZE = 16
 KEY_DTYPE = f"S{KEY_SIZE}"
 READ_PAGES = 256  # pages per read of /proc/PID/mem: 1 MiB, cache-sized (see module docstring)
 
-PREFIX = 8  # bytes of the page itself at the head of its key (see the module docstring)
+HEAD = 6  # bytes of the page after its leading NULs, in its key (see the module docstring)
+MAX_NULS = PAGE - 16  # leading NULs a key records at most (the model page must hold the rest)
 _digest = xxhash.xxh3_64_digest
 
 
+def _key(page: bytes | bytearray | memoryview, nuls: int) -> bytes:
+    nuls = min(nuls, MAX_NULS)
+    return (PAGE - nuls).to_bytes(2, "big") + bytes(page[nuls : nuls + HEAD]) + _digest(page)
+
+
 def page_key(page: bytes | bytearray | memoryview) -> bytes:
-    """The 16-byte content key of one page: its first 8 bytes, then its XXH3-64 digest."""
-    return bytes(page[:PREFIX]) + _digest(page)
+    """The 16-byte content key of one page: 4096 minus its leading NUL bytes (2 bytes, big
+    endian), the 6 bytes after them, then its XXH3-64 digest."""
+    data = bytes(page)
+    return _key(data, len(data) - len(data.lstrip(b"\0")))
 
 
 # Keys of the 256 uniform pages: a captured key found here is written into the model as a
@@ -55,11 +66,20 @@ ZERO_KEY_NP = np.array(ZERO_KEY, dtype=KEY_DTYPE)
 def keys_of(buf: bytes | bytearray | memoryview, pages: int) -> np.ndarray:
     """The keys (dtype S16) of the first `pages` whole pages of `buf`."""
     view = memoryview(buf)
-    digest = _digest
+    arr = np.frombuffer(view, np.uint8, pages * PAGE).reshape(pages, PAGE)
+    nuls = np.zeros(pages, dtype=np.int64)
+    # Most pages begin with a byte that is not NUL: only the others need their NULs counted.
+    lead = np.flatnonzero(arr[:, 0] == 0)
+    if len(lead):
+        nz = arr[lead] != 0
+        nuls[lead] = np.where(nz.any(axis=1), nz.argmax(axis=1), PAGE)
+    np.minimum(nuls, MAX_NULS, out=nuls)
     out = np.empty((pages, KEY_SIZE), dtype=np.uint8)
-    out[:, :PREFIX] = np.frombuffer(view, np.uint8, pages * PAGE).reshape(pages, PAGE)[:, :PREFIX]
+    out[:, :2] = (PAGE - nuls).astype(">u2").view(np.uint8).reshape(pages, 2)
+    out[:, 2 : 2 + HEAD] = arr[np.arange(pages)[:, None], nuls[:, None] + np.arange(HEAD)]
+    digest = _digest
     joined = b"".join([digest(view[i : i + PAGE]) for i in range(0, pages * PAGE, PAGE)])
-    out[:, PREFIX:] = np.frombuffer(joined, np.uint8).reshape(pages, KEY_SIZE - PREFIX)
+    out[:, 2 + HEAD :] = np.frombuffer(joined, np.uint8).reshape(pages, KEY_SIZE - 2 - HEAD)
     return out.view(KEY_DTYPE).reshape(pages)
 
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from harness import procfs
 from harness.errors import HarnessError
-from harness.pagekey import KEY_DTYPE, KEY_SIZE, UNIFORM_KEYS, ZERO_KEY_NP, PageReader
+from harness.pagekey import KEY_DTYPE, KEY_SIZE, MAX_NULS, UNIFORM_KEYS, ZERO_KEY_NP, PageReader
 from harness.pagekey import PAGE as PAGE  # re-exported: the doctor keys pages with it
 from harness.pagekey import page_key as page_key  # re-exported (doctor, tests)
 from harness.pagemap import HPAGE, huge_blocks, in_blocks, is_huge_page
@@ -490,18 +490,17 @@ class Shadow:
         return self.twins[pid].proc
 
 
-_PAD = bytes(PAGE - KEY_SIZE - 1)
-
-
 def model_page(key: bytes) -> bytes:
     """The page written into the model for a content key that is not a uniform page's: the
-    key (the page's first bytes, then a digest: harness.pagekey), 0x01, then zeros. Pages are
-    equal exactly when their keys are, and ordered as memcmp orders the real pages whenever
-    their first bytes differ (the trees' order). A key that does not begin with a NUL byte
-    gives one shape (17 bytes, then zeros), so the model compares such pages without building
-    them (ksm_model.content.compare's fast path); the 0x01 keeps a key ending in NUL bytes
-    from changing that shape."""
-    return key + b"\x01" + _PAD
+    real page's leading NULs and the 6 bytes after them (harness.pagekey), its digest, 0x01,
+    then zeros. Pages are equal exactly when their keys are, and ordered as memcmp orders the
+    real pages whenever those differ within that head (the trees' order). Pages with as many
+    leading NULs have one shape, so the model compares them without building them
+    (ksm_model.content.compare's fast path); the 0x01 keeps a digest ending in NUL bytes from
+    changing that shape."""
+    nuls = min(max(PAGE - int.from_bytes(key[:2], "big"), 0), MAX_NULS)  # any 16 bytes work
+    body = bytes(nuls) + key[2:] + b"\x01"
+    return body + bytes(PAGE - len(body))
 
 
 def _write_pages(proc: Any, addr: int, keys: np.ndarray, changed: np.ndarray) -> int:

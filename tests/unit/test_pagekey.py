@@ -11,6 +11,7 @@ import numpy as np
 from harness.pagekey import (
     KEY_DTYPE,
     KEY_SIZE,
+    MAX_NULS,
     PAGE,
     UNIFORM_KEYS,
     ZERO_KEY,
@@ -87,9 +88,10 @@ def test_shadow_and_twin_captures_give_the_same_keys(tmp_path: Path) -> None:
 
 
 def test_keys_and_model_pages_order_pages_as_memcmp_does() -> None:
-    """The KSM trees are ordered by memcmp: wherever two pages' first 8 bytes differ, their
-    keys compare bytewise as the pages do, and so do the pages the model is given for them
-    (by the model's own compare); the zero page stays below every model page."""
+    """The KSM trees are ordered by memcmp: wherever two pages differ within their leading
+    NULs and the 6 bytes after them, their keys compare bytewise as the pages do, and so do
+    the pages the model is given for them (by the model's own compare); the zero page stays
+    below every model page."""
     from ksm_model.content import canon, compare
 
     from harness.shadow import model_page
@@ -98,13 +100,19 @@ def test_keys_and_model_pages_order_pages_as_memcmp_does() -> None:
     pages = [rng.bytes(PAGE) for _ in range(40)]
     pages += [bytes(PAGE - 8) + rng.bytes(8) for _ in range(10)]  # mostly zeros, leading NULs
     pages += [bytes([b]) * 8 + rng.bytes(PAGE - 8) for b in (0, 1, 0x5A, 0xFF)]
+    pages += [bytes(n) + rng.bytes(PAGE - n) for n in (1, 7, 8, 9, 100, 1000, 1000, 4000)]
+
+    def head(p: bytes) -> bytes:  # what a key holds of a page (at most MAX_NULS NULs)
+        return p[: min(len(p) - len(p.lstrip(b"\0")), MAX_NULS) + 6]
+
     keys = [page_key(p) for p in pages]
+    assert keys_of(b"".join(pages), len(pages)).tolist() == [k.rstrip(b"\0") for k in keys]
     model = [canon(model_page(k)) for k in keys]
     checked = 0
     for i, (a, ka, ma) in enumerate(zip(pages, keys, model, strict=True)):
         assert compare(canon(bytes(PAGE)), ma, PAGE) < 0  # the zero page is the least
         for b, kb, mb in zip(pages[i + 1 :], keys[i + 1 :], model[i + 1 :], strict=True):
-            if a[:8] == b[:8]:
+            if head(a) == head(b):
                 continue
             want = -1 if a < b else 1
             assert (-1 if ka < kb else 1) == want
@@ -115,5 +123,5 @@ def test_keys_and_model_pages_order_pages_as_memcmp_does() -> None:
     # bytes, as the real page does.
     for p, m in zip(pages, model, strict=True):
         for byte in (0x01, 0x5A, 0xFE):
-            if p[:8] != bytes([byte]) * 8:
+            if head(p) != bytes([byte]) * len(head(p)):
                 assert compare(m, bytes([byte]), PAGE) == (-1 if p < bytes([byte]) * PAGE else 1)
