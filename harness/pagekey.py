@@ -9,13 +9,14 @@ fool only the model, never the kernel). The head keeps the kernel's order: the K
 ordered by memcmp of the contents, and keys compared bytewise order pages as memcmp does
 whenever the pages differ within their leading NULs and the 6 bytes after them (a page with
 more leading NULs is the smaller; guest memory holds many pages that begin with NULs, which a
-plain 8-byte prefix would leave to the digest to order). That order decides which searches
-pass a tree node: measured with 4 THP guests, a zero-filled unstable-tree entry gone stale (its huge
-page split, the page remapped to the zero page) stopped 69,771 of scan 2's searches in a model
-whose pages were ordered by a hash alone, and the real ksmd merged 27,000 to 39,000 pages more
-in that scan; with the prefix, model and ksmd agreed within a batch. Measured here, XXH3
-hashes a 4 KiB page in about a tenth of BLAKE2b's time, so the capture is bound by reading,
-not hashing.
+plain 8-byte prefix would leave to the digest to order: it missed 2 of 63 KSM pages of a
+1-guest run). That order decides which searches pass a tree node: measured with 4 THP guests,
+a zero-filled unstable-tree entry gone stale (its huge page split, the page remapped to the
+zero page) stopped 69,771 of scan 2's searches in a model whose pages were ordered by a hash
+alone, and the real ksmd merged 27,000 to 39,000 pages more in that scan; ordered by the
+head, model and ksmd agree within a batch. XXH3 hashes a 4 KiB page in about a tenth of
+BLAKE2b's time; keys_of() keys 3.4 GiB/s here (a third of the pages beginning with NULs), so
+the capture is bound by reading, not keying.
 
 Pages are read in chunks of READ_PAGES into one reused buffer (os.preadv): no new 1 MiB
 object (and no page faults on fresh memory) per read, and the chunk stays in the CPU cache

@@ -10,8 +10,8 @@ For each target process (a guest's QEMU, or any PID):
    THP layout: every aligned 2 MiB block whose 512 PFNs are one huge page (harness.pagemap),
    and whether the process has THP disabled (THP_enabled in /proc/PID/status);
 3. their contents, read through /proc/PID/mem and reduced at once to a 16-byte content key
-   (harness.pagekey: the first 8 bytes and an XXH3-64 digest, read in cache-sized chunks):
-   only the key is kept;
+   (harness.pagekey: the page's head, its leading NULs and 6 bytes, and an XXH3-64 digest,
+   read in cache-sized chunks): only the key is kept;
 4. replay into the model: one model process per real process, registered in the kernel's order
    (process start time, then PID: the order in which QEMU processes madvised their RAM, as long
    as each started after the one before registered; the fleet starts its guests so), each
@@ -497,9 +497,11 @@ def model_page(key: bytes) -> bytes:
     real pages whenever those differ within that head (the trees' order). Pages with as many
     leading NULs have one shape, so the model compares them without building them
     (ksm_model.content.compare's fast path); the 0x01 keeps a digest ending in NUL bytes from
-    changing that shape."""
-    nuls = min(max(PAGE - int.from_bytes(key[:2], "big"), 0), MAX_NULS)  # any 16 bytes work
-    body = bytes(nuls) + key[2:] + b"\x01"
+    changing that shape. Any other 16 bytes (a test's made-up key) are framed whole as
+    0x01 + key + 0x01 + zeros, which no real key's page equals."""
+    nuls = PAGE - int.from_bytes(key[:2], "big")
+    real = 0 <= nuls <= MAX_NULS
+    body = bytes(nuls) + key[2:] + b"\x01" if real else b"\x01" + key + b"\x01"
     return body + bytes(PAGE - len(body))
 
 
