@@ -50,7 +50,7 @@ def test_forecast_against_measured(tmp_path: Path) -> None:
     forecast, applied = rec["forecast"], rec["applied"]
     print(json.dumps({k: applied[k] for k in ("forecast", "measured", "error")}, indent=1))
     assert forecast["calibration"] is not None  # calibrated, not the rough defaults
-    # The recommendation: of the knob sets whose forecast saves 95% within 90 s with ksmd under
+    # The recommendation: of the knob sets whose forecast saves 95% within 60 s with ksmd under
     # 20% of a CPU, the one with the least steady ksmd CPU, then the fastest: here it was
     # pages_to_scan=400 (24.7 s to 95% forecast, 24.0 s measured; 2.27 s ksmd CPU vs 2.11 s).
     fits = sorted(

@@ -179,7 +179,7 @@ def test_forecast_step() -> None:
             {"pages_to_scan": n, "sleep_millisecs": 20} for n in (100, 400, 1000, 4000)
         ),
         target=0.95,
-        within=90.0,
+        within=60.0,
         cpu=0.2,
         apply=True,
         timeout=900.0,
