@@ -45,23 +45,9 @@ MAX_NULS = PAGE - 16  # leading NULs a key records at most (the model page must 
 _digest = xxhash.xxh3_64_digest
 
 
-def _key(page: bytes | bytearray | memoryview, nuls: int) -> bytes:
-    nuls = min(nuls, MAX_NULS)
-    return (PAGE - nuls).to_bytes(2, "big") + bytes(page[nuls : nuls + HEAD]) + _digest(page)
-
-
 def page_key(page: bytes | bytearray | memoryview) -> bytes:
-    """The 16-byte content key of one page: 4096 minus its leading NUL bytes (2 bytes, big
-    endian), the 6 bytes after them, then its XXH3-64 digest."""
-    data = bytes(page)
-    return _key(data, len(data) - len(data.lstrip(b"\0")))
-
-
-# Keys of the 256 uniform pages: a captured key found here is written into the model as a
-# uniform page (so the zero page and use_zero_pages behave exactly as in the kernel).
-UNIFORM_KEYS: dict[bytes, int] = {page_key(bytes([b]) * PAGE): b for b in range(256)}
-ZERO_KEY = page_key(bytes(PAGE))
-ZERO_KEY_NP = np.array(ZERO_KEY, dtype=KEY_DTYPE)
+    """The 16-byte content key of one page (keys_of's, for one page)."""
+    return keys_of(bytes(page), 1).view(np.uint8).tobytes()
 
 
 def keys_of(buf: bytes | bytearray | memoryview, pages: int) -> np.ndarray:
@@ -82,6 +68,13 @@ def keys_of(buf: bytes | bytearray | memoryview, pages: int) -> np.ndarray:
     joined = b"".join([digest(view[i : i + PAGE]) for i in range(0, pages * PAGE, PAGE)])
     out[:, 2 + HEAD :] = np.frombuffer(joined, np.uint8).reshape(pages, KEY_SIZE - 2 - HEAD)
     return out.view(KEY_DTYPE).reshape(pages)
+
+
+# Keys of the 256 uniform pages: a captured key found here is written into the model as a
+# uniform page (so the zero page and use_zero_pages behave exactly as in the kernel).
+UNIFORM_KEYS: dict[bytes, int] = {page_key(bytes([b]) * PAGE): b for b in range(256)}
+ZERO_KEY = page_key(bytes(PAGE))
+ZERO_KEY_NP = np.array(ZERO_KEY, dtype=KEY_DTYPE)
 
 
 class PageReader:
